@@ -1,0 +1,252 @@
+"""Run configuration: two dataclasses, three presets, YAML files and `--key=value` overrides.
+
+    cfg = get_preset("tiny")                      # RunConfig(model=ModelConfig, train=TrainConfig)
+    cfg = parse_args(["--preset=tiny", "--lr=1e-3", "--n_layer=2"])
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message says which and what to change."""
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 8192  # replaced by the data dir's vocab_size when training
+    block_size: int = 128  # context length in tokens
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0
+    bias: bool = True  # biases in Linear and LayerNorm layers, as GPT-2
+    grad_checkpoint: bool = False  # recompute each block's activations in backward (less memory, ~30% slower)
+
+
+@dataclass
+class TrainConfig:
+    preset: str = "tiny"
+    data_dir: str = "data/builtin-8k"
+    out_dir: str = "out/tiny"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    compile: bool = False
+    seed: int = 1337
+    # optimisation
+    batch_size: int = 16  # micro-batch per process
+    grad_accum: int = 1  # micro-batches per optimizer step per process
+    max_iters: int = 600
+    lr: float = 2e-3
+    min_lr: float = 2e-4
+    warmup_iters: int = 50
+    lr_decay_iters: int = 600  # cosine decay ends here; normally = max_iters
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 disables clipping
+    # evaluation, logging, checkpoints
+    eval_interval: int = 100
+    eval_iters: int = 20
+    log_interval: int = 10
+    sample_tokens: int = 64  # tokens sampled at each eval (0 disables)
+    sample_prompt: str = "def "
+    resume: bool = False
+    early_stop_patience: int = 0  # evals without val improvement before stopping (0 = never)
+    ema_decay: float = 0.0  # EMA of the weights used for eval, e.g. 0.999 (0 = off)
+    profile: bool = False  # write a torch.profiler trace of a few steps to out_dir/profile
+    max_bad_steps: int = 5  # consecutive non-finite losses before aborting
+    tensorboard: bool = True
+    progress: bool = True  # tqdm bar
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return {"model": dataclasses.asdict(self.model), "train": dataclasses.asdict(self.train)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RunConfig:
+        return cls(model=ModelConfig(**d["model"]), train=TrainConfig(**d["train"]))
+
+
+PRESETS: dict[str, RunConfig] = {
+    # ~1.9M parameters with the 8k built-in tokenizer: minutes on a laptop CPU.
+    "tiny": RunConfig(
+        ModelConfig(vocab_size=8192, block_size=128, n_layer=4, n_head=4, n_embd=128),
+        TrainConfig(preset="tiny", data_dir="data/builtin-8k", out_dir="out/tiny"),
+    ),
+    # ~10M parameters: an hour on a CPU, minutes on any GPU.
+    "small": RunConfig(
+        ModelConfig(vocab_size=8192, block_size=256, n_layer=6, n_head=5, n_embd=320, dropout=0.0),
+        TrainConfig(
+            preset="small", data_dir="data/builtin-8k", out_dir="out/small", batch_size=32,
+            max_iters=3000, lr_decay_iters=3000, lr=1e-3, min_lr=1e-4, warmup_iters=100,
+            eval_interval=250, eval_iters=40,
+        ),
+    ),
+    # ~48M parameters with a 32k tokenizer: the course project, 2-4 h on a T4.
+    "mini_lm": RunConfig(
+        ModelConfig(vocab_size=32000, block_size=512, n_layer=10, n_head=8, n_embd=512, dropout=0.0),
+        TrainConfig(
+            preset="mini_lm", data_dir="data/builtin-32k", out_dir="out/mini_lm", batch_size=16,
+            grad_accum=4, max_iters=5000, lr_decay_iters=5000, lr=6e-4, min_lr=6e-5, warmup_iters=200,
+            eval_interval=250, eval_iters=50, sample_tokens=128,
+        ),
+    ),
+}
+
+
+def get_preset(name: str) -> RunConfig:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return copy.deepcopy(PRESETS[name])
+
+
+def _convert(value: str | object, typ: type, key: str) -> object:
+    """Turn a command-line string (or a YAML value) into the field's type."""
+    if not isinstance(value, str):
+        if typ is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, typ) and not (typ is int and isinstance(value, bool)):
+            return value
+        value = str(value)
+    try:
+        if typ is bool:
+            low = value.lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if typ is int:
+            return int(float(value)) if "e" in value.lower() and float(value).is_integer() else int(value)
+        if typ is float:
+            return float(value)
+        return value
+    except ValueError:
+        raise ConfigError(f"--{key}={value!r}: expected a {typ.__name__} value") from None
+
+
+def _field_types(obj: object) -> dict[str, type]:
+    return {f.name: {"int": int, "float": float, "bool": bool, "str": str}[str(f.type)] for f in fields(obj)}
+
+
+def apply_overrides(cfg: RunConfig, overrides: dict[str, object]) -> RunConfig:
+    """Set fields by name on whichever of model/train config owns them."""
+    model_types, train_types = _field_types(cfg.model), _field_types(cfg.train)
+    for key, value in overrides.items():
+        if key in model_types:
+            setattr(cfg.model, key, _convert(value, model_types[key], key))
+        elif key in train_types:
+            setattr(cfg.train, key, _convert(value, train_types[key], key))
+        else:
+            valid = ", ".join(sorted(model_types) + sorted(train_types))
+            raise ConfigError(f"unknown config key {key!r}. Valid keys: {valid}")
+    return cfg
+
+
+def load_yaml(path: str | Path) -> dict[str, object]:
+    """Read a YAML config: a flat mapping, or one with `model:` and `train:` sections."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} not found")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p} must hold a mapping of key: value")
+    flat: dict[str, object] = {}
+    for key, value in data.items():
+        if key in ("model", "train") and isinstance(value, dict):
+            flat.update(value)
+        else:
+            flat[key] = value
+    return flat
+
+
+def parse_args(argv: list[str] | None = None, *, cuda: bool | None = None) -> tuple[RunConfig, str]:
+    """Build a RunConfig from `--preset`, `--config file.yaml` and `--key=value` arguments.
+
+    Returns the config and a sentence saying how the preset was chosen.
+    """
+    import torch
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pairs: dict[str, str] = {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}; use --key=value")
+        if "=" in arg:
+            key, value = arg[2:].split("=", 1)
+        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            key, value = arg[2:], argv[i + 1]
+            i += 1
+        else:
+            key, value = arg[2:], "true"  # bare flag, e.g. --resume
+        pairs[key.replace("-", "_")] = value
+        i += 1
+
+    file_values = load_yaml(pairs.pop("config")) if "config" in pairs else {}
+    preset = pairs.pop("preset", None) or file_values.pop("preset", None)
+    if preset is None:
+        has_cuda = torch.cuda.is_available() if cuda is None else cuda
+        preset = "mini_lm" if has_cuda else "tiny"
+        why = f"no --preset given: using '{preset}' because CUDA is {'available' if has_cuda else 'not available'}"
+    else:
+        why = f"using preset '{preset}'"
+    cfg = get_preset(str(preset))
+    apply_overrides(cfg, file_values)
+    apply_overrides(cfg, pairs)
+    if "lr_decay_iters" not in pairs and "lr_decay_iters" not in file_values:
+        cfg.train.lr_decay_iters = cfg.train.max_iters
+    return cfg, why
+
+
+def validate(cfg: RunConfig, *, world_size: int = 1) -> None:
+    """Check values that would otherwise fail late (or silently); raise ConfigError with what to change."""
+    m, t = cfg.model, cfg.train
+    problems = []
+    for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+        if getattr(m, name) <= 0:
+            problems.append(f"{name}={getattr(m, name)} must be a positive integer")
+    if m.n_head > 0 and m.n_embd % m.n_head:
+        problems.append(
+            f"n_embd={m.n_embd} is not divisible by n_head={m.n_head}; pick n_embd as a multiple of n_head "
+            f"(e.g. n_embd={max(1, m.n_embd // max(m.n_head, 1)) * m.n_head})"
+        )
+    if not 0.0 <= m.dropout < 1.0:
+        problems.append(f"dropout={m.dropout} must be in [0, 1)")
+    if t.lr <= 0:
+        problems.append(f"lr={t.lr} must be > 0 (typical: 6e-4 for mini_lm, 1e-3..3e-3 for tiny)")
+    if t.min_lr < 0 or t.min_lr > t.lr:
+        problems.append(f"min_lr={t.min_lr} must be between 0 and lr={t.lr}")
+    for name in ("batch_size", "grad_accum", "max_iters", "eval_interval", "eval_iters", "log_interval"):
+        if getattr(t, name) <= 0:
+            problems.append(f"{name}={getattr(t, name)} must be a positive integer")
+    if t.grad_accum > 0 and t.grad_accum % world_size:
+        problems.append(
+            f"grad_accum={t.grad_accum} is not divisible by the number of processes ({world_size}); "
+            f"grad_accum is the global count of micro-batches, use a multiple of {world_size}"
+        )
+    if t.warmup_iters < 0 or t.grad_clip < 0 or t.weight_decay < 0:
+        problems.append("warmup_iters, grad_clip and weight_decay must be >= 0")
+    if not 0.0 <= t.ema_decay < 1.0:
+        problems.append(f"ema_decay={t.ema_decay} must be in [0, 1), e.g. 0.999 (0 turns EMA off)")
+    if t.dtype not in ("auto", "float32", "bfloat16", "float16"):
+        problems.append(f"dtype={t.dtype!r} must be one of auto, float32, bfloat16, float16")
+    if problems:
+        raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))

@@ -1,0 +1,121 @@
+"""Read a data dir (train.bin, val.bin, meta.json, tokenizer.json) and serve random training windows."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+class DataError(ValueError):
+    """The data dir is missing, empty or does not match the config; the message says how to fix it."""
+
+
+def how_to_make() -> str:
+    return ("make one with `python -m dataset_curation build --recipe builtin --out data/builtin-8k` "
+            "(or run `python -m minilm.train`, which builds the built-in corpus when its data dir is missing)")
+
+
+def read_meta(data_dir: str | Path) -> dict:
+    d = Path(data_dir)
+    path = d / "meta.json"
+    if not d.is_dir():
+        raise DataError(f"data dir {d} does not exist; {how_to_make()}")
+    if not path.is_file():
+        raise DataError(f"{path} is missing: {d} is not a data dir; {how_to_make()}")
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path} is not valid JSON ({e}); rebuild the data dir: {how_to_make()}") from None
+    for key in ("vocab_size", "dtype"):
+        if key not in meta:
+            raise DataError(f"{path} has no {key!r}; rebuild the data dir: {how_to_make()}")
+    if meta["dtype"] not in ("uint16", "uint32"):
+        raise DataError(f"{path}: dtype {meta['dtype']!r} must be 'uint16' or 'uint32'")
+    if meta["dtype"] == "uint16" and meta["vocab_size"] > 65535:
+        raise DataError(f"{path}: vocab_size {meta['vocab_size']} does not fit uint16 token ids; "
+                        "rebuild with uint32 shards (dataset_curation picks it automatically)")
+    return meta
+
+
+class TokenData:
+    """One split of a data dir as a read-only memmap of token ids.
+
+        data = TokenData("data/builtin-8k", "train")
+        x, y = data.get_batch(16, 128, "cpu")   # inputs and next-token targets, (16, 128) int64 each
+    """
+
+    def __init__(self, data_dir: str | Path, split: str, vocab_size: int | None = None,
+                 block_size: int | None = None, seed: int = 0):
+        self.data_dir = Path(data_dir)
+        self.meta = read_meta(self.data_dir)
+        self.split = split
+        path = self.data_dir / f"{split}.bin"
+        if not path.is_file():
+            raise DataError(f"{path} is missing; {how_to_make()}")
+        dtype = np.dtype(self.meta["dtype"])
+        size = path.stat().st_size
+        if size == 0:
+            raise DataError(f"{path} is empty: no tokens to train on; rebuild the data dir with more input text")
+        if size % dtype.itemsize:
+            raise DataError(f"{path} has {size} bytes, not a whole number of {dtype.name} tokens: "
+                            "the file is truncated or meta.json names the wrong dtype; rebuild the data dir")
+        self.tokens = np.memmap(path, dtype=dtype, mode="r")
+        expected = self.meta.get("tokens", {}).get(split) if isinstance(self.meta.get("tokens"), dict) else None
+        if expected is not None and expected != len(self.tokens):
+            raise DataError(f"{path} holds {len(self.tokens)} tokens but meta.json says {expected}: "
+                            "the shard is incomplete or stale; rebuild the data dir")
+        vocab = self.meta["vocab_size"]
+        if vocab_size is not None and vocab > vocab_size:
+            raise DataError(f"the data dir's tokenizer has {vocab} tokens but the model's vocab_size is "
+                            f"{vocab_size}; set --vocab_size={vocab} or use a data dir built for this model")
+        # A cheap sanity check on a prefix: ids beyond the vocabulary mean the wrong dtype or tokenizer.
+        head = np.asarray(self.tokens[: 1 << 16])
+        if head.size and int(head.max()) >= vocab:
+            raise DataError(f"{path} holds token id {int(head.max())} >= vocab_size {vocab}: "
+                            "the shard was written with another tokenizer or dtype; rebuild the data dir")
+        if block_size is not None and len(self.tokens) <= block_size:
+            raise DataError(f"{path} holds {len(self.tokens)} tokens, not more than block_size={block_size}: "
+                            f"use --block_size={max(8, len(self.tokens) // 4)} or more data")
+        self.rng = np.random.default_rng(seed)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def get_batch(self, batch_size: int, block_size: int, device: str | torch.device = "cpu",
+                  rng: np.random.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Random windows: x = tokens[i : i+T], y = tokens[i+1 : i+1+T] for batch_size random i."""
+        if len(self.tokens) <= block_size:
+            raise DataError(f"{self.split}.bin holds {len(self.tokens)} tokens, not more than block_size={block_size}")
+        rng = rng or self.rng
+        starts = rng.integers(0, len(self.tokens) - block_size, size=batch_size)
+        # The int64 copy detaches the batch from the memmap so the page cache can be dropped.
+        x = torch.from_numpy(np.stack([self.tokens[i : i + block_size] for i in starts]).astype(np.int64))
+        y = torch.from_numpy(np.stack([self.tokens[i + 1 : i + 1 + block_size] for i in starts]).astype(np.int64))
+        device = torch.device(device)
+        if device.type == "cuda":
+            # Pinned host memory lets the copy to the GPU run asynchronously with compute.
+            return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+        return x.to(device), y.to(device)
+
+    def state_dict(self) -> dict:
+        return {"rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.bit_generator.state = state["rng"]
+
+
+def load_tokenizer(data_dir: str | Path):
+    """The data dir's Hugging Face tokenizer (tokenizer.json, or the file meta.json names)."""
+    from tokenizers import Tokenizer
+
+    d = Path(data_dir)
+    name = "tokenizer.json"
+    if (d / "meta.json").is_file():
+        name = read_meta(d).get("tokenizer", name)
+    path = d / name
+    if not path.is_file():
+        raise DataError(f"{path} is missing: the data dir has no tokenizer; {how_to_make()}")
+    return Tokenizer.from_file(str(path))

@@ -1,0 +1,321 @@
+"""A GPT-2 style decoder: pre-LayerNorm blocks, causal self-attention, GELU MLP, tied embeddings.
+
+Generation keeps a key/value cache so each new token costs one forward pass over one position.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint as torch_checkpoint
+
+from minilm.config import ModelConfig
+
+# Dense peak tensor throughput in FLOP/s from the vendors' data sheets (no sparsity).
+PEAK_FLOPS = {
+    "H100": {"bfloat16": 989e12, "float16": 989e12, "float32": 67e12},
+    "A100": {"bfloat16": 312e12, "float16": 312e12, "float32": 19.5e12},
+    "L40S": {"bfloat16": 362e12, "float16": 362e12, "float32": 91.6e12},
+    "A10": {"bfloat16": 125e12, "float16": 125e12, "float32": 31.2e12},
+    "L4": {"bfloat16": 121e12, "float16": 121e12, "float32": 30.3e12},
+    "V100": {"float16": 125e12, "float32": 15.7e12},
+    "T4": {"float16": 65e12, "float32": 8.1e12},
+    "RTX 4090": {"bfloat16": 165e12, "float16": 165e12, "float32": 82.6e12},
+    "RTX 3090": {"bfloat16": 71e12, "float16": 71e12, "float32": 35.6e12},
+    "RTX 3080": {"bfloat16": 59.5e12, "float16": 59.5e12, "float32": 29.8e12},
+    "A6000": {"bfloat16": 155e12, "float16": 155e12, "float32": 38.7e12},
+}
+
+
+def peak_flops(device_name: str, dtype: str) -> float | None:
+    """Peak FLOP/s for a device name such as torch.cuda.get_device_name(); None when we do not know it."""
+    name = device_name.upper().replace("NVIDIA ", "").replace("GEFORCE ", "")
+    for key in sorted(PEAK_FLOPS, key=len, reverse=True):  # "A100" before "A10"
+        if key.upper() in name:
+            return PEAK_FLOPS[key].get(dtype)
+    return None
+
+
+class KVCache:
+    """Keys and values of every layer for the positions seen so far: (n_layer, B, n_head, max_len, head_dim)."""
+
+    def __init__(self, config: ModelConfig, batch: int, max_len: int, device, dtype: torch.dtype):
+        hd = config.n_embd // config.n_head
+        shape = (config.n_layer, batch, config.n_head, max_len, hd)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0  # positions filled
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t = k.size(2)
+        self.k[layer, :, :, self.length : self.length + t] = k
+        self.v[layer, :, :, self.length : self.length + t] = v
+        end = self.length + t
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_head = config.n_head
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, cache: KVCache | None = None, layer: int = 0, attn_mask=None):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
+        # Causal masking by flag when the queries start at position 0; otherwise the caller's mask
+        # (a single decode step attends to every cached position, so it needs none).
+        is_causal = attn_mask is None and T > 1
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0
+        )
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU()
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cache: KVCache | None = None, layer: int = 0, attn_mask=None):
+        x = x + self.attn(self.ln_1(x), cache, layer, attn_mask)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                wpe=nn.Embedding(config.block_size, config.n_embd),
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+            )
+        )
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # tied input and output embeddings
+        self.apply(self._init_weights)
+        # GPT-2: scale the residual projections so the residual stream's variance does not grow with depth.
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameter count (tied embeddings counted once); non_embedding drops the position table."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, cache: KVCache | None = None,
+                pos: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None):
+        """idx (B, T) token ids -> (logits (B, T, vocab), mean cross-entropy loss or None).
+
+        With targets the loss ignores positions whose target is -1. `cache`, `pos` and `attn_mask` are
+        used by generate(): positions (B, T) and a boolean mask (B, 1, T, S) where True means "attend".
+        """
+        B, T = idx.shape
+        start = cache.length if cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} tokens is longer than block_size={self.config.block_size}")
+        if pos is None:
+            pos = torch.arange(start, start + T, device=idx.device).unsqueeze(0)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        for i, block in enumerate(self.transformer.h):
+            if self.config.grad_checkpoint and self.training and cache is None and torch.is_grad_enabled():
+                x = torch_checkpoint(block, x, None, i, attn_mask, use_reentrant=False)
+            else:
+                x = block(x, cache, i, attn_mask)
+        if cache is not None:
+            cache.length += T
+        x = self.transformer.ln_f(x)
+        if targets is None:
+            return self.lm_head(x), None
+        logits = self.lm_head(x)
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    def configure_optimizer(self, weight_decay: float, lr: float, betas: tuple[float, float], device_type: str):
+        """AdamW; weight decay on matrices (embeddings, Linear weights) only, fused kernels on CUDA."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type == "cuda")
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token, forward and backward: 6N + 12·L·C·T (PaLM appendix B)."""
+        c = self.config
+        t = seq_len or c.block_size
+        return 6 * self.num_params(non_embedding=True) + 12 * c.n_layer * c.n_embd * t
+
+    def estimate_mfu(self, tokens_per_s: float, device_name: str, dtype: str = "bfloat16",
+                     seq_len: int | None = None) -> tuple[float | None, str]:
+        """Model FLOPs utilisation: achieved training FLOP/s over the device's peak.
+
+        Returns (mfu, explanation); mfu is None for devices without a known peak (CPUs, unlisted GPUs).
+        """
+        peak = peak_flops(device_name, dtype)
+        achieved = self.flops_per_token(seq_len) * tokens_per_s
+        if peak is None:
+            return None, f"MFU unknown: no peak {dtype} FLOP/s on record for {device_name!r} ({achieved / 1e9:.1f} GFLOP/s achieved)"
+        mfu = achieved / peak
+        return mfu, f"MFU {mfu:.1%} of {device_name} peak {peak / 1e12:.0f} TFLOP/s ({dtype})"
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, repetition_penalty: float = 1.0, eos_id: int | None = None,
+                 seed: int | None = None, attention_mask: torch.Tensor | None = None,
+                 use_cache: bool = True) -> torch.Tensor:
+        """Continue each row of idx (B, T) by up to max_new_tokens tokens; returns (B, T + new).
+
+        temperature 0 is greedy. Prompts of different lengths are left-padded, with attention_mask (B, T)
+        holding 1 for real tokens and 0 for padding. Rows that emit eos_id are padded with eos_id while the
+        others go on; generation stops when every row has finished.
+        """
+        steps = self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, repetition_penalty, eos_id,
+                                     seed, attention_mask, use_cache)
+        new = [t[:, None] for t in steps]
+        return torch.cat([idx, *new], dim=1) if new else idx
+
+    @torch.no_grad()
+    def generate_stream(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                        top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0,
+                        eos_id: int | None = None, seed: int | None = None,
+                        attention_mask: torch.Tensor | None = None, use_cache: bool = True):
+        """Like generate(), but yields each new token column (B,) as soon as it is sampled."""
+        check_sampling_args(max_new_tokens, temperature, top_k, top_p, repetition_penalty, self.config.vocab_size,
+                            eos_id)
+        if idx.dim() != 2 or idx.size(1) == 0:
+            raise ValueError(f"idx must be a (batch, length) tensor with length >= 1, got shape {tuple(idx.shape)}")
+        was_training = self.training
+        self.eval()
+        gen = None
+        if seed is not None:
+            gen = torch.Generator(device=idx.device)
+            gen.manual_seed(seed)
+        B = idx.size(0)
+        mask = torch.ones_like(idx, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
+        cache, last_pos = None, None
+        out = idx
+        try:
+            for _ in range(max_new_tokens):
+                if use_cache and cache is not None and cache.length < self.config.block_size:
+                    # One new position per row, attending to every cached one (padding excluded).
+                    pos = last_pos + 1
+                    am = mask[:, None, None, -cache.length - 1 :] if not mask.all() else None
+                    logits, _ = self(out[:, -1:], cache=cache, pos=pos[:, None], attn_mask=am)
+                    last_pos = pos
+                else:
+                    # (Re)compute over the last window that fits. With the cache, a full window is refilled
+                    # from its last half so the following steps are cheap again.
+                    window = self.config.block_size if cache is None else self.config.block_size // 2
+                    ctx, cmask = out[:, -window:], mask[:, -window:]
+                    pos, am = _positions_and_mask(cmask)
+                    if use_cache:
+                        dtype = self.transformer.wte.weight.dtype
+                        cache = KVCache(self.config, B, self.config.block_size, idx.device, dtype)
+                    logits, _ = self(ctx, cache=cache, pos=pos, attn_mask=am)
+                    last_pos = pos[:, -1]
+                logits = logits[:, -1, :].float()
+                next_id = sample_next(logits, out, mask, temperature, top_k, top_p, repetition_penalty, gen)
+                if eos_id is not None:
+                    next_id = torch.where(finished, torch.full_like(next_id, eos_id), next_id)
+                    finished |= next_id == eos_id
+                out = torch.cat([out, next_id[:, None]], dim=1)
+                mask = torch.cat([mask, torch.ones(B, 1, dtype=torch.bool, device=idx.device)], dim=1)
+                yield next_id
+                if eos_id is not None and finished.all():
+                    break
+        finally:
+            self.train(was_training)
+
+
+def _positions_and_mask(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Positions counting only real tokens, and a causal mask that also hides left padding."""
+    pos = (mask.long().cumsum(dim=1) - 1).clamp(min=0)
+    if mask.all():
+        return pos, None
+    T = mask.size(1)
+    causal = torch.ones(T, T, dtype=torch.bool, device=mask.device).tril()
+    am = causal[None, None] & mask[:, None, None, :]
+    am = am | torch.eye(T, dtype=torch.bool, device=mask.device)  # a padding query attends to itself: no NaN rows
+    return pos, am
+
+
+def check_sampling_args(max_new_tokens, temperature, top_k, top_p, repetition_penalty, vocab_size, eos_id) -> None:
+    """Raise ValueError naming the bad generation parameter and its valid range."""
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 0")
+    if temperature is None or not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature={temperature!r} must be a finite number >= 0 (0 means greedy)")
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 0):
+        raise ValueError(f"top_k={top_k!r} must be a positive integer, or 0/None for no top-k filter")
+    if top_p is not None and not (0.0 < top_p <= 1.0):
+        raise ValueError(f"top_p={top_p!r} must be in (0, 1]; 1 or None disables nucleus sampling")
+    if repetition_penalty is None or not math.isfinite(repetition_penalty) or repetition_penalty <= 0:
+        raise ValueError(f"repetition_penalty={repetition_penalty!r} must be > 0 (1.0 = no penalty)")
+    if eos_id is not None and not 0 <= eos_id < vocab_size:
+        raise ValueError(f"eos_id={eos_id} is outside the vocabulary [0, {vocab_size})")
+
+
+def sample_next(logits: torch.Tensor, seen: torch.Tensor, seen_mask: torch.Tensor, temperature: float,
+                top_k: int | None, top_p: float | None, repetition_penalty: float,
+                gen: torch.Generator | None) -> torch.Tensor:
+    """Pick the next token per row from logits (B, vocab) after the penalty and filters."""
+    if repetition_penalty != 1.0:
+        # CTRL-style: make every token already in the context less likely, whatever the logit's sign.
+        ids = seen.masked_fill(~seen_mask, 0)
+        prev = logits.gather(1, ids)
+        prev = torch.where(prev > 0, prev / repetition_penalty, prev * repetition_penalty)
+        logits = logits.scatter(1, ids, prev)
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop = cum - sorted_logits.softmax(dim=-1) >= top_p  # keep the smallest prefix reaching top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=gen).squeeze(1)

@@ -1,0 +1,160 @@
+"""Generate text from a trained run.
+
+    python -m minilm.sample --out_dir out/tiny --prompt "def " --max_new_tokens 200 --temperature 0.8 --top_k 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from minilm.checkpoint import CheckpointError, model_from_checkpoint
+from minilm.data import DataError, load_tokenizer
+from minilm.model import check_sampling_args
+
+
+def pick_device(name: str = "auto") -> str:
+    if name != "auto":
+        return name
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def load_run(out_dir: str | Path, device: str = "cpu", data_dir: str | Path | None = None, best: bool = False):
+    """(model, tokenizer, checkpoint) for a run dir; the tokenizer comes from the run's data dir."""
+    out_dir = Path(out_dir)
+    path = out_dir / ("ckpt_best.pt" if best else "ckpt.pt") if out_dir.is_dir() else out_dir
+    model, ckpt = model_from_checkpoint(path, device)
+    data_dir = Path(data_dir or ckpt["config"]["train"]["data_dir"])
+    tok_path = out_dir / "tokenizer.json"
+    if tok_path.is_file():  # train copies the tokenizer into the run dir so a run is self-contained
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_file(str(tok_path))
+    else:
+        tokenizer = load_tokenizer(data_dir)
+    return model, tokenizer, ckpt
+
+
+def encode_prompt(tokenizer, prompt: str, model, eos_id: int | None) -> list[int]:
+    if not isinstance(prompt, str):
+        raise ValueError("prompt must be a string")
+    ids = tokenizer.encode(prompt).ids
+    if not ids:
+        if eos_id is None:
+            raise ValueError("the prompt is empty and the tokenizer has no end-of-text token to start from")
+        ids = [eos_id]  # an empty prompt starts a fresh document
+    if len(ids) > model.config.block_size:
+        ids = ids[-model.config.block_size :]
+    return ids
+
+
+def eos_of(tokenizer, ckpt: dict | None = None) -> int | None:
+    meta = (ckpt or {}).get("meta") or {}
+    if meta.get("eot_id") is not None:
+        return int(meta["eot_id"])
+    return tokenizer.token_to_id("<|endoftext|>")
+
+
+def stream_text(model, tokenizer, prompt: str, max_new_tokens: int = 100, temperature: float = 0.8,
+                top_k: int | None = 50, top_p: float | None = None, repetition_penalty: float = 1.0,
+                seed: int | None = None, stop: list[str] | None = None, eos_id: int | None = None,
+                device: str | None = None) -> Iterator[str]:
+    """Yield the continuation's text piece by piece as tokens are sampled (one forward pass per token).
+
+    Pieces only ever extend the text: bytes of a partial UTF-8 character are held back until complete.
+    Generation ends at eos_id, after max_new_tokens, or when a stop string appears (not included).
+    """
+    check_sampling_args(max_new_tokens, temperature, top_k, top_p, repetition_penalty, model.config.vocab_size,
+                        eos_id)
+    device = device or next(model.parameters()).device
+    ids = encode_prompt(tokenizer, prompt, model, eos_id)
+    idx = torch.tensor([ids], dtype=torch.long, device=device)
+    new: list[int] = []
+    sent = ""
+    for tok in model.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
+                                     eos_id, seed):
+        t = int(tok[0])
+        if eos_id is not None and t == eos_id:
+            break
+        new.append(t)
+        text = tokenizer.decode(new)
+        if text.endswith("\ufffd"):
+            continue  # wait for the rest of a multi-byte character
+        if stop:
+            cut = min((text.find(s) for s in stop if s and s in text), default=-1)
+            if cut >= 0:
+                if cut > len(sent):
+                    yield text[len(sent) : cut]
+                return
+        if len(text) > len(sent):
+            yield text[len(sent) :]
+            sent = text
+    text = tokenizer.decode(new)
+    if len(text) > len(sent):
+        yield text[len(sent) :]
+
+
+def generate_text(model, tokenizer, prompt: str, **kwargs) -> dict:
+    """Whole continuation plus counts and timings: {"text", "prompt_tokens", "completion_tokens", ...}."""
+    t0 = time.perf_counter()
+    first = None
+    pieces = []
+    for piece in stream_text(model, tokenizer, prompt, **kwargs):
+        first = first or time.perf_counter()
+        pieces.append(piece)
+    dt = time.perf_counter() - t0
+    text = "".join(pieces)
+    n_new = len(tokenizer.encode(text).ids) if text else 0
+    return {
+        "text": text,
+        "prompt_tokens": len(tokenizer.encode(prompt).ids),
+        "completion_tokens": n_new,
+        "time_to_first_token_s": (first - t0) if first else None,
+        "total_time_s": dt,
+        "tokens_per_s": n_new / dt if dt > 0 else None,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Sample text from a minilm run")
+    p.add_argument("--out_dir", required=True, help="run directory holding ckpt.pt")
+    p.add_argument("--prompt", default="", help="text to continue (empty: start a new document)")
+    p.add_argument("--max_new_tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top_k", type=int, default=50)
+    p.add_argument("--top_p", type=float, default=None)
+    p.add_argument("--repetition_penalty", type=float, default=1.0)
+    p.add_argument("--num_samples", type=int, default=1)
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--data_dir", default=None, help="override the data dir the run was trained on")
+    p.add_argument("--best", action="store_true", help="use ckpt_best.pt instead of the last checkpoint")
+    a = p.parse_args(argv)
+    try:
+        model, tok, ckpt = load_run(a.out_dir, pick_device(a.device), a.data_dir, a.best)
+        eos = eos_of(tok, ckpt)
+        for i in range(a.num_samples):
+            print(f"--- sample {i + 1} (step {ckpt.get('step')}) ---")
+            print(a.prompt, end="", flush=True)
+            for piece in stream_text(model, tok, a.prompt, a.max_new_tokens, a.temperature, a.top_k or None,
+                                     a.top_p, a.repetition_penalty, a.seed + i, a.stop, eos):
+                print(piece, end="", flush=True)
+            print()
+    except (CheckpointError, DataError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
