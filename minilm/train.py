@@ -441,6 +441,17 @@ def train(cfg: RunConfig, why: str = "") -> dict:
         if last_eval.get("sample"):
             log.info("sample:\n" + last_eval["sample"])
     if world > 1:
+        # DDP's promise, checked: every rank ends with bit-identical weights.
+        import hashlib
+
+        digest = hashlib.sha256()
+        for p in raw_model.parameters():
+            digest.update(p.detach().cpu().numpy().tobytes())
+        digests = [None] * world
+        torch.distributed.all_gather_object(digests, digest.hexdigest())
+        same = len(set(digests)) == 1
+        result["ranks_identical"] = same
+        log.info(f"weights on all {world} ranks identical: {same} (sha256 {digests[0][:16]})")
         torch.distributed.destroy_process_group()
     return result
 

@@ -1,0 +1,471 @@
+"""The inference API: FastAPI routes around minilm.sample, with a concurrency limit, a bounded queue and metrics.
+
+    app = create_app("out/tiny")            # loads ckpt.pt + tokenizer once
+    uvicorn.run(app, host="127.0.0.1", port=8000)
+
+Routes: POST /v1/generate (JSON, or server-sent events with "stream": true), GET /health, GET /v1/model,
+GET /metrics (Prometheus text format) and GET / (the playground page).
+
+Generation is CPU-bound torch code, so it never runs on the event loop: each request's tokens are produced in a
+worker thread (at most `max_concurrency` at once) and handed to the loop through an asyncio.Queue. Requests beyond
+the limit wait, up to `max_queue` of them; past that the server answers 503 with Retry-After rather than letting
+latency grow without bound. A streaming client that disconnects sets its job's cancel flag, and the worker stops
+at the next token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from minilm.sample import eos_of, load_run, pick_device, stream_text
+
+PLAYGROUND = Path(__file__).with_name("playground.html")
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+KNOWN_PATHS = ("/", "/health", "/metrics", "/v1/generate", "/v1/model")
+
+
+class GenerateRequest(BaseModel):
+    """The body of POST /v1/generate. Unknown fields are rejected so a typo ("temprature") is not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # strict: JSON true is not 1 and "5" is not 5; a client sending those has a bug worth hearing about.
+    prompt: str = Field(strict=True, description="text to continue; must not be empty")
+    max_new_tokens: int = Field(64, ge=1, strict=True, description="most tokens to generate (the server has a cap)")
+    temperature: float = Field(0.8, ge=0.0, le=5.0, strict=True, allow_inf_nan=False, description="0 = greedy")
+    top_k: int | None = Field(50, ge=0, strict=True, description="keep the k most likely tokens; 0 or null = off")
+    top_p: float | None = Field(None, gt=0.0, le=1.0, strict=True, allow_inf_nan=False,
+                                description="nucleus probability mass; null = off")
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0, strict=True, allow_inf_nan=False, description="1 = off")
+    stop: list[str] | None = Field(None, max_length=8, description="stop strings (not included in the text)")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, strict=True, description="same seed + params = same text")
+    stream: bool = Field(False, strict=True, description="send tokens as server-sent events as they are generated")
+
+
+class Overloaded(Exception):
+    """Every worker is busy and the queue is full."""
+
+
+def format_validation_errors(errors) -> tuple[int, str]:
+    """(status, one readable sentence) from pydantic/FastAPI validation errors."""
+    if any(e.get("type") == "json_invalid" for e in errors):
+        e = next(e for e in errors if e.get("type") == "json_invalid")
+        why = (e.get("ctx") or {}).get("error", "invalid JSON")
+        return 400, f"the request body is not valid JSON ({why}); send an object like {{\"prompt\": \"def \"}}"
+    parts = []
+    for e in errors:
+        where = ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "body"
+        msg = e.get("msg", "invalid value")
+        if e.get("type") == "extra_forbidden":
+            msg = f"unknown field; valid fields are {', '.join(GenerateRequest.model_fields)}"
+        got = e.get("input")
+        shown = "" if e.get("type") in ("missing", "extra_forbidden") else f" (got {json.dumps(got)[:80]})"
+        parts.append(f"{where}: {msg}{shown}")
+    return 422, "; ".join(parts)
+
+
+def error_response(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+@dataclass
+class Histogram:
+    buckets: tuple[float, ...] = LATENCY_BUCKETS
+    counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
+    total: float = 0.0
+    n: int = 0
+
+    def observe(self, value: float) -> None:
+        i = next((i for i, b in enumerate(self.buckets) if value <= b), len(self.buckets))
+        self.counts[i] += 1
+        self.total += value
+        self.n += 1
+
+
+@dataclass
+class Stats:
+    """Everything /metrics reports. Worker threads and the event loop both write, hence the lock."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    http: dict = field(default_factory=dict)  # (path, status code) -> count
+    generations: dict = field(default_factory=dict)  # (stream, outcome) -> count
+    errors: dict = field(default_factory=dict)  # kind -> count
+    prompt_tokens: int = 0
+    tokens: int = 0
+    latency: Histogram = field(default_factory=Histogram)
+    ttft: Histogram = field(default_factory=Histogram)
+    inflight: int = 0
+    queued: int = 0
+
+    def count(self, table: dict, key) -> None:
+        with self.lock:
+            table[key] = table.get(key, 0) + 1
+
+
+def render_metrics(s: Stats) -> str:
+    """Prometheus text exposition format 0.0.4."""
+    out = []
+
+    def family(name: str, kind: str, help_: str, samples: list[tuple[str, float]]) -> None:
+        out.append(f"# HELP {name} {help_}")
+        out.append(f"# TYPE {name} {kind}")
+        out.extend(f"{name}{labels} {value:g}" if isinstance(value, float) else f"{name}{labels} {value}"
+                   for labels, value in samples)
+
+    def hist(name: str, help_: str, h: Histogram) -> None:
+        cum, samples = 0, []
+        for b, c in zip(h.buckets, h.counts):
+            cum += c
+            samples.append((f'_bucket{{le="{b:g}"}}', cum))
+        samples.append(('_bucket{le="+Inf"}', h.n))
+        out.append(f"# HELP {name} {help_}")
+        out.append(f"# TYPE {name} histogram")
+        out.extend(f"{name}{suffix} {v}" for suffix, v in samples)
+        out.append(f"{name}_sum {h.total:.6f}")
+        out.append(f"{name}_count {h.n}")
+
+    with s.lock:
+        family("minilm_http_requests_total", "counter", "HTTP requests by path and status code.",
+               [(f'{{path="{p}",code="{c}"}}', n) for (p, c), n in sorted(s.http.items())])
+        family("minilm_errors_total", "counter",
+               "Failed requests: bad_request (4xx), overloaded (503), internal (5xx), generation (failed mid-stream).",
+               [(f'{{kind="{k}"}}', s.errors.get(k, 0)) for k in ("bad_request", "overloaded", "internal",
+                                                                    "generation")])
+        family("minilm_generations_total", "counter", "Finished generations by mode and outcome.",
+               [(f'{{stream="{st}",outcome="{o}"}}', n) for (st, o), n in sorted(s.generations.items())])
+        family("minilm_prompt_tokens_total", "counter", "Prompt tokens of accepted generations.",
+               [("", s.prompt_tokens)])
+        family("minilm_generated_tokens_total", "counter", "Tokens generated (completion text re-encoded).",
+               [("", s.tokens)])
+        family("minilm_inflight_generations", "gauge", "Generations running in worker threads now.",
+               [("", s.inflight)])
+        family("minilm_queued_requests", "gauge", "Requests waiting for a worker now.", [("", s.queued)])
+        hist("minilm_request_latency_seconds", "Generation requests: arrival to last token (queue included).",
+             s.latency)
+        hist("minilm_time_to_first_token_seconds", "Generation requests: arrival to first text piece.", s.ttft)
+    return "\n".join(out) + "\n"
+
+
+@dataclass(eq=False)
+class Job:
+    """One generation: the worker thread fills `events`; the request handler drains it."""
+
+    params: dict
+    prompt_tokens: int
+    stream: bool
+    arrived: float
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancel: threading.Event = field(default_factory=threading.Event)
+    started: float | None = None
+    first: float | None = None
+    finished: float | None = None
+    completion_tokens: int = 0
+
+    def put(self, kind: str, value=None) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+        except RuntimeError:  # the loop closed (server shutting down): nobody is listening any more
+            self.cancel.set()
+
+    def timings(self) -> dict:
+        gen_time = (self.finished or time.perf_counter()) - (self.started or self.arrived)
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "queue_time_s": round((self.started or self.arrived) - self.arrived, 6),
+            "time_to_first_token_s": round(self.first - self.arrived, 6) if self.first else None,
+            "total_time_s": round((self.finished or time.perf_counter()) - self.arrived, 6),
+            "tokens_per_s": round(self.completion_tokens / gen_time, 3) if gen_time > 0 else None,
+        }
+
+
+def run_job(job: Job, model, tokenizer, eos_id: int | None, stats: Stats) -> None:
+    """Worker-thread body: sample tokens until done or cancelled, pass text pieces to the loop, record metrics."""
+    job.started = time.perf_counter()
+    pieces, outcome = [], "ok"
+    try:
+        for piece in stream_text(model, tokenizer, eos_id=eos_id, **job.params):
+            if job.cancel.is_set():
+                outcome = "cancelled"
+                break
+            job.first = job.first or time.perf_counter()
+            pieces.append(piece)
+            job.put("piece", piece)
+    except Exception as e:  # reported to the client; the server stays up
+        outcome = "error"
+        job.put("error", f"generation failed: {type(e).__name__}: {e}")
+    finally:
+        job.finished = time.perf_counter()
+        text = "".join(pieces)
+        job.completion_tokens = len(tokenizer.encode(text).ids) if text else 0
+        with stats.lock:
+            stats.tokens += job.completion_tokens
+            key = ("true" if job.stream else "false", outcome)
+            stats.generations[key] = stats.generations.get(key, 0) + 1
+            if outcome == "error":
+                stats.errors["generation"] = stats.errors.get("generation", 0) + 1
+            if outcome == "ok":
+                stats.latency.observe(job.finished - job.arrived)
+                if job.first is not None:
+                    stats.ttft.observe(job.first - job.arrived)
+        job.put("end")
+
+
+def sse(event: str, data: dict) -> bytes:
+    return f"event: {event}\ndata: {json.dumps(data)}\n\n".encode()
+
+
+def create_app(out_dir: str | Path, device: str = "cpu", *, best: bool = False, data_dir: str | None = None,
+               max_concurrency: int = 2, max_queue: int = 32, max_new_tokens_cap: int = 512,
+               max_prompt_chars: int = 20_000, max_body_bytes: int = 1_000_000,
+               threads_per_worker: int = 1) -> FastAPI:
+    """Load a run once and return the FastAPI app that serves it.
+
+    max_concurrency generations run at once (one worker thread each); up to max_queue more wait; beyond that
+    requests get 503. Prompts longer than the model's block_size tokens are rejected (422), as are
+    max_new_tokens above max_new_tokens_cap. threads_per_worker is torch's intra-op thread count in each
+    worker thread: decoding one token of a small model is too little work to split, so 1 thread per worker and
+    parallelism across requests uses the cores better (on 2 cores, a 0.14M-parameter model decoded ~10x faster
+    with 1 thread than with 2).
+    """
+    if max_concurrency < 1 or max_queue < 0 or max_new_tokens_cap < 1 or threads_per_worker < 1:
+        raise ValueError(f"need max_concurrency >= 1, max_queue >= 0, max_new_tokens_cap >= 1, "
+                         f"threads_per_worker >= 1; got {max_concurrency}, {max_queue}, {max_new_tokens_cap}, "
+                         f"{threads_per_worker}")
+    device = pick_device(device)
+    model, tokenizer, ckpt = load_run(out_dir, device, data_dir, best)
+    eos_id = eos_of(tokenizer, ckpt)
+    block_size = model.config.block_size
+    stats = Stats()
+    # set_num_threads in the initializer applies to that worker thread only, not to the caller's process.
+    pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="minilm-gen",
+                              initializer=torch.set_num_threads, initargs=(threads_per_worker,))
+    slots = asyncio.Semaphore(max_concurrency)
+    running: set[Job] = set()
+    page = PLAYGROUND.read_text(encoding="utf-8")
+    info = {
+        "run": str(out_dir),
+        "device": str(device),
+        "step": ckpt.get("step"),
+        "best_val_loss": ckpt.get("best_val_loss"),
+        "num_params": model.num_params(),
+        "config": ckpt["config"].get("model", {}),
+        "train_config": ckpt["config"].get("train", {}),
+        "vocab_size": model.config.vocab_size,
+        "block_size": block_size,
+        "eot_id": eos_id,
+        "limits": {"max_new_tokens": max_new_tokens_cap, "max_prompt_tokens": block_size,
+                   "max_prompt_chars": max_prompt_chars, "max_concurrency": max_concurrency,
+                   "max_queue": max_queue},
+    }
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        with stats.lock:
+            jobs = list(running)
+        for job in jobs:  # let workers notice and stop instead of finishing long generations
+            job.cancel.set()
+        pool.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(title="minilm inference API", version="0.1.0", lifespan=lifespan)
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(request: Request, exc: RequestValidationError):
+        status, message = format_validation_errors(exc.errors())
+        return error_response(status, message)
+
+    @app.get("/", response_class=HTMLResponse)
+    async def playground():
+        return HTMLResponse(page)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "step": ckpt.get("step"), "inflight": stats.inflight, "queued": stats.queued}
+
+    @app.get("/v1/model")
+    async def model_info():
+        return info
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(render_metrics(stats), media_type="text/plain; version=0.0.4")
+
+    def retry_after() -> str:
+        # A rough wait: one average request per queued request per worker, at least a second.
+        mean = stats.latency.total / stats.latency.n if stats.latency.n else 1.0
+        return str(max(1, min(60, math.ceil(mean * (stats.queued + 1) / max_concurrency))))
+
+    async def start(params: dict, prompt_tokens: int, stream: bool, arrived: float) -> Job:
+        """Wait for a worker slot (or raise Overloaded) and submit the job to the thread pool."""
+        with stats.lock:
+            if stats.inflight + stats.queued >= max_concurrency + max_queue:
+                raise Overloaded
+            stats.queued += 1
+        try:
+            await slots.acquire()
+        finally:
+            with stats.lock:
+                stats.queued -= 1
+        job = Job(params, prompt_tokens, stream, arrived, asyncio.get_running_loop())
+        with stats.lock:
+            stats.inflight += 1
+            stats.prompt_tokens += prompt_tokens
+            running.add(job)
+        loop = job.loop
+
+        def release(_future) -> None:  # runs in the worker thread once the job is over
+            with stats.lock:
+                stats.inflight -= 1
+                running.discard(job)
+            try:
+                loop.call_soon_threadsafe(slots.release)
+            except RuntimeError:
+                pass  # loop closed: shutting down
+
+        pool.submit(run_job, job, model, tokenizer, eos_id, stats).add_done_callback(release)
+        return job
+
+    async def events(job: Job):
+        """(kind, value) from the worker until its "end"; sets the cancel flag if our consumer goes away."""
+        try:
+            while True:
+                kind, value = await job.events.get()
+                if kind == "end":
+                    return
+                yield kind, value
+        finally:
+            job.cancel.set()  # no-op when finished; stops the worker when the client disconnected
+
+    @app.post("/v1/generate")
+    async def generate(req: GenerateRequest):
+        arrived = time.perf_counter()
+        if not req.prompt:
+            return error_response(422, "prompt: is empty; send some text for the model to continue (e.g. \"def \")")
+        if len(req.prompt) > max_prompt_chars:
+            return error_response(422, f"prompt: {len(req.prompt)} characters is over this server's limit of "
+                                       f"{max_prompt_chars}; shorten it")
+        n_prompt = len(tokenizer.encode(req.prompt).ids)
+        if n_prompt > block_size:
+            return error_response(422, f"prompt: {n_prompt} tokens is longer than the model's context of "
+                                       f"{block_size} tokens (block_size); shorten it")
+        if req.max_new_tokens > max_new_tokens_cap:
+            return error_response(422, f"max_new_tokens: {req.max_new_tokens} is above this server's cap of "
+                                       f"{max_new_tokens_cap}; ask for fewer (the cap is --max_new_tokens_cap)")
+        if req.stop is not None and any(not s or len(s) > 64 for s in req.stop):
+            return error_response(422, "stop: each stop string must be 1 to 64 characters long")
+        params = dict(prompt=req.prompt, max_new_tokens=req.max_new_tokens, temperature=req.temperature,
+                      top_k=req.top_k or None, top_p=req.top_p, repetition_penalty=req.repetition_penalty,
+                      seed=req.seed, stop=req.stop)
+        try:
+            job = await start(params, n_prompt, req.stream, arrived)
+        except Overloaded:
+            return error_response(503, f"server busy: {max_concurrency} generations running and {max_queue} "
+                                       "queued; retry after the number of seconds in Retry-After",
+                                  headers={"Retry-After": retry_after()})
+
+        if req.stream:
+            async def body():
+                async for kind, value in events(job):
+                    if kind == "error":
+                        yield sse("error", {"error": value})
+                        return
+                    yield sse("token", {"text": value})
+                yield sse("done", {**job.timings(), "seed": req.seed})
+
+            return StreamingResponse(body(), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+        pieces = []
+        async for kind, value in events(job):
+            if kind == "error":
+                return error_response(500, value)
+            pieces.append(value)
+        return {"text": "".join(pieces), **job.timings(), "seed": req.seed}
+
+    app.add_middleware(RequestCounter, stats=stats, max_body_bytes=max_body_bytes)
+    app.state.stats = stats
+    app.state.pool = pool
+    return app
+
+
+class RequestCounter:
+    """Plain ASGI middleware: counts responses by path and status code, and refuses over-large bodies.
+
+    (Plain ASGI rather than @app.middleware("http"), which wraps streaming responses in a way that delays
+    noticing a client's disconnect.)
+    """
+
+    def __init__(self, app, stats: Stats, max_body_bytes: int):
+        self.app, self.stats, self.max_body_bytes = app, stats, max_body_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        stats, app, max_body_bytes = self.stats, self.app, self.max_body_bytes
+        path = scope["path"] if scope["path"] in KNOWN_PATHS else "other"
+        status = 500
+
+        async def send_and_note(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            length = int(dict(scope["headers"]).get(b"content-length", b"0") or 0)
+            if length > max_body_bytes:
+                await error_response(413, f"request body of {length} bytes is over the limit of "
+                                          f"{max_body_bytes}")(scope, receive, send_and_note)
+            else:
+                await app(scope, receive, send_and_note)
+        finally:
+            stats.count(stats.http, (path, status))
+            if status >= 400:
+                kind = "overloaded" if status == 503 else "bad_request" if status < 500 else "internal"
+                stats.count(stats.errors, kind)
+
+
+@contextmanager
+def serve_in_thread(app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
+    """Run a real uvicorn server on a background thread; yields its base URL, e.g. "http://127.0.0.1:40123".
+
+    port=0 takes a free port from the OS (the socket is bound here, so there is no race). Handy in tests and in
+    notebooks, whose own event loop is busy on the main thread.
+    """
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            sock.close()
+            raise RuntimeError(f"uvicorn did not start on {host}:{port}")
+        time.sleep(0.01)
+    try:
+        yield f"http://{host if ':' not in host else f'[{host}]'}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)
+        sock.close()

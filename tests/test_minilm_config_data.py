@@ -1,0 +1,186 @@
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from minilm.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
+from minilm.config import ConfigError, RunConfig, get_preset, parse_args, validate
+from minilm.data import DataError, TokenData
+from minilm.model import GPT
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def test_no_arguments_picks_tiny_on_cpu_and_mini_lm_on_cuda():
+    cfg, why = parse_args([], cuda=False)
+    assert cfg.train.preset == "tiny" and "tiny" in why and "not available" in why
+    cfg, why = parse_args([], cuda=True)
+    assert cfg.train.preset == "mini_lm" and "mini_lm" in why
+
+
+def test_overrides_convert_types_and_route_to_model_or_train():
+    cfg, _ = parse_args(["--preset=small", "--n_layer=3", "--lr", "1e-3", "--compile=true", "--max_iters=2e3",
+                         "--resume"])
+    assert cfg.model.n_layer == 3 and cfg.train.lr == 1e-3 and cfg.train.compile is True
+    assert cfg.train.max_iters == 2000 and cfg.train.lr_decay_iters == 2000 and cfg.train.resume is True
+
+
+def test_yaml_config_with_sections(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("preset: tiny\nmodel:\n  n_layer: 3\ntrain:\n  lr: 0.001\n  batch_size: 4\n")
+    cfg, _ = parse_args(["--config", str(path), "--batch_size=8"])
+    assert cfg.model.n_layer == 3 and cfg.train.lr == 0.001 and cfg.train.batch_size == 8  # CLI wins
+
+
+def test_unknown_key_names_valid_ones():
+    with pytest.raises(ConfigError, match="unknown config key 'n_layers'.*n_layer"):
+        parse_args(["--n_layers=3"])
+
+
+def test_bad_type_says_what_was_expected():
+    with pytest.raises(ConfigError, match="expected a int"):
+        parse_args(["--n_layer=three"])
+    with pytest.raises(ConfigError, match="bool"):
+        parse_args(["--compile=maybe"])
+
+
+@pytest.mark.parametrize("override,msg", [
+    ({"n_embd": 130, "n_head": 4}, "not divisible by n_head"),
+    ({"lr": 0.0}, "lr=0.0 must be > 0"),
+    ({"lr": -1.0}, "must be > 0"),
+    ({"dropout": 1.0}, "dropout"),
+    ({"batch_size": 0}, "batch_size"),
+    ({"dtype": "fp8"}, "dtype"),
+    ({"ema_decay": 1.5}, "ema_decay"),
+])
+def test_invalid_values_fail_with_advice(override, msg):
+    cfg = get_preset("tiny")
+    for k, v in override.items():
+        setattr(cfg.model if hasattr(cfg.model, k) else cfg.train, k, v)
+    with pytest.raises(ConfigError, match=msg):
+        validate(cfg)
+
+
+def test_grad_accum_must_divide_over_processes():
+    cfg = get_preset("tiny")
+    cfg.train.grad_accum = 3
+    with pytest.raises(ConfigError, match="multiple of 2"):
+        validate(cfg, world_size=2)
+
+
+def test_float16_on_cpu_is_refused_before_work(tiny_data_dir, tmp_path):
+    from minilm.train import main
+
+    rc = main([f"--data_dir={tiny_data_dir}", f"--out_dir={tmp_path}/r", "--dtype=float16", "--progress=false"])
+    assert rc == 2
+    assert not (tmp_path / "r" / "ckpt.pt").exists()
+
+
+def test_run_config_round_trip():
+    cfg = get_preset("mini_lm")
+    assert RunConfig.from_dict(cfg.to_dict()) == cfg
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def test_token_data_batches(tiny_data_dir):
+    data = TokenData(tiny_data_dir, "train", seed=1)
+    x, y = data.get_batch(4, 16, "cpu")
+    assert x.shape == y.shape == (4, 16) and x.dtype == torch.int64
+    assert torch.equal(x[:, 1:], y[:, :-1])  # y is x shifted by one
+    again = TokenData(tiny_data_dir, "train", seed=1).get_batch(4, 16, "cpu")
+    assert torch.equal(again[0], x)  # seeded
+
+
+def copy_dir(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_missing_data_dir_says_how_to_make_one(tmp_path):
+    with pytest.raises(DataError, match="dataset_curation build"):
+        TokenData(tmp_path / "nope", "train")
+
+
+def test_empty_split_file(tiny_data_dir, tmp_path):
+    d = copy_dir(tiny_data_dir, tmp_path / "d")
+    (d / "val.bin").write_bytes(b"")
+    with pytest.raises(DataError, match="empty"):
+        TokenData(d, "val")
+
+
+def test_wrong_dtype_detected(tiny_data_dir, tmp_path):
+    d = copy_dir(tiny_data_dir, tmp_path / "d")
+    meta = json.loads((d / "meta.json").read_text())
+    meta["dtype"] = "uint32"  # the shard is really uint16
+    (d / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(DataError):
+        TokenData(d, "train")
+
+
+def test_vocab_that_does_not_fit_uint16(tiny_data_dir, tmp_path):
+    d = copy_dir(tiny_data_dir, tmp_path / "d")
+    meta = json.loads((d / "meta.json").read_text())
+    meta["vocab_size"] = 70000
+    (d / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(DataError, match="does not fit uint16"):
+        TokenData(d, "train")
+
+
+def test_token_ids_beyond_vocab(tiny_data_dir, tmp_path):
+    d = copy_dir(tiny_data_dir, tmp_path / "d")
+    np.array([1, 2, 60000], dtype=np.uint16).tofile(d / "val.bin")
+    meta = json.loads((d / "meta.json").read_text())
+    meta["tokens"]["val"] = 3
+    (d / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(DataError, match="60000"):
+        TokenData(d, "val")
+
+
+def test_model_vocab_smaller_than_data_and_block_too_long(tiny_data_dir):
+    with pytest.raises(DataError, match="--vocab_size"):
+        TokenData(tiny_data_dir, "train", vocab_size=100)
+    n = len(TokenData(tiny_data_dir, "val"))
+    with pytest.raises(DataError, match="block_size"):
+        TokenData(tiny_data_dir, "val", block_size=n + 10)
+
+
+def test_truncated_shard_detected(tiny_data_dir, tmp_path):
+    d = copy_dir(tiny_data_dir, tmp_path / "d")
+    raw = (d / "val.bin").read_bytes()
+    (d / "val.bin").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(DataError, match="incomplete|stale"):
+        TokenData(d, "val")
+
+
+# ----------------------------------------------------------------------------- checkpoint
+
+
+def test_checkpoint_round_trip(tmp_path):
+    cfg = get_preset("tiny")
+    cfg.model.n_layer = 1
+    model = GPT(cfg.model)
+    opt = model.configure_optimizer(0.1, 1e-3, (0.9, 0.95), "cpu")
+    model(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long))[1].backward()
+    opt.step()
+    save_checkpoint(tmp_path / "ckpt.pt", model=model, optimizer=opt, step=7, best_val_loss=1.5,
+                    config=cfg.to_dict(), data_state={"ranks": [{"rng": np.random.default_rng(3).bit_generator.state}]})
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]  # no temp file left behind
+    ckpt = load_checkpoint(tmp_path)
+    assert ckpt["step"] == 7 and ckpt["best_val_loss"] == 1.5
+    restored, _ = model_from_checkpoint(tmp_path)
+    for a, b in zip(model.state_dict().values(), restored.state_dict().values()):
+        assert torch.equal(a, b)
+    assert ckpt["optimizer"]["state"]
+
+
+def test_missing_and_corrupt_checkpoints(tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        load_checkpoint(tmp_path / "ckpt.pt")
+    (tmp_path / "ckpt.pt").write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        load_checkpoint(tmp_path / "ckpt.pt")
