@@ -184,3 +184,11 @@ def test_missing_and_corrupt_checkpoints(tmp_path):
     (tmp_path / "ckpt.pt").write_bytes(b"not a checkpoint at all")
     with pytest.raises(CheckpointError, match="not a readable checkpoint"):
         load_checkpoint(tmp_path / "ckpt.pt")
+
+
+def test_yaml_presets_in_configs_load_and_validate():
+    from pathlib import Path
+
+    for path in sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")):
+        cfg, _ = parse_args(["--config", str(path)])
+        validate(cfg)

@@ -152,3 +152,11 @@ def test_sample_cli(tiny_run):
     bad = subprocess.run([sys.executable, "-m", "minilm.sample", f"--out_dir={tiny_run}", "--top_p=2"],
                          env=_env(), capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "top_p" in bad.stderr
+
+
+def test_profiler_trace_and_tensorboard_events(tiny_data_dir, tmp_path):
+    out = tmp_path / "prof"
+    train(tiny_run_config(tiny_data_dir, out, max_iters=8, eval_interval=8, profile=True, tensorboard=True,
+                          sample_tokens=0))
+    assert list((out / "profile").glob("*.json")), "no profiler trace written"
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))

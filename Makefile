@@ -1,0 +1,52 @@
+# Two commands do all the set-up on a fresh machine:
+#   make train   - install into .venv, then train on the built-in default (tiny on CPU, mini_lm on CUDA)
+#   make test    - install into .venv (plus Debian's chromium for the browser test), then the whole test suite
+# Extra training options: make train ARGS="--preset=small --max_iters=2000"
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+ARGS ?=
+export MPLBACKEND ?= Agg
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: install train test lint test-py test-notebooks browser bench lab clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip
+	$(BIN)/python -m pip install -c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+train: $(STAMP)
+	$(BIN)/python -m minilm.train $(ARGS)
+
+# A learner without root/apt still gets a passing suite: the browser test then skips and says why.
+browser:
+	-bash scripts/install_browser.sh
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+test-py: $(STAMP)
+	$(BIN)/python -m pytest tests -q
+
+test-notebooks: $(STAMP)
+	$(BIN)/python -m pytest --nbval-lax --nbval-cell-timeout=600 -p no:cacheprovider notebooks -q
+
+test: $(STAMP) browser lint test-py test-notebooks
+
+bench: $(STAMP)
+	$(BIN)/python -m minilm.bench
+	$(BIN)/python -m metrics.bench
+	$(BIN)/python -m dataset_curation.bench
+	$(BIN)/python -m efficient_training.bench
+
+lab: $(STAMP)
+	$(BIN)/jupyter lab --notebook-dir=notebooks $(if $(filter 0,$(shell id -u)),--allow-root,)
+
+clean:
+	rm -rf $(VENV) out/ .pytest_cache
