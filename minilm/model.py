@@ -193,7 +193,8 @@ class GPT(nn.Module):
         peak = peak_flops(device_name, dtype)
         achieved = self.flops_per_token(seq_len) * tokens_per_s
         if peak is None:
-            return None, f"MFU unknown: no peak {dtype} FLOP/s on record for {device_name!r} ({achieved / 1e9:.1f} GFLOP/s achieved)"
+            return None, (f"MFU unknown: no peak {dtype} FLOP/s on record for {device_name!r} "
+                          f"({achieved / 1e9:.1f} GFLOP/s achieved)")
         mfu = achieved / peak
         return mfu, f"MFU {mfu:.1%} of {device_name} peak {peak / 1e12:.0f} TFLOP/s ({dtype})"
 

@@ -10,7 +10,6 @@ from minilm.config import ConfigError, RunConfig, get_preset, parse_args, valida
 from minilm.data import DataError, TokenData
 from minilm.model import GPT
 
-
 # ----------------------------------------------------------------------------- config
 
 
@@ -71,12 +70,22 @@ def test_grad_accum_must_divide_over_processes():
         validate(cfg, world_size=2)
 
 
-def test_float16_on_cpu_is_refused_before_work(tiny_data_dir, tmp_path):
+def test_dtype_the_device_cannot_do_is_refused():
+    from minilm.train import resolve_dtype
+
+    with pytest.raises(ConfigError, match="cannot do bfloat16.*--dtype=float16"):
+        resolve_dtype("bfloat16", "cuda", bf16_supported=False)  # e.g. a T4 or V100
+    assert resolve_dtype("auto", "cuda", bf16_supported=False) == "float16"
+    assert resolve_dtype("auto", "cuda", bf16_supported=True) == "bfloat16"
+    assert resolve_dtype("auto", "cpu") == "float32"
+
+
+def test_bad_config_fails_before_any_work(tiny_data_dir, tmp_path):
     from minilm.train import main
 
-    rc = main([f"--data_dir={tiny_data_dir}", f"--out_dir={tmp_path}/r", "--dtype=float16", "--progress=false"])
+    rc = main([f"--data_dir={tiny_data_dir}", f"--out_dir={tmp_path}/r", "--n_embd=100", "--n_head=3"])
     assert rc == 2
-    assert not (tmp_path / "r" / "ckpt.pt").exists()
+    assert not (tmp_path / "r").exists()
 
 
 def test_run_config_round_trip():

@@ -160,3 +160,13 @@ def test_profiler_trace_and_tensorboard_events(tiny_data_dir, tmp_path):
                           sample_tokens=0))
     assert list((out / "profile").glob("*.json")), "no profiler trace written"
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_float16_with_grad_scaler_runs_on_cpu(tiny_data_dir, tmp_path):
+    # The CUDA fp16 path (autocast + GradScaler, unscale before clipping) exercised on the CPU.
+    out = tmp_path / "fp16"
+    result = train(tiny_run_config(tiny_data_dir, out, dtype="float16", max_iters=20, eval_interval=20,
+                                   sample_tokens=0))
+    assert result["val_loss"] < 6.0
+    scaler = load_checkpoint(out)["scaler"]
+    assert scaler and scaler["scale"] > 0
