@@ -111,8 +111,8 @@ def test_master_weights_step_equals_autocast_with_grad_scaler():
     skips = []
     for _ in range(10):
         x, y = torch.randn(8, 16, generator=gen), torch.randint(0, 10, (8,), generator=gen)
-        _, skipped = master_weights_step(half, master, opt, scaler,
-                                         lambda m: F.cross_entropy(m(x.half()).float(), y), grad_clip=1.0)
+        loss_fn = lambda m, x=x, y=y: F.cross_entropy(m(x.half()).float(), y)
+        _, skipped = master_weights_step(half, master, opt, scaler, loss_fn, grad_clip=1.0)
         skips.append(skipped)
         with torch.autocast("cpu", dtype=torch.float16):
             out = ref(x)

@@ -32,6 +32,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException
 
 from minilm.sample import eos_of, load_run, pick_device, stream_text
 
@@ -151,7 +152,8 @@ def render_metrics(s: Stats) -> str:
                [(f'{{stream="{st}",outcome="{o}"}}', n) for (st, o), n in sorted(s.generations.items())])
         family("minilm_prompt_tokens_total", "counter", "Prompt tokens of accepted generations.",
                [("", s.prompt_tokens)])
-        family("minilm_generated_tokens_total", "counter", "Tokens generated (completion text re-encoded).",
+        family("minilm_generated_tokens_total", "counter",
+               "Tokens sampled (one forward pass each; a final end-of-text token included).",
                [("", s.tokens)])
         family("minilm_inflight_generations", "gauge", "Generations running in worker threads now.",
                [("", s.inflight)])
@@ -196,12 +198,32 @@ class Job:
         }
 
 
+class CountingModel:
+    """The model as stream_text sees it, counting the tokens generate_stream samples.
+
+    stream_text yields text, not tokens, and re-encoding the text does not give the sampled count back (BPE may
+    merge sampled tokens differently, and a stop string cuts text), so we count at the source.
+    """
+
+    def __init__(self, model):
+        self.model, self.sampled = model, 0
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def generate_stream(self, *args, **kwargs):
+        for tok in self.model.generate_stream(*args, **kwargs):
+            self.sampled += 1
+            yield tok
+
+
 def run_job(job: Job, model, tokenizer, eos_id: int | None, stats: Stats) -> None:
     """Worker-thread body: sample tokens until done or cancelled, pass text pieces to the loop, record metrics."""
     job.started = time.perf_counter()
     pieces, outcome = [], "ok"
+    counted = CountingModel(model)
     try:
-        for piece in stream_text(model, tokenizer, eos_id=eos_id, **job.params):
+        for piece in stream_text(counted, tokenizer, eos_id=eos_id, **job.params):
             if job.cancel.is_set():
                 outcome = "cancelled"
                 break
@@ -213,8 +235,7 @@ def run_job(job: Job, model, tokenizer, eos_id: int | None, stats: Stats) -> Non
         job.put("error", f"generation failed: {type(e).__name__}: {e}")
     finally:
         job.finished = time.perf_counter()
-        text = "".join(pieces)
-        job.completion_tokens = len(tokenizer.encode(text).ids) if text else 0
+        job.completion_tokens = counted.sampled
         with stats.lock:
             stats.tokens += job.completion_tokens
             key = ("true" if job.stream else "false", outcome)
@@ -226,6 +247,27 @@ def run_job(job: Job, model, tokenizer, eos_id: int | None, stats: Stats) -> Non
                 if job.first is not None:
                     stats.ttft.observe(job.first - job.arrived)
         job.put("end")
+
+
+def last_val_loss(out_dir: Path, step: int | None) -> float | None:
+    """The val loss of the run's last evaluation at or before `step`, from metrics.jsonl (None if absent)."""
+    path = out_dir / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    loss = None
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a crash; the others still count
+        if "val_loss" in rec and (step is None or rec.get("step", 0) <= step):
+            loss = rec["val_loss"]
+    return loss
+
+
+def finite_or_none(x) -> float | None:
+    """JSON has no inf or NaN."""
+    return float(x) if isinstance(x, (int, float)) and math.isfinite(x) else None
 
 
 def sse(event: str, data: dict) -> bytes:
@@ -264,7 +306,8 @@ def create_app(out_dir: str | Path, device: str = "cpu", *, best: bool = False, 
         "run": str(out_dir),
         "device": str(device),
         "step": ckpt.get("step"),
-        "best_val_loss": ckpt.get("best_val_loss"),
+        "val_loss": finite_or_none(last_val_loss(Path(out_dir), ckpt.get("step"))),
+        "best_val_loss": finite_or_none(ckpt.get("best_val_loss")),  # inf when the run never evaluated
         "num_params": model.num_params(),
         "config": ckpt["config"].get("model", {}),
         "train_config": ckpt["config"].get("train", {}),
@@ -286,6 +329,10 @@ def create_app(out_dir: str | Path, device: str = "cpu", *, best: bool = False, 
         pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="minilm inference API", version="0.1.0", lifespan=lifespan)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException):  # 404, 405, 413: same {"error": ...} shape
+        return error_response(exc.status_code, str(exc.detail), headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(request: Request, exc: RequestValidationError):
@@ -429,13 +476,24 @@ class RequestCounter:
                 status = message["status"]
             await send(message)
 
+        received = 0
+
+        async def receive_limited():
+            # Counts bytes as they arrive, so a chunked upload without Content-Length is capped too.
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > max_body_bytes:
+                raise HTTPException(413, f"request body is over the limit of {max_body_bytes} bytes")
+            return message
+
         try:
             length = int(dict(scope["headers"]).get(b"content-length", b"0") or 0)
             if length > max_body_bytes:
                 await error_response(413, f"request body of {length} bytes is over the limit of "
-                                          f"{max_body_bytes}")(scope, receive, send_and_note)
+                                          f"{max_body_bytes} bytes")(scope, receive, send_and_note)
             else:
-                await app(scope, receive, send_and_note)
+                await app(scope, receive_limited, send_and_note)
         finally:
             stats.count(stats.http, (path, status))
             if status >= 400:

@@ -2,7 +2,8 @@
 
     python -m minilm.serve.loadtest --url http://127.0.0.1:8000 --concurrency 8 --requests 200
 
-Latency is measured by the client (send to last byte), so it includes queueing in the server. "errors" are
+Latency is measured by the client (send to last byte), so it includes queueing in the server. Time to first
+token is measured by the client with --stream, and is the server's own figure otherwise. "errors" are
 non-200 answers or failed connections; "lost" are requests that never got any answer. The exit status is 1 when
 either is non-zero, so the command can gate CI.
 """
@@ -17,6 +18,7 @@ import time
 
 import httpx
 import numpy as np
+from tqdm import tqdm
 
 
 def percentile_ms(values: list[float], q: float) -> float | None:
@@ -58,7 +60,7 @@ async def one_request(client: httpx.AsyncClient, url: str, payload: dict, stream
 
 
 async def run_load(url: str, concurrency: int = 8, requests: int = 200, payload: dict | None = None,
-                   stream: bool = False, timeout: float = 120.0, seed: int = 0) -> dict:
+                   stream: bool = False, timeout: float = 120.0, seed: int = 0, progress: bool = False) -> dict:
     """Send `requests` generations from `concurrency` concurrent clients; return counts, percentiles, tokens/s.
 
     Request i uses seed + i, so a run is repeatable. `url` is the server's base URL.
@@ -80,12 +82,15 @@ async def run_load(url: str, concurrency: int = 8, requests: int = 200, payload:
             except httpx.HTTPError as e:
                 res = {"status": None, "latency_s": None, "error": f"{type(e).__name__}: {e}"}
             results.append(res)
+            bar.update(1)
 
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    bar = tqdm(total=requests, desc="requests", unit="req", disable=not progress, leave=False)
     t0 = time.perf_counter()
     async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
         await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
     wall = time.perf_counter() - t0
+    bar.close()
 
     good = lambda r: r["status"] == 200 and not r.get("error")
     ok = [r for r in results if good(r)]
@@ -121,6 +126,48 @@ def format_report(r: dict, payload: dict) -> str:
     return "\n".join(lines)
 
 
+def compare_with_in_process(url: str, out_dir: str, payload: dict, n: int = 20) -> dict:
+    """What HTTP costs: the same n requests (seeds 0..n-1) one at a time through the server and in-process.
+
+    The in-process side calls minilm.sample.generate_text in a 1-thread worker thread, as the server does.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    from minilm.sample import eos_of, generate_text, load_run
+
+    endpoint = url.rstrip("/") + "/v1/generate"
+    with httpx.Client(timeout=120) as client:
+        client.post(endpoint, json={**payload, "seed": 0}).raise_for_status()  # warm-up
+        t0 = time.perf_counter()
+        served = [client.post(endpoint, json={**payload, "seed": i}).json() for i in range(n)]
+        t_server = time.perf_counter() - t0
+    model, tok, ckpt = load_run(out_dir, "cpu")
+    eos = eos_of(tok, ckpt)
+    params = {k: v for k, v in payload.items() if k != "prompt"}
+    params["top_k"] = params.get("top_k") or None
+    with ThreadPoolExecutor(1, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        run = lambda seed: generate_text(model, tok, payload["prompt"], eos_id=eos, seed=seed, **params)
+        pool.submit(run, 0).result()  # warm-up
+        t0 = time.perf_counter()
+        local = [pool.submit(run, i).result() for i in range(n)]
+        t_local = time.perf_counter() - t0
+    tokens = sum(r["completion_tokens"] for r in served)  # sampled tokens; the same seeds sample the same ones
+    return {"n": n, "tokens": tokens, "in_process_s": t_local, "server_s": t_server,
+            "same_text": sum(a["text"] == b["text"] for a, b in zip(served, local))}
+
+
+def format_comparison(c: dict, payload: dict) -> str:
+    rows = [("in-process generate_text", c["in_process_s"]), ("HTTP server, 1 client", c["server_s"])]
+    lines = [f"single client, {c['n']} requests of max_new_tokens={payload.get('max_new_tokens')} "
+             f"(seeds 0..{c['n'] - 1}; identical texts: {c['same_text']}/{c['n']})",
+             f"{'path':<26}{'ms/request':>12}{'tokens/s':>10}{'time ratio':>12}"]
+    for name, t in rows:
+        lines.append(f"{name:<26}{t / c['n'] * 1000:>12.1f}{c['tokens'] / t:>10.1f}{t / c['in_process_s']:>12.2f}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m minilm.serve.loadtest", description=__doc__.splitlines()[0])
     p.add_argument("--url", default="http://127.0.0.1:8000", help="base URL of a running `python -m minilm.serve`")
@@ -133,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stream", action="store_true", help="use server-sent events (measures time to first token)")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
     p.add_argument("--json", action="store_true", help="also print the raw results as one JSON line")
+    p.add_argument("--compare_out_dir", default=None,
+                   help="the served run dir: also time 20 sequential requests against in-process minilm.sample")
     a = p.parse_args(argv)
     payload = {"prompt": a.prompt, "max_new_tokens": a.max_new_tokens, "temperature": a.temperature,
                "top_k": a.top_k}
@@ -143,11 +192,14 @@ def main(argv: list[str] | None = None) -> int:
               "`python -m minilm.serve --out_dir RUN` first", file=sys.stderr)
         return 2
     try:
-        r = asyncio.run(run_load(a.url, a.concurrency, a.requests, payload, a.stream, a.timeout))
+        r = asyncio.run(run_load(a.url, a.concurrency, a.requests, payload, a.stream, a.timeout, progress=True))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_report(r, payload))
+    if a.compare_out_dir:
+        print()
+        print(format_comparison(compare_with_in_process(a.url, a.compare_out_dir, payload), payload))
     if a.json:
         print(json.dumps(r))
     return 0 if r["errors"] == 0 and r["lost"] == 0 else 1

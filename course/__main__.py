@@ -1,0 +1,44 @@
+"""python -m course status | checks"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import sys
+
+from course import check
+from course.status import format_status, status
+
+CHECKS = ("minhash", "bpe", "perplexity", "bleu", "rouge", "loss_scaler", "attention", "causal_self_attention",
+          "sampling")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m course", description="Course progress and self-checks")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("status", help="which tasks are done, from your data dir, run dir and self-check log")
+    s.add_argument("--data_dir", default="data/builtin-8k", help="your data dir (task 1)")
+    s.add_argument("--out_dir", default="out/tiny", help="your run dir (tasks 4 and 5)")
+    s.add_argument("--target_tokens", type=int, default=1_000_000,
+                   help="tokens the data dir must hold (the GPU project's target is 100000000)")
+    s.add_argument("--log", default=None, help="self-check log (default: $COURSE_LOG or out/course/checks.jsonl)")
+    s.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    sub.add_parser("checks", help="list the self-checks and what each expects of your function")
+    a = p.parse_args(argv)
+    if a.cmd == "status":
+        rows = status(a.data_dir, a.out_dir, a.target_tokens, a.log)
+        print(json.dumps(rows, indent=2) if a.json else format_status(rows, a.log))
+        return 0
+    for name in CHECKS:
+        fn = getattr(check, name, None)
+        if fn is None:
+            print(f"check.{name}: not available yet")
+            continue
+        doc = inspect.getdoc(fn) or ""
+        print(f"check.{name}: " + doc.replace("\n", "\n    ") + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,443 @@
+"""The curation pipeline: source -> normalize -> quality -> PII -> exact dedup -> near dedup -> split ->
+decontaminate -> tokenizer -> token shards -> data dir (meta.json, stats.json, report.md, plots/).
+
+    from dataset_curation.pipeline import build
+    data_dir = build("builtin", "data/builtin-8k", vocab_size=8192)
+
+Every stage's output is cached under <out>/.cache/ by a hash of its inputs and parameters, so a re-run skips
+what has not changed and an interrupted run resumes from the last finished stage. Files appear under their final
+names only when complete (temp file + os.replace), and meta.json is written last: a data dir with a meta.json is
+whole.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import pickle
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from dataset_curation import dedup, filters, shards, sources, stages
+from dataset_curation.stages import StageStats
+
+
+def _code_version() -> str:
+    """A hash of the stage code: editing a stage invalidates the caches it produced."""
+    here = Path(__file__).parent
+    names = ("sources.py", "stages.py", "filters.py", "minhash.py", "dedup.py", "shards.py", "pipeline.py")
+    return hashlib.sha256(b"".join((here / n).read_bytes() for n in names)).hexdigest()[:12]
+
+
+VERSION = _code_version()
+RECIPES = ("builtin", "files", "wiki_code")
+DEFAULTS = {
+    # sources
+    "include_tests": True, "max_files": None, "include_prose": True, "input": None, "kind": "prose",
+    "text_field": "text", "license": "unknown",
+    # stage 1: normalize
+    "max_replacement_fraction": 0.01,
+    # stage 5: near dedup (FineWeb's 5-gram shingles and 14 bands x 8 rows)
+    "ngram": 5, "num_perm": 112, "bands": 14, "rows": 8, "threshold": 0.7, "seed": 0,
+    # stage 7: split
+    "val_fraction": 0.01,
+    # stage 8: decontamination
+    "decontam_ngram": 13, "decontam_min_fraction": 0.1, "eval_files": None,
+    # stage 9: tokenizer
+    "min_frequency": 2,
+}
+FILTER_PARAMS = {**filters.GOPHER_QUALITY, **filters.GOPHER_REPETITION, **filters.CODE_QUALITY}
+
+
+class CurationError(ValueError):
+    """The build cannot go on (no input, nothing left, bad parameter); the message says what to change."""
+
+
+def _hash(*parts) -> str:
+    return hashlib.sha256(json.dumps([VERSION, *parts], sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _atomic_json(path: Path, obj) -> None:
+    _atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False, ensure_ascii=False) + "\n").encode())
+
+
+def _cached(cache: Path, name: str, key: str, fn, log):
+    """fn()'s result, from <cache>/<name>-<key>.pkl when a previous run already computed it."""
+    path = cache / f"{name}-{key}.pkl"
+    if path.is_file():
+        log(f"  {name}: cached ({path.name})")
+        os.utime(path)  # mark as in use, so pruning keeps it
+        with open(path, "rb") as f:
+            return pickle.load(f)
+    result = fn()
+    _atomic_write_bytes(path, pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL))
+    return result
+
+
+def parse_shard(shard: str | tuple[int, int] | None) -> tuple[int, int] | None:
+    """'i/N' -> (i, N), 0 <= i < N."""
+    if shard is None or isinstance(shard, tuple):
+        return shard
+    try:
+        i, n = (int(x) for x in str(shard).split("/"))
+    except ValueError:
+        raise CurationError(f"--shard must look like i/N (e.g. 0/4), got {shard!r}") from None
+    if not 0 <= i < n:
+        raise CurationError(f"--shard {shard}: need 0 <= i < N")
+    return i, n
+
+
+def check_params(params: dict) -> tuple[dict, dict]:
+    """(pipeline params with defaults, filter params) from the user's keyword arguments; unknown names raise."""
+    unknown = sorted(set(params) - set(DEFAULTS) - set(FILTER_PARAMS))
+    if unknown:
+        raise CurationError(f"unknown parameter(s) {unknown}; known: {sorted(DEFAULTS)} and the filter "
+                            f"thresholds {sorted(FILTER_PARAMS)}")
+    p = {**DEFAULTS, **{k: v for k, v in params.items() if k in DEFAULTS}}
+    if p["bands"] * p["rows"] > p["num_perm"]:
+        raise CurationError(f"bands x rows = {p['bands'] * p['rows']} exceeds num_perm = {p['num_perm']}")
+    if not 0 < p["val_fraction"] < 1:
+        raise CurationError(f"val_fraction must be in (0, 1), got {p['val_fraction']}")
+    return p, {k: v for k, v in params.items() if k in FILTER_PARAMS}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Per-document stages, run over chunks of documents in num_proc worker processes
+
+def _doc_stages(args) -> tuple[list[dict], list[StageStats], list[int], np.ndarray]:
+    docs, p, fp = args
+    st = [StageStats("normalize"), StageStats("quality"), StageStats("pii")]
+    lengths_in = [len(d["text"]) for d in docs]
+    out = list(stages.mask_pii(filters.quality_filter(stages.normalize(
+        docs, st[0], p["max_replacement_fraction"]), st[1], **fp), st[2]))
+    sig = dedup.doc_signatures(out, p["ngram"], p["num_perm"], p["seed"])
+    return out, st, lengths_in, sig
+
+
+def _chunked(docs: list[dict], max_chars: int = 1_000_000):
+    batch, size = [], 0
+    for d in docs:
+        batch.append(d)
+        size += len(d["text"])
+        if size >= max_chars:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def run_doc_stages(docs: list[dict], p: dict, fp: dict, num_proc: int = 1, progress: bool = False):
+    """Stages 1-3 (normalize, quality, PII) plus MinHash signatures, in parallel over chunks of documents.
+    Returns (kept docs, [3 StageStats], input lengths in chars, signatures of the kept docs)."""
+    st = [StageStats("normalize"), StageStats("quality"), StageStats("pii")]
+    kept, lengths, sigs = [], [], []
+    jobs = ((chunk, p, fp) for chunk in _chunked(docs))
+    bar = tqdm(total=len(docs), desc="normalize+filter+pii+minhash", unit="doc", disable=not progress, leave=False)
+    if num_proc > 1 and len(docs) > 50:
+        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+        with ctx.Pool(num_proc) as pool:
+            results = pool.imap(_doc_stages, jobs)  # imap keeps chunk order: output independent of num_proc
+            for out, cst, lin, sig in results:
+                kept += out
+                lengths += lin
+                sigs.append(sig)
+                for a, b in zip(st, cst):
+                    a.merge(b)
+                bar.update(len(lin))
+    else:
+        for job in jobs:
+            out, cst, lin, sig = _doc_stages(job)
+            kept += out
+            lengths += lin
+            sigs.append(sig)
+            for a, b in zip(st, cst):
+                a.merge(b)
+            bar.update(len(lin))
+    bar.close()
+    for s in st:
+        s.check()
+    sig = np.concatenate(sigs) if sigs else np.empty((0, p["num_perm"]), dtype=np.uint32)
+    return kept, st, lengths, sig
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sources
+
+def read_source(recipe: str, p: dict, target_tokens: int | None, log) -> tuple[list[dict], dict]:
+    if recipe == "builtin":
+        docs, manifest = sources.builtin_documents(p["include_tests"], p["max_files"], p["include_prose"])
+        for d in docs:
+            d["group"] = d["path"]  # a file's code and prose documents land in the same split
+    elif recipe == "files":
+        if not p["input"]:
+            raise CurationError("the files recipe needs --input PATH (a .txt/.jsonl/.parquet file or a folder)")
+        docs, manifest = sources.file_documents(p["input"], p["kind"], p["text_field"], p["license"])
+    elif recipe == "wiki_code":
+        target = target_tokens or 100_000_000
+        docs = list(tqdm(sources.hub_documents(target), desc="stream", unit="doc", leave=False))
+        manifest = sources.hub_manifest(target)
+    else:
+        raise CurationError(f"unknown recipe {recipe!r}; choose one of {RECIPES}")
+    if not docs:
+        raise CurationError(f"the {recipe} source gave no documents; check --input or use --recipe builtin")
+    manifest["documents"] = len(docs)
+    manifest["chars"] = sum(len(d["text"]) for d in docs)
+    return docs, manifest
+
+
+def _in_shard(doc: dict, shard: tuple[int, int]) -> bool:
+    key = doc.get("group", doc["id"])
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") % shard[1] == shard[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Build
+
+def build(recipe: str = "builtin", out: str | Path = "data/builtin-8k", vocab_size: int = 8192, num_proc: int = 2,
+          target_tokens: int | None = None, progress: bool = True, shard: str | None = None, **params) -> Path:
+    """Build a data dir from a recipe ("builtin", "files" with input=PATH, "wiki_code"); returns its path.
+
+    params: source options (include_tests, max_files, input, kind, text_field), stage parameters (see DEFAULTS)
+    and filter thresholds (see filters.GOPHER_QUALITY, GOPHER_REPETITION, CODE_QUALITY). With shard="i/N" it runs
+    only stages 1-3 on the i-th of N hash-partitions of the documents and leaves them for `merge`.
+    """
+    t0 = time.time()
+    log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else (lambda msg: None)
+    if target_tokens is not None and target_tokens < 1:
+        raise CurationError(f"target_tokens must be a positive number of tokens, got {target_tokens}")
+    if num_proc < 1:
+        raise CurationError(f"num_proc must be >= 1, got {num_proc}")
+    p, fp = check_params(params)
+    sh = parse_shard(shard)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cache = out / ".cache"
+    cache.mkdir(exist_ok=True)
+    timings: dict[str, float] = {}
+
+    t = time.time()
+    docs, manifest = read_source(recipe, p, target_tokens, log)
+    timings["read"] = time.time() - t
+    log(f"[read] {recipe}: {len(docs):,} documents, {manifest['chars']:,} chars ({timings['read']:.1f}s)")
+    if sh is not None:
+        docs = [d for d in docs if _in_shard(d, sh)]
+        manifest["shard"] = f"{sh[0]}/{sh[1]}"
+    src_key = _hash(manifest, recipe, sh)
+    doc_key = _hash(src_key, "doc_stages", p["max_replacement_fraction"], fp, p["ngram"], p["num_perm"], p["seed"])
+    t = time.time()
+    kept, st, lengths_in, sig = _cached(cache, "doc_stages", doc_key,
+                                        lambda: run_doc_stages(docs, p, fp, num_proc, progress), log)
+    timings["normalize+quality+pii+minhash"] = time.time() - t
+    for s in st:
+        log(f"[{s.name}] {s.docs_in:,} in, {s.docs_kept:,} kept, removed {s.removed} {s.counters}")
+    if sh is not None:
+        path = out / "shards" / f"shard-{sh[0]}-of-{sh[1]}.pkl"
+        path.parent.mkdir(exist_ok=True)
+        _atomic_write_bytes(path, pickle.dumps({"docs": kept, "stats": st, "lengths_in": lengths_in, "sig": sig,
+                                                "manifest": manifest, "params": [p, fp], "shard": sh}))
+        log(f"[shard {sh[0]}/{sh[1]}] wrote {path}; run `python -m dataset_curation merge --out {out} "
+            f"--num_shards {sh[1]}` when all {sh[1]} jobs are done")
+        return path
+    return _finish(out, cache, kept, st, lengths_in, sig, manifest, doc_key, p, vocab_size, num_proc,
+                   target_tokens, progress, log, timings, t0, recipe)
+
+
+def merge(out: str | Path, num_shards: int, vocab_size: int = 8192, num_proc: int = 2,
+          target_tokens: int | None = None, progress: bool = True, **params) -> Path:
+    """Combine the outputs of `build(..., shard="i/N")` for i = 0..N-1 and run the global stages (dedup across
+    shards, split, decontamination, tokenizer, shards); returns the data dir."""
+    t0 = time.time()
+    log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else (lambda msg: None)
+    p, fp = check_params(params)
+    out = Path(out)
+    paths = [out / "shards" / f"shard-{i}-of-{num_shards}.pkl" for i in range(num_shards)]
+    missing = [str(x) for x in paths if not x.is_file()]
+    if missing:
+        raise CurationError(f"merge needs all {num_shards} shard outputs; missing: {missing}. Run "
+                            f"`python -m dataset_curation build ... --shard i/{num_shards}` for each")
+    parts = []
+    for path in paths:
+        with open(path, "rb") as f:
+            parts.append(pickle.load(f))
+    if any(part["params"] != [p, fp] for part in parts):
+        raise CurationError("the shard jobs ran with other parameters than this merge; pass the same ones")
+    st = [StageStats("normalize"), StageStats("quality"), StageStats("pii")]
+    kept, lengths_in, sigs = [], [], []
+    for part in parts:
+        kept += part["docs"]
+        lengths_in += part["lengths_in"]
+        sigs.append(part["sig"])
+        for a, b in zip(st, part["stats"]):
+            a.merge(b)
+    manifest = {**parts[0]["manifest"], "shard": f"merged {num_shards}",
+                "documents": sum(pt["manifest"]["documents"] for pt in parts)}
+    manifest.pop("chars", None)
+    cache = out / ".cache"
+    cache.mkdir(exist_ok=True)
+    key = _hash([pt["manifest"] for pt in parts], "merge", p, fp)
+    return _finish(out, cache, kept, st, lengths_in, np.concatenate(sigs), manifest, key, p, vocab_size, num_proc,
+                   target_tokens, progress, log, {}, t0, manifest.get("recipe", "?"))
+
+
+def _finish(out: Path, cache: Path, kept: list[dict], st: list[StageStats], lengths_in: list[int], sig: np.ndarray,
+            manifest: dict, key: str, p: dict, vocab_size: int, num_proc: int, target_tokens: int | None,
+            progress: bool, log, timings: dict, t0: float, recipe: str) -> Path:
+    meta_path = out / "meta.json"
+
+    def stage(name, fn, *key_parts):
+        nonlocal key
+        key = _hash(key, name, *key_parts)
+        t = time.time()
+        result = _cached(cache, name, key, fn, log)
+        timings[name] = time.time() - t
+        return result
+
+    def exact():
+        s = StageStats("exact_dedup")
+        keep = list(dedup.exact_dedup(tqdm(kept, desc="exact dedup", disable=not progress, leave=False), s))
+        ids = {id(d) for d in keep}
+        rows = np.array([i for i, d in enumerate(kept) if id(d) in ids], dtype=np.int64)
+        return keep, s, rows
+
+    docs, s_exact, rows = stage("exact_dedup", exact)
+    sig = sig[rows]
+    s_exact.check()
+
+    def near():
+        s = StageStats("near_dedup")
+        keep, clusters = dedup.near_dedup(docs, s, p["ngram"], p["num_perm"], p["bands"], p["rows"], p["threshold"],
+                                          p["seed"], signatures=sig)
+        return keep, s, clusters
+
+    docs, s_near, clusters = stage("near_dedup", near, p["bands"], p["rows"], p["threshold"])
+    s_near.check()
+
+    def split():
+        s = StageStats("split")
+        try:
+            return stages.split_train_val(docs, s, p["val_fraction"], p["seed"]), s
+        except ValueError as e:
+            raise CurationError(str(e)) from None
+
+    docs, s_split = stage("split", split, p["val_fraction"])
+
+    def decontam():
+        s = StageStats("decontaminate")
+        extra = [Path(f).read_text(encoding="utf-8", errors="replace") for f in (p["eval_files"] or [])]
+        return dedup.decontaminate(docs, s, extra, p["decontam_ngram"], p["decontam_min_fraction"]), s
+
+    docs, s_decon = stage("decontaminate", decontam, p["decontam_ngram"], p["decontam_min_fraction"],
+                          p["eval_files"])
+    all_stats = [*st, s_exact, s_near, s_split, s_decon]
+    for s in all_stats[3:]:
+        s.check()
+        log(f"[{s.name}] {s.docs_in:,} in, {s.docs_kept:,} kept, removed {s.removed} {s.counters}")
+    by_split = {sp: [d for d in docs if d["split"] == sp] for sp in ("train", "val")}
+    for sp, ds in by_split.items():
+        if not ds:
+            raise CurationError(f"no {sp} documents are left after curation ({len(docs)} in all); add more input "
+                                "text or loosen the filters")
+    if meta_path.exists():
+        meta_path.unlink()  # from here on the data dir changes: it is not whole until the new meta.json lands
+
+    # Stage 9: the tokenizer, trained on the training split only
+    tok_key = _hash(key, "tokenizer", vocab_size, p["min_frequency"])
+    tok_cache = cache / f"tokenizer-{tok_key}.json"
+    t = time.time()
+    if not tok_cache.is_file():
+        texts = [d["text"] for d in by_split["train"]]
+        tok = shards.train_tokenizer(texts, vocab_size, p["min_frequency"], length=len(texts))
+        tmp = tok_cache.with_name(tok_cache.name + ".tmp")
+        tok.save(str(tmp))
+        os.replace(tmp, tok_cache)
+    else:
+        log(f"  tokenizer: cached ({tok_cache.name})")
+        os.utime(tok_cache)
+    _atomic_write_bytes(out / "tokenizer.json", tok_cache.read_bytes())
+    timings["tokenizer"] = time.time() - t
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(out / "tokenizer.json"))
+    eot_id = tok.token_to_id(shards.EOT)
+    n_vocab = tok.get_vocab_size()
+    dtype = shards.dtype_for(n_vocab)
+    log(f"[tokenizer] byte-level BPE, vocab {n_vocab:,} (asked {vocab_size:,}), eot_id {eot_id} "
+        f"({timings['tokenizer']:.1f}s)")
+
+    # Stage 10: token shards
+    t = time.time()
+    counts = {}
+    for sp in ("train", "val"):
+        texts = [d["text"] for d in by_split[sp]]
+        limit = target_tokens if sp == "train" else None
+        counts[sp] = shards.write_split(texts, out / f"{sp}.bin", out / "tokenizer.json", eot_id, dtype, num_proc,
+                                        progress, f"tokenize {sp}", limit)
+        if len(counts[sp]) < len(texts):
+            by_split[sp] = by_split[sp][: len(counts[sp])]
+    timings["shards"] = time.time() - t
+    tokens = {sp: int(c.sum()) for sp, c in counts.items()}
+    note = None
+    if target_tokens is not None and tokens["train"] < target_tokens:
+        note = (f"target_tokens={target_tokens:,} is larger than the data: the {recipe} corpus gives only "
+                f"{tokens['train']:,} training tokens after curation; all of it was used")
+        warnings.warn(note, stacklevel=2)
+        log(f"NOTE: {note}")
+    n_bytes = {sp: sum(len(d["text"].encode("utf-8", "surrogatepass")) for d in ds) for sp, ds in by_split.items()}
+
+    # Outputs: stats, samples, report, then meta.json last
+    per_source: dict[str, dict] = {}
+    for sp in ("train", "val"):
+        for d, c in zip(by_split[sp], counts[sp].tolist()):
+            src = per_source.setdefault(d["source"], {"documents": 0, "tokens": 0, "bytes": 0})
+            src["documents"] += 1
+            src["tokens"] += c
+            src["bytes"] += len(d["text"].encode("utf-8", "surrogatepass"))
+    stats = {"stages": [s.to_dict() for s in all_stats],
+             "near_duplicate_clusters": {"count": len(clusters), "sizes": sorted(map(len, clusters), reverse=True),
+                                         "examples": clusters[:10]},
+             "tokens": tokens, "documents": {sp: len(ds) for sp, ds in by_split.items()}, "bytes": n_bytes,
+             "bytes_per_token": round(sum(n_bytes.values()) / max(sum(tokens.values()), 1), 4),
+             "per_source": per_source, "target_tokens": target_tokens, "note": note}
+    _atomic_json(out / "stats.json", stats)
+    _atomic_json(out / "removed_samples.json", {s.name: s.samples for s in all_stats if s.samples})
+    from dataset_curation import report
+
+    t = time.time()
+    report.write_report(out, stats, lengths_in, [len(d["text"]) for ds in by_split.values() for d in ds],
+                        np.concatenate([counts["train"], counts["val"]]))
+    timings["report"] = time.time() - t
+    timings["total"] = time.time() - t0
+    _atomic_json(out / "timings.json", {k: round(v, 2) for k, v in timings.items()})
+    meta = {"vocab_size": n_vocab, "dtype": dtype, "eot_id": eot_id, "eot_token": shards.EOT,
+            "tokenizer": "tokenizer.json", "tokens": tokens, "documents": stats["documents"], "bytes": n_bytes,
+            "manifest": {**manifest, "vocab_size_requested": vocab_size, "target_tokens": target_tokens,
+                         "params": {k: v for k, v in p.items() if v is not None}, "build_key": tok_key}}
+    _atomic_json(meta_path, meta)
+    _prune_cache(cache)
+    log(f"[done] {out}: {tokens['train']:,} train + {tokens['val']:,} val tokens, "
+        f"{stats['bytes_per_token']} bytes/token, {timings['total']:.1f}s")
+    return out
+
+
+def _prune_cache(cache: Path) -> None:
+    """Drop cache files from older parameter sets (this run's own stay, so an identical re-run is instant)."""
+    # each stage's key is in its file name; this run wrote or touched its own, so keep the newest per stage
+    newest: dict[str, Path] = {}
+    for f in sorted(cache.iterdir(), key=lambda f: f.stat().st_mtime):
+        name = f.name.rsplit("-", 1)[0]
+        if name in newest:
+            newest[name].unlink(missing_ok=True)
+        newest[name] = f

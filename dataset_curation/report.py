@@ -1,0 +1,120 @@
+"""report.md and plots/ for a data dir: what every stage did, with numbers and pictures."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+
+def _save(fig, path: Path) -> None:
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=90, metadata={"Software": None})  # no version stamp: same inputs, same bytes
+    os.replace(tmp, path)
+
+
+def write_plots(out: Path, stats: dict, lengths_in: list[int], lengths_out: list[int],
+                doc_tokens: np.ndarray) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plots = out / "plots"
+    plots.mkdir(exist_ok=True)
+    made = []
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    bins = np.logspace(0, np.log10(max(max(lengths_in, default=10), 10)) + 0.1, 50)
+    ax.hist([max(x, 1) for x in lengths_in], bins=bins, alpha=0.6, label=f"read ({len(lengths_in):,})")
+    ax.hist([max(x, 1) for x in lengths_out], bins=bins, alpha=0.6, label=f"kept ({len(lengths_out):,})")
+    ax.set(xscale="log", xlabel="document length (characters)", ylabel="documents", title="Document lengths")
+    ax.legend()
+    fig.tight_layout()
+    _save(fig, plots / "lengths.png")
+    made.append("lengths.png")
+    plt.close(fig)
+
+    reasons = [(f"{s['name']}: {r}", n) for s in stats["stages"] for r, n in s["removed"].items()]
+    reasons.sort(key=lambda x: x[1])
+    fig, ax = plt.subplots(figsize=(7, max(2.5, 0.28 * len(reasons) + 1)))
+    if reasons:
+        ax.barh([r for r, _ in reasons], [n for _, n in reasons], color="tab:red")
+    ax.set(xlabel="documents removed", title="Removals by stage and reason")
+    fig.tight_layout()
+    _save(fig, plots / "removals.png")
+    made.append("removals.png")
+    plt.close(fig)
+
+    sizes = stats["near_duplicate_clusters"]["sizes"]
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    if sizes:
+        ax.hist(sizes, bins=np.arange(2, max(sizes) + 2) - 0.5, color="tab:purple")
+    ax.set(xlabel="documents in cluster", ylabel="clusters", title=f"Near-duplicate clusters ({len(sizes)})")
+    fig.tight_layout()
+    _save(fig, plots / "clusters.png")
+    made.append("clusters.png")
+    plt.close(fig)
+
+    src = stats["per_source"]
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    names = sorted(src, key=lambda k: src[k]["tokens"])
+    ax.barh(names, [src[k]["tokens"] for k in names], color="tab:green")
+    ax.set(xlabel="tokens (train + val)", title="Tokens per source")
+    fig.tight_layout()
+    _save(fig, plots / "tokens_per_source.png")
+    made.append("tokens_per_source.png")
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    if len(doc_tokens):
+        ax.hist(doc_tokens, bins=np.logspace(0, np.log10(max(doc_tokens.max(), 10)) + 0.1, 50), color="tab:blue")
+    ax.set(xscale="log", xlabel="tokens per document", ylabel="documents", title="Token-length distribution")
+    fig.tight_layout()
+    _save(fig, plots / "token_lengths.png")
+    made.append("token_lengths.png")
+    plt.close(fig)
+    return made
+
+
+def render_markdown(stats: dict, meta_like: dict | None = None) -> str:
+    lines = ["# Data report", ""]
+    lines += ["## Stages", "", "Documents in = kept + removed at every stage (characters counted on the way in).", "",
+              "| stage | docs in | kept | removed | chars in | chars kept | removed by reason | notes |",
+              "|---|---:|---:|---:|---:|---:|---|---|"]
+    for s in stats["stages"]:
+        reasons = ", ".join(f"{r} {n:,}" for r, n in sorted(s["removed"].items(), key=lambda x: -x[1])) or "-"
+        notes = ", ".join(f"{k} {v:,}" for k, v in s["counters"].items()) or "-"
+        lines.append(f"| {s['name']} | {s['docs_in']:,} | {s['docs_kept']:,} | {s['docs_removed']:,} | "
+                     f"{s['chars_in']:,} | {s['chars_kept']:,} | {reasons} | {notes} |")
+    cl = stats["near_duplicate_clusters"]
+    lines += ["", "## Near duplicates", "",
+              f"{cl['count']} clusters; sizes {cl['sizes'][:20]}{' ...' if len(cl['sizes']) > 20 else ''}.", ""]
+    for c in cl["examples"][:5]:
+        more = " ..." if len(c) > 6 else ""
+        lines.append(f"- kept `{c[0]}`, dropped " + ", ".join(f"`{x}`" for x in c[1:6]) + more)
+    lines += ["", "## Tokens", "", "| split | documents | tokens | bytes | bytes/token |", "|---|---:|---:|---:|---:|"]
+    for sp in ("train", "val"):
+        t, b = stats["tokens"][sp], stats["bytes"][sp]
+        lines.append(f"| {sp} | {stats['documents'][sp]:,} | {t:,} | {b:,} | {b / max(t, 1):.2f} |")
+    lines += ["", "| source | documents | tokens | bytes/token |", "|---|---:|---:|---:|"]
+    for name, s in sorted(stats["per_source"].items()):
+        lines.append(f"| {name} | {s['documents']:,} | {s['tokens']:,} | {s['bytes'] / max(s['tokens'], 1):.2f} |")
+    if stats.get("note"):
+        lines += ["", f"**Note:** {stats['note']}"]
+    lines += ["", "## Plots", ""]
+    for name, title in [("lengths", "Document lengths before and after"), ("removals", "Removals by reason"),
+                        ("clusters", "Near-duplicate cluster sizes"), ("tokens_per_source", "Tokens per source"),
+                        ("token_lengths", "Tokens per document")]:
+        lines.append(f"![{title}](plots/{name}.png)")
+    lines += ["", "Removed documents, a few per reason: `removed_samples.json`. Per-stage counts: `stats.json`.", ""]
+    return "\n".join(lines)
+
+
+def write_report(out: Path, stats: dict, lengths_in: list[int], lengths_out: list[int],
+                 doc_tokens: np.ndarray) -> None:
+    write_plots(out, stats, lengths_in, lengths_out, doc_tokens)
+    tmp = out / "report.md.tmp"
+    tmp.write_text(render_markdown(stats))
+    os.replace(tmp, out / "report.md")

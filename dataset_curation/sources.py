@@ -1,0 +1,279 @@
+"""Where documents come from: the built-in corpus (this interpreter's standard library), local files, the Hub.
+
+Each source returns (documents, manifest). A document is {"id", "text", "source", "path", "license", "kind"};
+the manifest records what was read and a hash of the inputs, so the cache and the data dir know when to rebuild.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import io
+import json
+import os
+import re
+import socket
+import sys
+import sysconfig
+import tokenize
+from collections.abc import Iterator
+from pathlib import Path
+
+PSF = "PSF-2.0"
+SKIP_DIRS = ("site-packages", "__pycache__", "dist-packages")
+
+
+class SourceError(RuntimeError):
+    """A source cannot be read (missing path, no documents, no network); the message says what to do instead."""
+
+
+def stdlib_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def _is_test(rel: str) -> bool:
+    parts = rel.split("/")
+    return any(p in ("test", "tests", "idle_test") for p in parts[:-1])
+
+
+def stdlib_files(include_tests: bool = True, max_files: int | None = None) -> list[Path]:
+    """The standard library's .py files, sorted by relative path (third-party site-packages excluded)."""
+    root = stdlib_root()
+    if not root.is_dir():
+        raise SourceError(f"the standard library was not found at {root}; use --recipe files --input PATH instead")
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d not in SKIP_DIRS]
+        rel_dir = Path(dirpath).relative_to(root).as_posix()
+        if not include_tests and _is_test(f"{rel_dir}/x.py"):
+            continue
+        files += [Path(dirpath) / f for f in filenames if f.endswith(".py")]
+    files.sort(key=lambda p: p.relative_to(root).as_posix())
+    if max_files is not None:
+        if max_files < 1:
+            raise SourceError(f"max_files must be >= 1, got {max_files}")
+        files = files[:max_files]
+    return files
+
+
+def decode_source(data: bytes) -> tuple[str, str]:
+    """Bytes of a .py file -> (text, how). UTF-8 when valid; else the file's coding cookie (PEP 263); else UTF-8
+    with undecodable bytes kept as lone surrogates, which the normalize stage replaces and counts."""
+    try:
+        return data.decode("utf-8"), "utf-8"
+    except UnicodeDecodeError:
+        pass
+    try:
+        encoding, _ = tokenize.detect_encoding(io.BytesIO(data).readline)
+        if encoding.replace("_", "-").lower() not in ("utf-8", "utf-8-sig"):
+            return data.decode(encoding), f"cookie:{encoding}"
+    except (SyntaxError, LookupError, UnicodeDecodeError):
+        pass
+    return data.decode("utf-8", "surrogateescape"), "invalid-utf-8"
+
+
+_HASH = re.compile(r"#[^\n]*")
+_CODING = re.compile(r"^#.*coding[:=]", re.IGNORECASE)
+
+
+def extract_prose(source: str) -> str:
+    """The English inside a Python file: its docstrings (triple-quoted strings that open a line) and its blocks of
+    whole-line comments, in file order, one paragraph each. (str.find and literal-led regexes: a line-anchored
+    regex over 30 MB of source was the slowest step of the built-in recipe.)"""
+    pieces = []
+    pos = 0
+    while True:
+        i1, i2 = source.find('"""', pos), source.find("'''", pos)
+        i = i1 if i2 < 0 or (0 <= i1 < i2) else i2
+        if i < 0:
+            break
+        end = source.find(source[i : i + 3], i + 3)
+        if end < 0:
+            break
+        line_start = source.rfind("\n", 0, i) + 1
+        if source[line_start:i].strip() in ("", "r", "R", "u", "U"):
+            text = inspect.cleandoc(source[i + 3 : end])
+            if text:
+                pieces.append((i, text))
+        pos = end + 3
+    block: list[str] = []
+    block_at, prev_end = 0, -2
+    for m in _HASH.finditer(source):
+        i = m.start()
+        line_start = source.rfind("\n", 0, i) + 1
+        if source[line_start:i].strip(" \t"):
+            continue  # an inline comment, or a '#' inside code
+        line = m.group(0)
+        if line.startswith("#!") or _CODING.match(line):
+            continue
+        if line_start != prev_end + 1 and block:
+            pieces.append((block_at, " ".join(block)))
+            block = []
+        if not block:
+            block_at = i
+        words = line.lstrip("#").strip()
+        if words:
+            block.append(words)
+        prev_end = m.end()
+    if block:
+        pieces.append((block_at, " ".join(block)))
+    return "\n\n".join(t for _, t in sorted(pieces))
+
+
+def _doc(id: str, text: str, source: str, path: str, kind: str, license: str = PSF) -> dict:
+    return {"id": id, "text": text, "source": source, "path": path, "license": license, "kind": kind}
+
+
+def python_doc_dirs() -> list[Path]:
+    """Folders of the Python documentation sources (.rst), when this machine has them."""
+    candidates = [Path(sys.prefix) / "share" / "doc" / f"python{sys.version_info.major}.{sys.version_info.minor}",
+                  Path(sys.prefix) / "Doc", stdlib_root().parent.parent / "Doc"]
+    return [c for c in candidates if c.is_dir() and any(c.rglob("*.rst"))]
+
+
+def builtin_documents(include_tests: bool = True, max_files: int | None = None,
+                      include_prose: bool = True) -> tuple[list[dict], dict]:
+    """The built-in corpus: every stdlib .py file as code, its docstrings and comments as prose, the help topics
+    of pydoc_data as prose, and the .rst documentation when present. All PSF-licensed."""
+    root = stdlib_root()
+    files = stdlib_files(include_tests, max_files)
+    digest = hashlib.sha256(f"python {sys.version}".encode())
+    docs, decoding = [], {}
+    n_bytes = 0
+    for p in files:
+        rel = p.relative_to(root).as_posix()
+        data = p.read_bytes()
+        n_bytes += len(data)
+        digest.update(rel.encode() + b"\0" + hashlib.sha256(data).digest())
+        text, how = decode_source(data)
+        decoding[how.split(":")[0]] = decoding.get(how.split(":")[0], 0) + 1
+        docs.append(_doc(f"stdlib:{rel}", text, "stdlib-code", rel, "code"))
+        if include_prose:
+            prose = extract_prose(text)
+            if prose:
+                docs.append(_doc(f"stdlib-prose:{rel}", prose, "stdlib-docstrings", rel, "prose"))
+    n_topics = 0
+    if include_prose and max_files is None:
+        from pydoc_data.topics import topics
+
+        for name in sorted(topics):
+            docs.append(_doc(f"pydoc-topic:{name}", topics[name], "pydoc-topics", f"pydoc_data/topics.py#{name}",
+                             "prose"))
+            digest.update(name.encode() + topics[name].encode("utf-8", "surrogatepass"))
+        n_topics = len(topics)
+    rst = []
+    if include_prose and max_files is None:
+        for d in python_doc_dirs():
+            for p in sorted(d.rglob("*.rst")):
+                data = p.read_bytes()
+                digest.update(str(p).encode() + hashlib.sha256(data).digest())
+                rst.append(_doc(f"python-docs:{p.relative_to(d).as_posix()}", data.decode("utf-8", "surrogateescape"),
+                                "python-docs", str(p), "prose"))
+    docs += rst
+    manifest = {"recipe": "builtin", "python": sys.version.split()[0], "implementation": sys.implementation.name,
+                "stdlib": str(root), "files": len(files), "bytes": n_bytes, "include_tests": include_tests,
+                "max_files": max_files, "pydoc_topics": n_topics, "rst_files": len(rst), "decoding": decoding,
+                "license": PSF, "input_sha256": digest.hexdigest()}
+    return docs, manifest
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Local files
+
+FILE_EXTS = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "json", ".json": "json",
+             ".parquet": "parquet"}
+
+
+def local_files(path: str | Path) -> list[Path]:
+    p = Path(path)
+    if not p.exists():
+        raise SourceError(f"input {p} does not exist; pass --input a file or folder of .txt, .jsonl or .parquet")
+    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in FILE_EXTS)
+    bad = [f for f in files if f.suffix not in FILE_EXTS]
+    if bad:
+        raise SourceError(f"{bad[0]}: unsupported file type {bad[0].suffix!r}; use one of {sorted(FILE_EXTS)}")
+    if not files:
+        raise SourceError(f"no .txt, .jsonl or .parquet files under {p}")
+    return files
+
+
+def file_documents(input: str | Path, kind: str = "prose", text_field: str = "text",
+                   license: str = "unknown") -> tuple[list[dict], dict]:
+    """Documents from local files through `datasets`: a .txt file is one document; .jsonl and .parquet give one
+    document per row from `text_field` (a `kind` column, when present, overrides the default kind)."""
+    from datasets import load_dataset
+
+    files = local_files(input)
+    digest = hashlib.sha256()
+    docs: list[dict] = []
+    for f in files:
+        digest.update(f.name.encode() + b"\0" + hashlib.sha256(f.read_bytes()).digest())
+        builder = FILE_EXTS[f.suffix]
+        extra = {"sample_by": "document", "encoding_errors": "replace"} if builder == "text" else {}
+        try:
+            ds = load_dataset(builder, data_files=str(f), split="train", **extra)
+        except Exception as e:  # datasets raises many types for unreadable files
+            raise SourceError(f"{f}: could not be read as {builder} ({type(e).__name__}: {e})") from None
+        if text_field not in ds.column_names:
+            raise SourceError(f"{f} has no {text_field!r} column (columns: {ds.column_names}); "
+                              "set --text_field to the column holding the text")
+        kinds = ds["kind"] if "kind" in ds.column_names else None
+        for i, text in enumerate(ds[text_field]):
+            k = kinds[i] if kinds is not None and kinds[i] in ("code", "prose") else kind
+            docs.append(_doc(f"file:{f.name}#{i}", text or "", "files", str(f), k, license))
+    manifest = {"recipe": "files", "input": str(input), "files": len(files),
+                "bytes": sum(f.stat().st_size for f in files), "input_sha256": digest.hexdigest()}
+    return docs, manifest
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Hugging Face Hub (streaming)
+
+WIKI = ("wikimedia/wikipedia", "20231101.en", "text")
+CODE = ("codeparrot/github-code-clean", None, "code")
+PERMISSIVE = {"mit", "apache-2.0", "bsd-3-clause", "bsd-2-clause", "isc", "cc0-1.0", "unlicense"}
+
+
+def hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> str | None:
+    """None when the Hub answers, else why not: offline mode set, or no connection within `timeout` seconds."""
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        if os.environ.get(var, "").lower() in ("1", "true", "yes"):
+            return f"{var} is set"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError as e:
+        return f"cannot reach {host} ({e})"
+    return None
+
+
+def hub_documents(target_tokens: int = 100_000_000, chars_per_token: float = 4.0, code_share: float = 0.3,
+                  wiki: tuple = WIKI, code: tuple = CODE) -> Iterator[dict]:
+    """Stream English Wikipedia and permissively licensed code until about target_tokens worth of characters
+    (with 30% headroom for what the filters remove). Fails at once, naming the built-in recipe, when offline."""
+    why = hub_reachable()
+    if why:
+        raise SourceError(f"the wiki_code recipe needs the Hugging Face Hub, but {why}. Offline, use the built-in "
+                          "corpus: `python -m dataset_curation build --recipe builtin --out data/builtin-8k`")
+    from datasets import load_dataset
+
+    budget = target_tokens * chars_per_token * 1.3
+    plan = [(wiki, "prose", budget * (1 - code_share), "CC-BY-SA-4.0"), (code, "code", budget * code_share, None)]
+    for (name, config, field), kind, chars, licence in plan:
+        ds = load_dataset(name, config, split="train", streaming=True)
+        got = 0
+        for i, row in enumerate(ds):
+            lic = licence or str(row.get("license", "")).lower()
+            if licence is None and lic not in PERMISSIVE:
+                continue
+            text = row.get(field) or ""
+            yield _doc(f"{name}#{row.get('id', i)}", text, name, str(row.get("url") or row.get("path") or i),
+                       kind, lic)
+            got += len(text)
+            if got >= chars:
+                break
+
+
+def hub_manifest(target_tokens: int, wiki: tuple = WIKI, code: tuple = CODE) -> dict:
+    spec = {"recipe": "wiki_code", "wiki": list(wiki), "code": list(code), "target_tokens": target_tokens}
+    spec["input_sha256"] = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+    return spec
