@@ -17,6 +17,7 @@ import os
 import random
 import time
 import traceback
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,7 @@ class Result:
     passed: bool
     message: str
     seed: int
+    uses_reference: bool = False  # the function handed in calls the reference: the pass is not the learner's
 
     def __bool__(self) -> bool:
         return self.passed
@@ -68,19 +70,43 @@ def read_log(path: str | Path | None = None) -> list[dict]:
     return rows
 
 
-def _finish(name: str, passed: bool, message: str, seed: int, log: bool) -> Result:
+def _calls_reference(fn, names: set[str], objects: tuple = ()) -> bool:
+    """Whether fn is one of the reference objects, or its code names one of them (the notebooks' shipped cells)."""
+    if any(fn is o for o in objects):
+        return True
+    seen, todo = set(), [getattr(fn, "__code__", None)]
+    if isinstance(fn, type):  # a class: look at the code of the methods it defines itself
+        todo = [getattr(v, "__code__", None) for v in vars(fn).values()]
+        if any(issubclass(fn, o) for o in objects if isinstance(o, type)) and not any(todo):
+            return True  # a subclass that changes nothing
+    while todo:
+        code = todo.pop()
+        if code is None or id(code) in seen:
+            continue
+        seen.add(id(code))
+        if names & (set(code.co_names) | set(code.co_freevars)):  # globals, attributes and closure variables
+            return True
+        todo += [c for c in code.co_consts if hasattr(c, "co_names")]
+    return False
+
+
+def _finish(name: str, passed: bool, message: str, seed: int, log: bool, uses_reference: bool = False) -> Result:
     verdict = "PASS" if passed else "FAIL"
+    if passed and uses_reference:
+        message += ("\nnote: your function calls the reference implementation, so this pass is the package's: "
+                    "replace it with your own code and run the check again (course status counts it then)")
     print(f"check.{name}: {verdict} (seed={seed})\n  " + message.replace("\n", "\n  "))
     if log:
         try:
             p = log_path()
             p.parent.mkdir(parents=True, exist_ok=True)
-            row = {"check": name, "passed": passed, "seed": seed, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            row = {"check": name, "passed": passed, "seed": seed, "reference": uses_reference,
+                   "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
             with open(p, "a", encoding="utf-8") as f:  # one short line per verdict: appends do not interleave
                 f.write(json.dumps(row) + "\n")
         except OSError as e:  # a read-only checkout must not break the exercise
             print(f"  (could not log the verdict to {log_path()}: {e})")
-    return Result(name, passed, message, seed)
+    return Result(name, passed, message, seed, uses_reference)
 
 
 def _seed(seed: int | None) -> int:
@@ -154,7 +180,8 @@ def attention(fn: Callable, trials: int = 6, seed: int | None = None, log: bool 
                    + _attention_hint(q, k, v, got))
             return _finish("attention", False, msg, s, log)
     return _finish("attention", True, f"{trials} random (B, n_head, T, head_dim) inputs, T from 1 to 17: "
-                   "equal to scaled_dot_product_attention(is_causal=True) within 1e-5", s, log)
+                   "equal to scaled_dot_product_attention(is_causal=True) within 1e-5", s, log,
+                   uses_reference=_calls_reference(fn, {"scaled_dot_product_attention"}))
 
 
 def _csa_hint(x: torch.Tensor, attn, got: torch.Tensor) -> str:
@@ -190,6 +217,7 @@ def causal_self_attention(fn: Callable, trials: int = 5, seed: int | None = None
 
     s = _seed(seed)
     g = torch.Generator().manual_seed(s)
+    calls: list[int] = []
     for trial in range(trials):
         n_head = int(torch.randint(1, 5, (1,), generator=g))
         n_embd = n_head * int(torch.randint(2, 9, (1,), generator=g)) * 2
@@ -203,10 +231,13 @@ def causal_self_attention(fn: Callable, trials: int = 5, seed: int | None = None
         what = f"trial {trial}: x of shape (B={b}, T={t}, n_embd={n_embd}), n_head={n_head}, bias={bias}"
         with torch.no_grad():
             expected = attn(x)
+            hook = attn.register_forward_hook(lambda *_: calls.append(1))  # notices fn calling the layer itself
             try:
                 got = fn(x.clone(), attn)
             except Exception as e:
                 return _finish("causal_self_attention", False, _crash(e, what), s, log)
+            finally:
+                hook.remove()
         if not isinstance(got, torch.Tensor) or got.shape != expected.shape:
             shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
             return _finish("causal_self_attention", False,
@@ -229,7 +260,8 @@ def causal_self_attention(fn: Callable, trials: int = 5, seed: int | None = None
                         "(view(B, T, n_head, head_dim).transpose(1, 2)) and the merge back before c_proj")
             return _finish("causal_self_attention", False, msg, s, log)
     return _finish("causal_self_attention", True, f"{trials} random layers (1-4 heads, with and without bias) "
-                   "and inputs: equal to minilm's CausalSelfAttention within 1e-5", s, log)
+                   "and inputs: equal to minilm's CausalSelfAttention within 1e-5", s, log,
+                   uses_reference=bool(calls))
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -291,7 +323,8 @@ def sampling(fn: Callable, rows: int = 512, seed: int | None = None, log: bool =
             return _finish("sampling", False, msg, s, log)
     return _finish("sampling", True, f"{len(settings)} settings of temperature/top-k/top-p, {rows} random rows each: "
                    "every draw from your distribution equals minilm.model.sample_next's with the same generator",
-                   s, log)
+                   s, log,
+                   uses_reference=_calls_reference(fn, {"sample_next", "filtered_probs"}))
 
 
 # ----------------------------------------------------------------------------- mixed precision
@@ -305,7 +338,7 @@ def loss_scaler(scaler_cls: Callable, trials: int = 3, seed: int | None = None, 
     and NaN gradients at random steps (in one parameter only), and compares the scale before every step, which
     steps were skipped, and the final parameters (tolerance 1e-7). The harness is efficient_training.amp's.
     """
-    from efficient_training.amp import compare_with_grad_scaler
+    from efficient_training.amp import LossScaler, compare_with_grad_scaler
 
     s = _seed(seed)
     rng = random.Random(s)
@@ -343,7 +376,9 @@ def loss_scaler(scaler_cls: Callable, trials: int = 3, seed: int | None = None, 
                    "once before optimizer.step()?")
         return _finish("loss_scaler", False, msg, s, log)
     return _finish("loss_scaler", True, f"{trials} scripted runs with injected inf/NaN gradients: same scale sequence, "
-                   "same skipped steps and the same parameters as torch.amp.GradScaler", s, log)
+                   "same skipped steps and the same parameters as torch.amp.GradScaler", s, log,
+                   uses_reference=_calls_reference(scaler_cls, {"LossScaler", "GradScaler"},
+                                                   (LossScaler, torch.amp.GradScaler)))
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -423,7 +458,8 @@ def bleu(fn: Callable, trials: int = 4, seed: int | None = None, log: bool = Tru
                    + _bleu_hint(got, expected, hyps_s, refs_s))
             return _finish("bleu", False, msg, s, log)
     return _finish("bleu", True, f"{trials} random corpora (1-3 references, with and without the brevity penalty): "
-                   "equal to metrics.bleu.corpus_bleu within 1e-6", s, log)
+                   "equal to metrics.bleu.corpus_bleu within 1e-6", s, log,
+                   uses_reference=_calls_reference(fn, {"corpus_bleu", "sacrebleu", "BLEU"}))
 
 
 def rouge(fn: Callable, pairs: int = 40, seed: int | None = None, log: bool = True) -> Result:
@@ -457,7 +493,8 @@ def rouge(fn: Callable, pairs: int = 40, seed: int | None = None, log: bool = Tr
                        f"{e.recall:.6f}), got {got[k]:.6f}\n  hint: {hint}")
                 return _finish("rouge", False, msg, s, log)
     return _finish("rouge", True, f"{pairs} random pairs (noisy copies, unrelated and empty predictions): rouge1, "
-                   "rouge2 and rougeL F equal to metrics.rouge within 1e-9", s, log)
+                   "rouge2 and rougeL F equal to metrics.rouge within 1e-9", s, log,
+                   uses_reference=_calls_reference(fn, {"rouge_pair", "rouge_scores", "rouge_scorer", "RougeScorer"}))
 
 
 # ----------------------------------------------------------------------------- data curation
@@ -521,7 +558,8 @@ def minhash(fn: Callable, num_perm: int = 256, seed: int | None = None, log: boo
         elif est.std() < 0.05:
             hint = "\n  hint: your estimates hardly vary with the true similarity: keep the MINIMUM hash per function"
         return _finish("minhash", False, f"{what}\n  {summary}{hint}", s, log)
-    return _finish("minhash", True, f"{what}\n  {summary}", s, log)
+    return _finish("minhash", True, f"{what}\n  {summary}", s, log,
+                   uses_reference=_calls_reference(fn, {"minhash_signatures", "signatures_from_hashes", "MinHash"}))
 
 
 def _all_targets_ppl(model_fn, ids: torch.Tensor, window: int, stride: int) -> float:
@@ -587,4 +625,104 @@ def perplexity(fn: Callable, trials: int = 4, seed: int | None = None, log: bool
             return _finish("perplexity", False, f"{what}\n  expected perplexity {expected:.6f}, got {got:.6f}{hint}",
                            s, log)
     return _finish("perplexity", True, f"{trials} random streams, windows and strides (one non-overlapping): equal to "
-                   "metrics.perplexity.perplexity within 1e-4 (relative)", s, log)
+                   "metrics.perplexity.perplexity within 1e-4 (relative)", s, log,
+                   uses_reference=_calls_reference(fn, {"perplexity", "ref_perplexity"}))
+
+
+_SYLLABLES = ("th", "e", "an", "in", "er", "s", "ing", "re", "on", "at", "é", "ü", "x", "qu", "o", "a")
+
+
+def _random_text(rng: random.Random, words: int) -> str:
+    out = []
+    for _ in range(words):
+        w = "".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(1, 4)))
+        out.append(w.capitalize() if rng.random() < 0.1 else w)
+        out.append(rng.choice([" "] * 12 + [", ", ". ", "\n", "  ", " 42 ", "'s "]))
+    return "".join(out)
+
+
+def _pair_counts(words: Counter, merges: list[tuple[int, int]]) -> Counter:
+    """Pair counts over pre-tokens (weighted by frequency) after applying merges in order."""
+    counts: Counter = Counter()
+    for w, f in words.items():
+        seq = list(w.encode("utf-8"))
+        for r, (a, b) in enumerate(merges):
+            out, i = [], 0
+            while i < len(seq):  # left to right, non-overlapping
+                if i + 1 < len(seq) and seq[i] == a and seq[i + 1] == b:
+                    out.append(256 + r)
+                    i += 2
+                else:
+                    out.append(seq[i])
+                    i += 1
+            seq = out
+        for p in zip(seq, seq[1:]):
+            counts[p] += f
+    return counts
+
+
+def _bpe_mismatch(text: str, got: list, expected: list, what: str) -> str:
+    """Where the learner's merges first differ, with both pairs' bytes and counts at that step."""
+    from dataset_curation.bpe import pretokenize
+
+    r = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b), min(len(got), len(expected)))
+    counts = _pair_counts(Counter(pretokenize(text)), expected[:r])
+    vocab = [bytes([i]) for i in range(256)]
+    for a, b in expected:
+        vocab.append(vocab[a] + vocab[b])
+
+    def show(p):
+        try:
+            return f"{p} = {(vocab[p[0]] + vocab[p[1]]).decode('utf-8', 'replace')!r} (count {counts.get(p, 0)})"
+        except (IndexError, TypeError):
+            return f"{p} (ids outside the vocabulary so far)"
+
+    if r >= len(got):
+        return (f"{what}\n  you returned {len(got)} merges; the reference learns {len(expected)}: "
+                f"the next is {show(expected[r])}")
+    if r >= len(expected):
+        return f"{what}\n  the reference stops after {len(expected)} merges (no pair occurs twice); you go on"
+    msg = f"{what}\n  merge {r} (new id {256 + r}): expected {show(expected[r])}, got {show(got[r])}"
+    if counts.get(got[r], 0) == 0:
+        msg += ("\n  hint: your pair never occurs inside a pre-token: count and merge within the pieces of "
+                "pretokenize(text) only, never across them")
+    elif counts.get(got[r], 0) == counts.get(expected[r], 0):
+        msg += "\n  hint: a tie in counts: break it by taking the smallest pair of ids"
+    elif counts.get(got[r], 0) < counts.get(expected[r], 0):
+        msg += ("\n  hint: the expected pair occurs more often: count pairs in every pre-token, weighted by how "
+                "often it occurs, after applying all earlier merges")
+    return msg
+
+
+def bpe(fn: Callable, trials: int = 3, seed: int | None = None, log: bool = True) -> Result:
+    """fn(text, num_merges) -> merges: a byte-level BPE trainer, a list of (id, id) pairs in the order learned.
+
+    Split text into pre-tokens with dataset_curation.bpe.pretokenize (merges never cross a pre-token), start from
+    the UTF-8 bytes (ids 0..255), count every adjacent pair in every pre-token (weighted by how often the
+    pre-token occurs), merge the most frequent pair into the new id 256 + r everywhere (left to right), repeat.
+    Ties go to the smallest pair (compare the id tuples); stop early when no pair occurs twice.
+    Reference: dataset_curation.bpe.train_bpe, compared merge by merge (exact).
+    """
+    from dataset_curation.bpe import train_bpe
+
+    s = _seed(seed)
+    rng = random.Random(s)
+    for trial in range(trials):
+        text = _random_text(rng, rng.randint(150, 400))
+        n = rng.randint(20, 60)
+        what = f"trial {trial}: {len(text)} characters of random syllables, num_merges={n}; text starts {text[:60]!r}"
+        expected = train_bpe(text, vocab_size=256 + n + 1).merges
+        try:
+            got = [tuple(int(i) for i in m) for m in fn(text, n)]
+        except Exception as e:
+            return _finish("bpe", False, _crash(e, what), s, log)
+        if got == expected:
+            continue
+        if len(got) != len(expected) and got == expected[: len(got)]:
+            return _finish("bpe", False, f"{what}\n  your first {len(got)} merges are right, but the reference "
+                           f"learns {len(expected)} (stop only when no pair occurs twice)", s, log)
+        msg = _bpe_mismatch(text, got, expected, what)
+        return _finish("bpe", False, msg, s, log)
+    return _finish("bpe", True, f"{trials} random texts (with multi-byte characters), 20-60 merges each: every merge "
+                   "equal to dataset_curation.bpe.train_bpe's, in order", s, log,
+                   uses_reference=_calls_reference(fn, {"train_bpe"}))

@@ -65,7 +65,10 @@ def run_config(fast: bool = True, data: Path | None = None, **overrides):
                               "tensorboard": True, "progress": True, "seed": 0})
     else:
         cfg = get_preset("mini_lm")
-    apply_overrides(cfg, {"data_dir": str(data), **overrides})
+    from minilm.data import read_meta
+
+    # The data dir decides the vocabulary (training does the same), so the config matches the checkpoint's.
+    apply_overrides(cfg, {"data_dir": str(data), "vocab_size": read_meta(data)["vocab_size"], **overrides})
     if "out_dir" not in overrides:
         key = hashlib.sha1(json.dumps(cfg.to_dict()["model"] | {"it": cfg.train.max_iters, "lr": cfg.train.lr,
                                                                   "data": cfg.train.data_dir},

@@ -21,9 +21,16 @@ TASKS = {
 }
 
 
-def latest_verdicts(log: str | Path | None = None) -> dict[str, bool]:
-    """check name -> whether its most recent run passed."""
-    return {row["check"]: bool(row.get("passed")) for row in read_log(log) if "check" in row}
+PASS, FAIL, REFERENCE = "PASS", "FAIL", "PASS with the reference"
+
+
+def latest_verdicts(log: str | Path | None = None) -> dict[str, str]:
+    """check name -> its most recent verdict: PASS, FAIL, or a pass of the reference code itself (not counted)."""
+    out = {}
+    for row in read_log(log):
+        if "check" in row:
+            out[row["check"]] = (REFERENCE if row.get("reference") else PASS) if row.get("passed") else FAIL
+    return out
 
 
 def _data_dir_state(data_dir: Path, target_tokens: int) -> tuple[bool, str]:
@@ -81,7 +88,11 @@ def _resolve(path: str | Path) -> Path:
 
 def status(data_dir: str | Path = "data/builtin-8k", out_dir: str | Path = "out/tiny",
            target_tokens: int = 1_000_000, log: str | Path | None = None) -> list[dict]:
-    """One dict per task: {"task", "title", "done", "artifact", "checks": {name: True/False/None}}."""
+    """One dict per task: {"task", "title", "done", "artifact_ok", "artifact", "checks": {name: verdict or None}}.
+
+    A check counts when its latest verdict is PASS with the learner's own code; a pass of the shipped reference
+    call (the notebooks' default) does not.
+    """
     verdicts = latest_verdicts(log)
     data_dir, out_dir = _resolve(data_dir), _resolve(out_dir)
     artifacts = {
@@ -95,7 +106,7 @@ def status(data_dir: str | Path = "data/builtin-8k", out_dir: str | Path = "out/
     for task, (title, checks) in TASKS.items():
         ok, detail = artifacts[task]
         got = {c: verdicts.get(c) for c in checks}
-        rows.append({"task": task, "title": title, "done": ok and all(v is True for v in got.values()),
+        rows.append({"task": task, "title": title, "done": ok and all(v == PASS for v in got.values()),
                      "artifact_ok": ok, "artifact": detail, "checks": got})
     return rows
 
@@ -104,7 +115,7 @@ def format_status(rows: list[dict], log: str | Path | None = None) -> str:
     lines = [f"course status (self-check log: {Path(log) if log else log_path()})"]
     for r in rows:
         mark = "x" if r["done"] else " "
-        checks = ", ".join(f"{c} {'PASS' if v else 'not run' if v is None else 'FAIL'}" for c, v in r["checks"].items())
+        checks = ", ".join(f"{c} {v or 'not run'}" for c, v in r["checks"].items())
         lines.append(f"[{mark}] task {r['task']} {r['title']}")
         lines.append(f"      {'ok ' if r['artifact_ok'] else 'to do'}  {r['artifact']}")
         lines.append(f"      checks: {checks}")

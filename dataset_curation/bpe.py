@@ -45,10 +45,6 @@ def _merge_word(word: tuple[int, ...], a: int, b: int, new: int) -> tuple[int, .
     return tuple(out)
 
 
-def _pairs(word: tuple[int, ...]) -> Counter:
-    return Counter(zip(word, word[1:]))
-
-
 def train_bpe(text: str | Iterable[str], vocab_size: int, special_tokens: Iterable[str] = (EOT,),
               pattern: str = PATTERN, progress: bool = False) -> BPETokenizer:
     """Train a byte-level BPE tokenizer with vocab_size tokens in all (256 bytes + merges + special tokens).
@@ -72,8 +68,8 @@ def train_bpe(text: str | Iterable[str], vocab_size: int, special_tokens: Iterab
     pair_count: Counter = Counter()
     where: dict[tuple[int, int], set[int]] = {}
     for i, (w, f) in enumerate(zip(words, freqs)):
-        for p, c in _pairs(w).items():
-            pair_count[p] += c * f
+        for p in zip(w, w[1:]):
+            pair_count[p] += f
             where.setdefault(p, set()).add(i)
     heap = [(-c, p) for p, c in pair_count.items()]
     heapq.heapify(heap)
@@ -90,14 +86,14 @@ def train_bpe(text: str | Iterable[str], vocab_size: int, special_tokens: Iterab
         changed: set[tuple[int, int]] = set()
         for i in where.pop(pair, ()):
             old, f = words[i], freqs[i]
-            if pair not in zip(old, old[1:]):
-                continue
             w = _merge_word(old, pair[0], pair[1], new)
-            for p, c in _pairs(old).items():
-                pair_count[p] -= c * f
+            if len(w) == len(old):
+                continue  # an index left over from an earlier merge: the pair is no longer in this word
+            for p in zip(old, old[1:]):  # take the word's old pairs out, put its new pairs in
+                pair_count[p] -= f
                 changed.add(p)
-            for p, c in _pairs(w).items():
-                pair_count[p] += c * f
+            for p in zip(w, w[1:]):
+                pair_count[p] += f
                 where.setdefault(p, set()).add(i)
                 changed.add(p)
             words[i] = w

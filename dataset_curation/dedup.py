@@ -74,7 +74,8 @@ def _ngram_bank(texts: list[str], ngram: int) -> np.ndarray:
     return np.unique(np.concatenate(grams)) if grams else np.empty(0, dtype=np.uint64)
 
 
-def ngram_hits(docs: list[dict], bank: np.ndarray, ngram: int) -> tuple[np.ndarray, np.ndarray]:
+def ngram_hits(docs: list[dict], bank: np.ndarray, ngram: int,
+               progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """For every document: (its n-grams found in bank, its n-gram count); val documents and short ones get 0."""
     hits = np.zeros(len(docs), dtype=np.int64)
     sizes = np.zeros(len(docs), dtype=np.int64)
@@ -82,7 +83,7 @@ def ngram_hits(docs: list[dict], bank: np.ndarray, ngram: int) -> tuple[np.ndarr
         return hits, sizes
     batch: list[tuple[int, np.ndarray]] = []
     size = 0
-    for i, doc in enumerate(docs):
+    for i, doc in enumerate(tqdm(docs, desc="decontaminate", disable=not progress, leave=False)):
         if doc.get("split") != "val" and len(doc["text"].split()) >= ngram:
             g = shingle_hashes64(doc["text"], ngram)
             batch.append((i, g))
@@ -97,7 +98,7 @@ def ngram_hits(docs: list[dict], bank: np.ndarray, ngram: int) -> tuple[np.ndarr
 
 
 def decontaminate(docs: list[dict], stats: StageStats, eval_texts: Iterable[str] = (), ngram: int = 13,
-                  min_fraction: float = 0.1) -> list[dict]:
+                  min_fraction: float = 0.1, progress: bool = False) -> list[dict]:
     """Stage 8. Drop training documents that overlap held-out text in word `ngram`-grams (normalized text).
 
     Against explicit evaluation texts (eval_texts, e.g. a benchmark), one shared n-gram is enough (GPT-3's rule).
@@ -109,7 +110,7 @@ def decontaminate(docs: list[dict], stats: StageStats, eval_texts: Iterable[str]
     eval_bank = _ngram_bank(eval_texts, ngram)
     stats.count("val_ngrams", len(val_bank))
     stats.count("eval_ngrams", len(eval_bank))
-    val_hits, sizes = ngram_hits(docs, val_bank, ngram)
+    val_hits, sizes = ngram_hits(docs, val_bank, ngram, progress)
     eval_hits, _ = ngram_hits(docs, eval_bank, ngram)
     kept = []
     for doc, vh, eh, n in zip(docs, val_hits.tolist(), eval_hits.tolist(), sizes.tolist()):

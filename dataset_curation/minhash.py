@@ -22,8 +22,13 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 EMPTY = np.uint32(0xFFFFFFFF)  # the signature value of a document with no shingles
-_PUNCT = re.compile(r"[^\w\s]|_")
-_DIGIT = re.compile(r"\d")
+# ASCII punctuation and digits are mapped by a byte table; these catch the non-ASCII ones
+_PUNCT = re.compile(r"[^\w\s\x00-\x7f]")
+_DIGIT = re.compile(r"[\u0660-\u0669\u06f0-\u06f9\u0966-\u096f\u09e6-\u09ef\uff10-\uff19]")
+# combining marks (the diacritics NFKD splits off): one regex pass instead of a Python loop over characters
+_COMBINING = re.compile("[\u0300-\u036f\u0483-\u0489\u0591-\u05bd\u0610-\u061a\u064b-\u065f\u0900-\u0903"
+                        "\u093a-\u094f\u1ab0-\u1aff\u1dc0-\u1dff\u20d0-\u20ff\u302a-\u302f\u3099\u309a"
+                        "\ufe20-\ufe2f]")
 _M64 = np.uint64(0x9E3779B97F4A7C15)  # odd 64-bit constants for mixing (golden ratio, splitmix64)
 _MIX = np.uint64(0xBF58476D1CE4E5B9)
 
@@ -67,7 +72,7 @@ def _normalized_bytes(text: str) -> np.ndarray:
     text = text.lower()
     if not text.isascii():  # the slow path only for non-ASCII text: strip diacritics, Unicode punctuation
         text = unicodedata.normalize("NFKD", text)
-        text = _PUNCT.sub(" ", "".join(c for c in text if not unicodedata.combining(c)))
+        text = _PUNCT.sub(" ", _COMBINING.sub("", text))
         text = _DIGIT.sub("0", text)
     return _TABLE[np.frombuffer(text.encode("utf-8", "surrogatepass"), dtype=np.uint8)]
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing as mp
 import os
 import pickle
 import sys
@@ -47,7 +46,7 @@ DEFAULTS = {
     # stage 5: near dedup (FineWeb's 5-gram shingles and 14 bands x 8 rows)
     "ngram": 5, "num_perm": 112, "bands": 14, "rows": 8, "threshold": 0.7, "seed": 0,
     # stage 7: split
-    "val_fraction": 0.01,
+    "val_fraction": 0.02,
     # stage 8: decontamination
     "decontam_ngram": 13, "decontam_min_fraction": 0.1, "eval_files": None,
     # stage 9: tokenizer
@@ -147,8 +146,7 @@ def run_doc_stages(docs: list[dict], p: dict, fp: dict, num_proc: int = 1, progr
     jobs = ((chunk, p, fp) for chunk in _chunked(docs))
     bar = tqdm(total=len(docs), desc="normalize+filter+pii+minhash", unit="doc", disable=not progress, leave=False)
     if num_proc > 1 and len(docs) > 50:
-        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-        with ctx.Pool(num_proc) as pool:
+        with shards.mp_context().Pool(num_proc) as pool:
             results = pool.imap(_doc_stages, jobs)  # imap keeps chunk order: output independent of num_proc
             for out, cst, lin, sig in results:
                 kept += out
@@ -223,13 +221,12 @@ def build(recipe: str = "builtin", out: str | Path = "data/builtin-8k", vocab_si
     p, fp = check_params(params)
     sh = parse_shard(shard)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    cache = out / ".cache"
-    cache.mkdir(exist_ok=True)
     timings: dict[str, float] = {}
 
     t = time.time()
     docs, manifest = read_source(recipe, p, target_tokens, log)
+    cache = out / ".cache"  # created only once the source could be read
+    cache.mkdir(parents=True, exist_ok=True)
     timings["read"] = time.time() - t
     log(f"[read] {recipe}: {len(docs):,} documents, {manifest['chars']:,} chars ({timings['read']:.1f}s)")
     if sh is not None:
@@ -337,7 +334,8 @@ def _finish(out: Path, cache: Path, kept: list[dict], st: list[StageStats], leng
     def decontam():
         s = StageStats("decontaminate")
         extra = [Path(f).read_text(encoding="utf-8", errors="replace") for f in (p["eval_files"] or [])]
-        return dedup.decontaminate(docs, s, extra, p["decontam_ngram"], p["decontam_min_fraction"]), s
+        return dedup.decontaminate(docs, s, extra, p["decontam_ngram"], p["decontam_min_fraction"],
+                                   progress), s
 
     docs, s_decon = stage("decontaminate", decontam, p["decontam_ngram"], p["decontam_min_fraction"],
                           p["eval_files"])
@@ -359,7 +357,7 @@ def _finish(out: Path, cache: Path, kept: list[dict], st: list[StageStats], leng
     t = time.time()
     if not tok_cache.is_file():
         texts = [d["text"] for d in by_split["train"]]
-        tok = shards.train_tokenizer(texts, vocab_size, p["min_frequency"], length=len(texts))
+        tok = shards.train_tokenizer(texts, vocab_size, p["min_frequency"], length=len(texts), progress=progress)
         tmp = tok_cache.with_name(tok_cache.name + ".tmp")
         tok.save(str(tmp))
         os.replace(tmp, tok_cache)
@@ -420,6 +418,13 @@ def _finish(out: Path, cache: Path, kept: list[dict], st: list[StageStats], leng
                         np.concatenate([counts["train"], counts["val"]]))
     timings["report"] = time.time() - t
     timings["total"] = time.time() - t0
+    try:
+        import resource  # Unix only
+
+        own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        timings["cpu_seconds_all_processes"] = own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+    except ImportError:
+        pass
     _atomic_json(out / "timings.json", {k: round(v, 2) for k, v in timings.items()})
     meta = {"vocab_size": n_vocab, "dtype": dtype, "eot_id": eot_id, "eot_token": shards.EOT,
             "tokenizer": "tokenizer.json", "tokens": tokens, "documents": stats["documents"], "bytes": n_bytes,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -18,7 +19,13 @@ from tqdm import tqdm
 EOT = "<|endoftext|>"
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 2, length: int | None = None):
+def mp_context():
+    """fork on Linux (cheap, no re-import); spawn elsewhere, where fork is unsafe or missing."""
+    return mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 2, length: int | None = None,
+                    progress: bool = False):
     """A byte-level BPE tokenizer (any text encodes, decode(encode(t)) == t) with EOT as its one special token."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -28,7 +35,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=[EOT],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=progress)
     tok.train_from_iterator(texts, trainer, length=length)
     return tok
 
@@ -77,8 +84,8 @@ def write_split(texts: list[str], path: Path, tokenizer_path: Path, eot_id: int,
     pool = None
     try:
         if num_proc > 1:
-            # fork is cheap; the parent's tokenizer threads are not inherited, so the workers run single-threaded
-            ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+            # the parent's tokenizer threads are not inherited by forked workers: they run single-threaded
+            ctx = mp_context()
             os.environ["TOKENIZERS_PARALLELISM"] = "false"
             pool = ctx.Pool(num_proc, _init_worker, (str(tokenizer_path),))
             encoded = pool.imap(_encode_chunk, _chunks(texts))

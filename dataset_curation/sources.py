@@ -229,9 +229,12 @@ def file_documents(input: str | Path, kind: str = "prose", text_field: str = "te
 # ---------------------------------------------------------------------------------------------------------------
 # Hugging Face Hub (streaming)
 
-WIKI = ("wikimedia/wikipedia", "20231101.en", "text")
-CODE = ("codeparrot/github-code-clean", None, "code")
-PERMISSIVE = {"mit", "apache-2.0", "bsd-3-clause", "bsd-2-clause", "isc", "cc0-1.0", "unlicense"}
+# (dataset, load_dataset keyword arguments, text column, licence). The code set is GitHub Python under the MIT
+# licence from the parquet conversion of codeparrot/github-code-clean (columns code, repo_name, path, license).
+WIKI = ("wikimedia/wikipedia", {"name": "20231101.en"}, "text", "CC-BY-SA-4.0")
+CODE = ("codeparrot/github-code-clean",
+        {"revision": "refs/convert/parquet", "data_files": {"train": "Python-mit/partial-train/*.parquet"}},
+        "code", "MIT")
 
 
 def hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> str | None:
@@ -257,17 +260,14 @@ def hub_documents(target_tokens: int = 100_000_000, chars_per_token: float = 4.0
     from datasets import load_dataset
 
     budget = target_tokens * chars_per_token * 1.3
-    plan = [(wiki, "prose", budget * (1 - code_share), "CC-BY-SA-4.0"), (code, "code", budget * code_share, None)]
-    for (name, config, field), kind, chars, licence in plan:
-        ds = load_dataset(name, config, split="train", streaming=True)
+    for (name, kwargs, field, licence), kind, chars in [(wiki, "prose", budget * (1 - code_share)),
+                                                       (code, "code", budget * code_share)]:
+        ds = load_dataset(name, split="train", streaming=True, **kwargs)
         got = 0
         for i, row in enumerate(ds):
-            lic = licence or str(row.get("license", "")).lower()
-            if licence is None and lic not in PERMISSIVE:
-                continue
             text = row.get(field) or ""
-            yield _doc(f"{name}#{row.get('id', i)}", text, name, str(row.get("url") or row.get("path") or i),
-                       kind, lic)
+            where = str(row.get("url") or "/".join(str(row.get(k, "")) for k in ("repo_name", "path")) or i)
+            yield _doc(f"{name}#{row.get('id', i)}", text, name, where, kind, str(row.get("license") or licence))
             got += len(text)
             if got >= chars:
                 break

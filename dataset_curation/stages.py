@@ -236,7 +236,8 @@ def split_of(doc_id: str, val_fraction: float, seed: int = 0) -> str:
 
 
 def split_train_val(docs: list[dict], stats: StageStats, val_fraction: float = 0.01, seed: int = 0) -> list[dict]:
-    """Stage 7. Tag every document with "split" by a deterministic hash of its id; whole documents only.
+    """Stage 7. Tag every document with "split" by a deterministic hash of its "group" (default: its id), so
+    documents of one group (a source file's code and its prose) stay together; whole documents only.
 
     If the hash puts no document in val (tiny corpora), the document with the smallest hash goes there, so both
     splits exist; a corpus of one document cannot be split and raises ValueError.
@@ -246,9 +247,10 @@ def split_train_val(docs: list[dict], stats: StageStats, val_fraction: float = 0
     if len(docs) < 2:
         raise ValueError(f"only {len(docs)} document(s) survived curation; train and val need at least one whole "
                          "document each: add more input text or loosen the filters")
-    out = [{**d, "split": split_of(d["id"], val_fraction, seed)} for d in docs]
+    key = lambda d: d.get("group", d["id"])
+    out = [{**d, "split": split_of(key(d), val_fraction, seed)} for d in docs]
     if not any(d["split"] == "val" for d in out):
-        i = min(range(len(out)), key=lambda k: hashlib.sha256(f"{seed}:{out[k]['id']}".encode()).digest())
+        i = min(range(len(out)), key=lambda k: hashlib.sha256(f"{seed}:{key(out[k])}".encode()).digest())
         out[i]["split"] = "val"
         stats.count("forced_one_val_doc")
     if all(d["split"] == "val" for d in out):

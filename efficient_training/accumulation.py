@@ -55,7 +55,7 @@ def accumulate_gradients(model: nn.Module, micro_batches: list[tuple[torch.Tenso
     if hasattr(model, "no_sync") and dist.is_available() and dist.is_initialized():
         # DDP averages gradients over processes, so the divisor is the global token count times 1/world.
         world = dist.get_world_size()
-        total = torch.tensor([n_local], dtype=torch.float64)
+        total = torch.tensor([n_local], dtype=torch.float64, device=next(model.parameters()).device)
         dist.all_reduce(total)
         n_total = int(total.item())
     if n_total == 0:

@@ -78,7 +78,7 @@ class LossScaler:
             raise RuntimeError("unscale_() is being called after step(); call update() first")
         # The reciprocal in float64 then rounded to float32, as GradScaler does: a float32 1/x can be off by an ulp.
         inv_scale = float(self._scale.double().reciprocal().float())
-        found = False
+        finite = []
         with torch.no_grad():
             for group in optimizer.param_groups:
                 for p in group["params"]:
@@ -88,9 +88,10 @@ class LossScaler:
                         raise ValueError("the optimizer holds fp16 gradients: unscaling them in fp16 loses the "
                                          "small ones. Keep fp32 parameters (autocast) or fp32 master weights.")
                     # Every gradient is checked: one inf anywhere makes the whole update wrong.
-                    if not found and not bool(torch.isfinite(p.grad).all()):
-                        found = True
+                    finite.append(torch.isfinite(p.grad).all())
                     p.grad.mul_(inv_scale)
+        # One device-to-host sync for all the checks instead of one per parameter.
+        found = bool(finite) and not bool(torch.stack([f.to(finite[0].device) for f in finite]).all())
         self._found_inf[key] = found
 
     def step(self, optimizer: torch.optim.Optimizer, *args, **kwargs):

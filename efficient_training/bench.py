@@ -3,7 +3,8 @@
     python -m efficient_training.bench                      # tiny preset on this device, ~1-2 min on 2 CPU cores
     python -m efficient_training.bench --preset small --steps 5 --out /tmp/bench
 
-Columns: time per optimizer step (median of --steps timed steps after one warm-up), tokens/s, memory and the
+Columns: time per optimizer step (the fastest of --steps timed steps after one warm-up: on a shared machine the
+minimum is the least disturbed estimate), tokens/s, memory and the
 ratios to the plain fp32 step. Memory is the peak allocated by the step on CUDA (max_memory_allocated), and on
 CPU, where PyTorch keeps no allocation peak, the activation memory: bytes of the tensors autograd saves for
 backward (saved_tensors_hooks), which is what checkpointing and micro-batching shrink. Each number is one run on
@@ -15,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -113,19 +113,36 @@ def time_steps(step, steps: int, device: torch.device) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return min(times)
 
 
 def bench_techniques(cfg: ModelConfig, batch: int, steps: int, device: torch.device) -> list[dict]:
+    """Time and measure every technique. On CPU the timed steps are interleaved (one step of each row in turn),
+    so a busy machine slows every row alike; on CUDA each row runs alone so its peak memory is its own."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randint(0, cfg.vocab_size, (batch, cfg.block_size), generator=gen).to(device)
     y = torch.randint(0, cfg.vocab_size, (batch, cfg.block_size), generator=gen).to(device)
-    rows = []
+    interleave = device.type == "cpu"
+    rows, pending = [], []
     for tech in techniques(device):
         model = build(cfg, tech, device)
         step = make_step(model, tech, x, y, device)
         mem = memory_bytes(model, tech, x, y, device, step)
+        if interleave:
+            step()  # warm-up
+            pending.append((tech, step, mem, []))
+            continue
         dt = time_steps(step, steps, device)
+        rows.append(dict(name=tech["name"], ms=dt * 1e3, tok_s=batch * cfg.block_size / dt, mem_mb=mem / 2**20))
+        print(f"  {tech['name']:<45} {dt * 1e3:8.1f} ms/step {mem / 2**20:8.1f} MB", flush=True)
+        del model, step
+    for _ in range(steps if interleave else 0):
+        for _, step, _, times in pending:
+            t0 = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t0)
+    for tech, _, mem, times in pending:
+        dt = min(times)
         rows.append(dict(name=tech["name"], ms=dt * 1e3, tok_s=batch * cfg.block_size / dt, mem_mb=mem / 2**20))
         print(f"  {tech['name']:<45} {dt * 1e3:8.1f} ms/step {mem / 2**20:8.1f} MB", flush=True)
     return rows
@@ -157,10 +174,10 @@ def _ddp_worker(rank: int, world: int, port: int, cfg_dict: dict, batch: int, st
 
     dist.barrier()
     dt = time_steps(step, steps, device)
-    dt_t = torch.tensor([dt])
+    dt_t = torch.tensor([dt], device=device)  # nccl reduces CUDA tensors only
     dist.all_reduce(dt_t, op=dist.ReduceOp.MAX)  # the step is as slow as the slowest process
     if rank == 0:
-        Path(out).write_text(json.dumps({"s": float(dt_t)}))
+        Path(out).write_text(json.dumps({"s": dt_t.item()}))
     cleanup()
 
 
@@ -291,7 +308,8 @@ def main(argv: list[str] | None = None) -> str:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="tiny", help="minilm preset: tiny | small | mini_lm")
     p.add_argument("--batch", type=int, default=None, help="global batch (default: the preset's batch_size)")
-    p.add_argument("--steps", type=int, default=3, help="timed optimizer steps per row (after one warm-up)")
+    p.add_argument("--steps", type=int, default=5, help="timed optimizer steps per row (after one warm-up); "
+                   "the fastest is reported")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--mem-budget-mb", type=float, default=None,
                    help="memory budget for the largest-batch search (default: 1024 MB of activations on CPU, "
@@ -333,7 +351,7 @@ def main(argv: list[str] | None = None) -> str:
 
     mem_label = "peak MB" if device.type == "cuda" else "activation MB"
     header = (f"**{args.preset}** preset ({GPT(cfg).num_params() / 1e6:.1f}M params), batch {batch} x "
-              f"{cfg.block_size} tokens, median of {args.steps} steps, {name}, torch {torch.__version__}")
+              f"{cfg.block_size} tokens, best of {args.steps} steps, {name}, torch {torch.__version__}")
     table = markdown(rows, header, mem_label)
     table += (f"\n\nLargest batch within {budget:.0f} MB of {'GPU memory' if device.type == 'cuda' else 'activations'}:"
               f" {fit_plain} without checkpointing, {fit_ckpt} with checkpointing"

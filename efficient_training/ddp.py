@@ -401,8 +401,9 @@ def main(argv: list[str] | None = None) -> None:
     dist.all_reduce(high, op=dist.ReduceOp.MAX)
     spread = float((high - low).abs().max())
     if rank == 0:
+        verdict = "ranks agree" if spread == 0 else "MISMATCH"
         print(f"{world} processes, {len(model.buckets)} buckets, {model.n_allreduce} all-reduces; "
-              f"largest difference between ranks' weights: {spread:.1e} ({'ranks agree' if spread == 0 else 'MISMATCH'})")
+              f"largest difference between ranks' weights: {spread:.1e} ({verdict})")
     cleanup()
 
 

@@ -25,7 +25,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 
 @dataclass
@@ -93,6 +92,17 @@ def _logits(model_fn: Callable, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """-log p(target) per position as float64: logsumexp(logits) - logit of the target.
+
+    Computed in float32 (float64 if the logits are float64): exact to ~1e-7 relative, and a third of the
+    cost of a float64 softmax over a large vocabulary.
+    """
+    lf = logits if logits.dtype == torch.float64 else logits.float()
+    picked = lf.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return (torch.logsumexp(lf, dim=-1) - picked).double()
+
+
 @torch.no_grad()
 def perplexity(model_fn: Callable[[torch.Tensor], torch.Tensor], token_ids, window: int, stride: int | None = None,
                *, byte_count: int | None = None, batch_size: int = 1, device: str | torch.device = "cpu",
@@ -136,8 +146,7 @@ def perplexity(model_fn: Callable[[torch.Tensor], torch.Tensor], token_ids, wind
         logits = _logits(model_fn, x)
         if int(y.max()) >= logits.size(-1):
             raise ValueError(f"token id {int(y.max())} is outside the model's vocabulary of {logits.size(-1)}")
-        # float64 log-softmax: the metric itself then adds no rounding error worth mentioning (~1e-15).
-        nll = F.cross_entropy(logits.double().transpose(1, 2), y, reduction="none")  # (B, T)
+        nll = token_nll(logits, y)
         for row, (_, _, skip) in enumerate(group):
             nll_sum += float(nll[row, skip:].sum())
             tokens += nll.size(1) - skip

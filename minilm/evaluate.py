@@ -29,12 +29,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from metrics.baselines import bigram_perplexity, fit_add_k, unigram_perplexity
 from metrics.bleu import corpus_bleu
 from metrics.generation import NgramIndex, distinct_n, repetition_rate, self_bleu
-from metrics.perplexity import perplexity
+from metrics.perplexity import perplexity, token_nll
 from metrics.rouge import bootstrap_aggregate, rouge_scores
 from minilm.checkpoint import CheckpointError, model_from_checkpoint
 from minilm.data import DataError, TokenData, load_tokenizer, read_meta
@@ -63,7 +62,7 @@ def eval_stream(val: np.ndarray, eot: int, max_tokens: int | None) -> np.ndarray
 
 
 @torch.no_grad()
-def loss_by_position(model, ids: np.ndarray, window: int, max_windows: int = 64, batch: int = 8) -> list[float]:
+def loss_by_position(model, ids: np.ndarray, window: int, max_windows: int = 128, batch: int = 8) -> list[float]:
     """Mean next-token loss at each position of a window: how much the model gains from more context."""
     n = min(max_windows, (len(ids) - 1) // window)
     if n == 0:
@@ -73,7 +72,7 @@ def loss_by_position(model, ids: np.ndarray, window: int, max_windows: int = 64,
     losses = []
     for i in range(0, n, batch):
         logits, _ = model(x[i : i + batch])
-        losses.append(F.cross_entropy(logits.double().transpose(1, 2), y[i : i + batch], reduction="none"))
+        losses.append(token_nll(logits, y[i : i + batch]))
     return torch.cat(losses).mean(0).tolist()
 
 
@@ -157,6 +156,9 @@ def evaluate(out_dir: str | Path, *, data_dir: str | Path | None = None, device:
     if not data_dir:
         raise DataError(f"the checkpoint in {out_dir} does not record its data dir; pass --data_dir")
     data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise DataError(f"data dir {data_dir} does not exist (relative paths count from the current directory); "
+                        "pass --data_dir (evaluate(..., data_dir=...)) pointing at the run's data dir")
     meta = read_meta(data_dir)
     tokenizer = load_tokenizer(data_dir)
     if meta["vocab_size"] > cfg.vocab_size:
@@ -211,8 +213,10 @@ def evaluate(out_dir: str | Path, *, data_dir: str | Path | None = None, device:
         task.update({
             "bleu": bleu.score, "bleu_precisions": bleu.precisions, "bleu_bp": bleu.bp,
             "bleu_signature": bleu.signature,
-            "rouge": {k: {"f": v.mid.fmeasure, "f_low": v.low.fmeasure, "f_high": v.high.fmeasure,
-                          "precision": v.mid.precision, "recall": v.mid.recall} for k, v in agg.items()},
+            # the mean over prompts, with the bootstrap's 95% interval around it
+            "rouge": {k: {"f": float(np.mean([s[k].fmeasure for s in rouge])), "f_low": v.low.fmeasure,
+                          "f_high": v.high.fmeasure, "precision": float(np.mean([s[k].precision for s in rouge])),
+                          "recall": float(np.mean([s[k].recall for s in rouge]))} for k, v in agg.items()},
             "batch_tokens_per_s": sum(map(len, greedy)) / dt if dt > 0 else None,
         })
         gen = {"greedy": generation_metrics(greedy, greedy_texts, index),
@@ -337,7 +341,7 @@ def report_markdown(r: dict) -> str:
             f"## Continuation task ({c['prompts']} held-out documents: {c['prompt_tokens']}-token prompt, "
             f"{c['continuation_tokens']}-token greedy continuation)", "",
             "| metric | score | 95% bootstrap CI |", "|---|---:|---:|",
-            f"| BLEU ({c['bleu_signature']}) | {c['bleu']:.2f} | |",
+            f"| BLEU (`{c['bleu_signature'].replace('|', ', ')}`) | {c['bleu']:.2f} | |",
         ]
         for k, v in c["rouge"].items():
             lines.append(f"| {k} F | {100 * v['f']:.2f} | {100 * v['f_low']:.2f} - {100 * v['f_high']:.2f} |")
@@ -384,8 +388,12 @@ def main(argv: list[str] | None = None) -> int:
                     "copy detection (0 = all)")
     ap.add_argument("--speed_tokens", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default); 1 is "
+                    "often fastest for tiny models on a busy machine")
     ap.add_argument("--quiet", action="store_true", help="no progress output")
     a = ap.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     try:
         evaluate(a.out_dir, data_dir=a.data_dir, device=a.device, max_tokens=a.max_tokens or None,
                  window=a.window, stride=a.stride, batch_size=a.batch_size, num_prompts=a.num_prompts,

@@ -27,7 +27,7 @@ def test_result_is_logged_and_truthy(course_log, capsys):
     assert r and r.passed and r.seed == 3
     assert "check.attention: PASS (seed=3)" in capsys.readouterr().out
     rows = [json.loads(line) for line in course_log.read_text().splitlines()]
-    assert rows[-1]["check"] == "attention" and rows[-1]["passed"] is True
+    assert rows[-1]["check"] == "attention" and rows[-1]["passed"] is True and rows[-1]["reference"] is True
 
 
 def test_same_seed_same_inputs():
@@ -47,8 +47,18 @@ def test_crash_in_learner_code_is_reported_not_raised():
 # ----------------------------------------------------------------------------- attention
 
 
+def _attention_by_hand(q, k, v):
+    t = q.size(-2)
+    att = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))
+    att = att.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf"))
+    return att.softmax(dim=-1) @ v
+
+
 def test_attention():
-    assert check.attention(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True))
+    r = check.attention(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True))
+    assert r and r.uses_reference  # passes, but flagged: the learner handed in the library call
+    r = check.attention(_attention_by_hand)
+    assert r and not r.uses_reference and "calls the reference" not in r.message
     no_mask = lambda q, k, v: (q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))).softmax(-1) @ v
     r = check.attention(no_mask, seed=0)
     assert not r and "causal mask is missing" in r.message and "expected" in r.message
@@ -71,7 +81,10 @@ def _csa(x, attn, transpose=True):
 
 
 def test_causal_self_attention():
-    assert check.causal_self_attention(_csa)
+    r = check.causal_self_attention(_csa)
+    assert r and not r.uses_reference
+    r = check.causal_self_attention(lambda x, attn: attn(x))
+    assert r and r.uses_reference
     # A seed whose first trial has several heads, so the wrong split shows from the first position.
     r = check.causal_self_attention(lambda x, a: _csa(x, a, transpose=False), seed=5)
     assert not r and "expected y[0," in r.message and "got      y[0," in r.message and "transpose(1, 2)" in r.message
@@ -109,7 +122,11 @@ def _probs(logits, temperature, top_k, top_p, crossing_token_kept=True):
 
 
 def test_sampling():
+    from course.solutions import filtered_probs
+
     assert check.sampling(_probs)
+    r = check.sampling(lambda *a: filtered_probs(*a))
+    assert r and r.uses_reference and "calls the reference" in r.message
     r = check.sampling(lambda *a: _probs(*a, crossing_token_kept=False), seed=0)
     assert not r and "drew a different token" in r.message and "logit rank" in r.message
     r = check.sampling(lambda logits, t, k, p: (logits / t).softmax(-1), seed=0)  # ignores top-k / top-p
@@ -124,7 +141,8 @@ def test_sampling():
 def test_loss_scaler():
     from efficient_training.amp import LossScaler
 
-    assert check.loss_scaler(LossScaler, trials=1)
+    r = check.loss_scaler(LossScaler, trials=1)
+    assert r and r.uses_reference
     assert check.loss_scaler(lambda **kw: torch.amp.GradScaler("cpu", **kw), trials=1)
 
     class NoSkip(LossScaler):  # planted bug: steps even when a gradient overflowed
@@ -174,7 +192,8 @@ def test_bleu():
     from metrics.bleu import corpus_bleu, sentence_bleu
 
     assert check.bleu(lambda h, r: corpus_bleu(h, r, smooth_method="none"))
-    assert check.bleu(_bleu_by_hand)  # an independent implementation, written from the definition
+    r = check.bleu(_bleu_by_hand)  # an independent implementation, written from the definition
+    assert r and not r.uses_reference
     r = check.bleu(lambda h, r: _bleu_by_hand(h, r, brevity=False), seed=0)
     assert not r and "without the brevity penalty" in r.message and "brevity penalty 0." in r.message
     mean_of_sentences = lambda h, r: float(np.mean([
@@ -262,3 +281,36 @@ def test_minhash():
     assert not r and "same seed" in r.message
     r = check.minhash(lambda s, n, seed: np.zeros((len(s), n - 1)), seed=0)
     assert not r and "expected signatures of shape" in r.message
+
+
+def _bpe_by_hand(text, num_merges, tie="smallest", pretokenized=True):
+    from dataset_curation.bpe import _merge_word, pretokenize
+
+    words = Counter(pretokenize(text) if pretokenized else [text])
+    seqs = {w: tuple(w.encode("utf-8")) for w in words}
+    merges = []
+    for r in range(num_merges):
+        counts = Counter()
+        for w, f in words.items():
+            for p in zip(seqs[w], seqs[w][1:]):
+                counts[p] += f
+        if not counts or max(counts.values()) < 2:
+            break
+        best = max(counts.values())
+        pair = min(p for p, c in counts.items() if c == best) if tie == "smallest" else max(counts, key=counts.get)
+        merges.append(pair)
+        seqs = {w: _merge_word(s, pair[0], pair[1], 256 + r) for w, s in seqs.items()}
+    return merges
+
+
+def test_bpe():
+    from dataset_curation.bpe import train_bpe
+
+    assert check.bpe(lambda text, n: train_bpe(text, 256 + n + 1).merges)
+    assert check.bpe(_bpe_by_hand)
+    r = check.bpe(lambda text, n: _bpe_by_hand(text, n, tie="first_seen"), seed=0)
+    assert not r and "a tie in counts" in r.message and "expected (" in r.message
+    r = check.bpe(lambda text, n: _bpe_by_hand(text, n, pretokenized=False), seed=0)
+    assert not r and "got (" in r.message and "never occurs inside a pre-token" in r.message
+    r = check.bpe(lambda text, n: train_bpe(text, 256 + n + 1).merges[:-3], seed=0)
+    assert not r and "merges are right" in r.message

@@ -43,7 +43,11 @@ def test_tasks_done_from_artifacts_and_log(tiny_data_dir, tiny_run, tmp_path):
         f.write(json.dumps({"check": "bleu", "passed": False}) + "\n")
         f.write("not json\n")  # a damaged line is skipped, not fatal
     rows = status(tiny_data_dir, run, target_tokens=1000, log=log)
-    assert not rows[1]["done"] and rows[1]["checks"]["bleu"] is False
+    assert not rows[1]["done"] and rows[1]["checks"]["bleu"] == "FAIL"
+    with open(log, "a") as f:  # a pass of the shipped reference call does not count either
+        f.write(json.dumps({"check": "bleu", "passed": True, "reference": True}) + "\n")
+    rows = status(tiny_data_dir, run, target_tokens=1000, log=log)
+    assert not rows[1]["done"] and rows[1]["checks"]["bleu"] == "PASS with the reference"
 
 
 def test_broken_run_dir_is_explained(tmp_path):
@@ -64,7 +68,7 @@ def test_cli(tiny_data_dir, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "[ ] task 1 Curation" in out and "minhash PASS, bpe FAIL" in out and "0 of 5 tasks done" in out
     assert main(["status", "--json", "--log", str(log), "--data_dir", str(tiny_data_dir)]) == 0
-    assert json.loads(capsys.readouterr().out)[0]["checks"] == {"minhash": True, "bpe": False}
+    assert json.loads(capsys.readouterr().out)[0]["checks"] == {"minhash": "PASS", "bpe": "FAIL"}
     assert main(["checks"]) == 0
     assert "check.bleu: fn(hypotheses, references)" in capsys.readouterr().out
     with pytest.raises(SystemExit):

@@ -111,3 +111,17 @@ def test_compression_close_to_tokenizers():
     ours_bpt = n / len(ours.encode(held))
     lib_bpt = n / len(lib.encode(held).ids)
     assert ours_bpt > 1.5 and abs(ours_bpt - lib_bpt) / lib_bpt < 0.10, (ours_bpt, lib_bpt)
+
+
+def test_library_tokenizer_round_trips_random_unicode():
+    """The production tokenizer (tokenizers, byte-level) decodes back to any input text, EOT included."""
+    from dataset_curation.shards import EOT as LIB_EOT
+    from dataset_curation.shards import train_tokenizer
+
+    lib = train_tokenizer([stdlib_text(50_000)], 500)
+    rng = random.Random(2)
+    for _ in range(100):
+        text = random_unicode(rng, rng.randint(0, 300))
+        assert lib.decode(lib.encode(text).ids, skip_special_tokens=False) == text
+    ids = lib.encode(f"a{LIB_EOT}b").ids
+    assert lib.token_to_id(LIB_EOT) in ids

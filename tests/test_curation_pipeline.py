@@ -221,8 +221,9 @@ def test_empty_and_binary_inputs_fail_clearly(tmp_path):
 def test_single_huge_document(tmp_path):
     rng = random.Random(3)
     vocab = make_vocab(rng)
-    lines = [f"def {rng.choice(vocab)}_{i}(x):\n    return x * {i} + len('{rng.choice(vocab)}')\n" for i in range(25_000)]
-    huge = "".join(lines).rstrip("\n")  # ~1.3 MB of code in one document
+    lines = [f"def {rng.choice(vocab)}_{i}(x):\n    return x * {i} + len('{rng.choice(vocab)}')\n"
+             for i in range(10_000)]
+    huge = "".join(lines).rstrip("\n")  # ~0.5 MB of code in one document
     rows = [{"text": huge, "kind": "code"}]
     (tmp_path / "one.jsonl").write_text(json.dumps(rows[0]) + "\n")
     with pytest.raises(CurationError, match="at least one whole document each"):
@@ -261,6 +262,11 @@ def test_split_is_by_whole_document_and_deterministic():
     side = {d["id"]: d["split"] for d in a}
     assert side == {d["id"]: d["split"] for d in b}  # by hash of the id, not by position
     assert 0.07 < sum(v == "val" for v in side.values()) / len(side) < 0.13
+    grouped = [{"id": f"g{i}:{part}", "group": f"g{i}", "text": "t"} for i in range(300) for part in ("a", "b")]
+    sides = {}
+    for d in split_train_val(grouped, StageStats("split"), 0.2):
+        sides.setdefault(d["group"], set()).add(d["split"])
+    assert all(len(s) == 1 for s in sides.values())  # a group never straddles the split
     two = split_train_val(docs[:2], StageStats("split"), 0.01)
     assert sorted(d["split"] for d in two) == ["train", "val"]  # tiny corpora still get both splits
 

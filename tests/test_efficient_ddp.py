@@ -4,6 +4,11 @@ One spawn runs every scenario (3 optimizer steps each) and the tests below read 
 from different random weights (seed = rank), so only the initial broadcast can make them agree.
 """
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn as nn
@@ -92,3 +97,18 @@ def test_buckets_shards_and_setup_errors(monkeypatch):
         setup()
     with pytest.raises(RuntimeError, match="setup"):
         DDP(nn.Linear(2, 2))
+
+
+def test_parameter_without_gradient_is_reported(proof):
+    msg = proof["ranks"][0]["unused_error"]
+    assert "got no gradient" in msg and "1.weight" in msg
+
+
+def test_torchrun_entry_point_keeps_ranks_equal(tmp_path):
+    # The real launcher: torchrun sets RANK/WORLD_SIZE/MASTER_* and setup() reads them (gloo on CPU).
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node=2",
+           "-m", "efficient_training.ddp", "--steps", "2", "--zero1"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "ranks agree" in out.stdout

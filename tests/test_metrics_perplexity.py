@@ -37,11 +37,12 @@ def bigram_table(train: np.ndarray, vocab: int, k: float) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("window,stride", [(8, 8), (8, 3), (5, 1), (64, None)])
-def test_uniform_logits_give_the_vocab_size(window, stride):
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-6)])
+def test_uniform_logits_give_the_vocab_size(window, stride, dtype, tol):
     ids = torch.randint(0, 37, (101,), generator=torch.Generator().manual_seed(0))
-    r = perplexity(lambda x: torch.zeros(*x.shape, 37), ids, window, stride)
-    assert r.perplexity == pytest.approx(37, rel=1e-12)
-    assert r.tokens == 100 and r.nll == pytest.approx(math.log(37))
+    r = perplexity(lambda x: torch.zeros(*x.shape, 37, dtype=dtype), ids, window, stride)
+    assert r.perplexity == pytest.approx(37, rel=tol)
+    assert r.tokens == 100 and r.nll == pytest.approx(math.log(37), rel=tol)
 
 
 @pytest.mark.parametrize("n,window,stride", [(50, 7, 7), (50, 7, 3), (9, 30, 5), (101, 16, 1), (33, 32, 16)])
@@ -73,6 +74,21 @@ def test_stride_equal_to_window_is_the_non_overlapping_computation(gpt):
     assert overlapping.tokens == 96 and overlapping.nll != pytest.approx(expected, rel=1e-6)
 
 
+def test_sliding_window_equals_scoring_each_token_with_its_own_context(gpt):
+    # Token a is scored by the first window reaching it; that window starts at the first multiple of the
+    # stride >= a - window. One forward pass per token over exactly that context must give the same sum.
+    ids = torch.randint(0, 50, (40,), generator=torch.Generator().manual_seed(5))
+    window, stride = 16, 5
+    total = 0.0
+    with torch.no_grad():
+        for a in range(1, 40):
+            begin = max(0, math.ceil((a - window) / stride)) * stride
+            logits, _ = gpt(ids[None, begin:a])
+            total -= torch.log_softmax(logits[0, -1].double(), -1)[ids[a]].item()
+    r = perplexity(gpt_fn(gpt), ids, window, stride)
+    assert r.nll_sum == pytest.approx(total, rel=1e-6) and r.tokens == 39
+
+
 def test_batched_windows_equal_one_at_a_time(gpt):
     ids = np.random.default_rng(3).integers(0, 50, 200).astype(np.uint16)  # memmap-like dtype
     one = perplexity(gpt_fn(gpt), ids, window=32, stride=8)
@@ -95,7 +111,7 @@ def test_sliding_window_is_exact_for_a_model_with_one_token_of_context():
 
 def test_bits_per_byte():
     ids = list(range(9)) * 3
-    r = perplexity(lambda x: torch.zeros(*x.shape, 16), ids, 8, byte_count=100)
+    r = perplexity(lambda x: torch.zeros(*x.shape, 16, dtype=torch.float64), ids, 8, byte_count=100)
     assert r.bits_per_byte == pytest.approx(26 * math.log(16) / (math.log(2) * 100))
     assert r.bits_per_byte == pytest.approx(26 * 4 / 100)  # 4 bits per token under a uniform 16-way guess
 

@@ -156,6 +156,10 @@ BAD = [
     ("top_p zero", {"prompt": "a", "top_p": 0}, 422, "top_p"),
     ("top_p above one", {"prompt": "a", "top_p": 1.5}, 422, "top_p"),
     ("repetition_penalty zero", {"prompt": "a", "repetition_penalty": 0}, 422, "repetition_penalty"),
+    ("repetition_penalty tiny", {"prompt": "a", "repetition_penalty": 1e-300}, 422, "repetition_penalty"),
+    ("temperature tiny", {"prompt": "a", "temperature": 1e-300}, 422, "use 0 for greedy"),
+    ("lone surrogate in prompt", b'{"prompt": "a\\ud800"}', 422, "surrogate"),
+    ("lone surrogate in stop", b'{"prompt": "a", "stop": ["\\udfff"]}', 422, "surrogate"),
     ("negative seed", {"prompt": "a", "seed": -1}, 422, "seed"),
     ("empty stop string", {"prompt": "a", "stop": [""]}, 422, "stop"),
     ("too many stop strings", {"prompt": "a", "stop": ["x"] * 9}, 422, "stop"),
@@ -184,6 +188,13 @@ def test_chunked_body_over_the_limit_gets_413(url):
 
     r = httpx.post(f"{url}/v1/generate", content=chunks(), headers={"content-type": "application/json"})
     assert r.status_code == 413 and "over the limit" in r.json()["error"]
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", None])
+def test_body_that_is_not_declared_json(url, content_type):
+    headers = {"content-type": content_type} if content_type else {}
+    r = httpx.post(f"{url}/v1/generate", content=b'{"prompt": "def ", "max_new_tokens": 3}', headers=headers)
+    assert r.status_code == 415 and "Content-Type: application/json" in r.json()["error"]
 
 
 def test_server_survives_bad_input(url):

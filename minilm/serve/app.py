@@ -39,6 +39,7 @@ from minilm.sample import eos_of, load_run, pick_device, stream_text
 PLAYGROUND = Path(__file__).with_name("playground.html")
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 KNOWN_PATHS = ("/", "/health", "/metrics", "/v1/generate", "/v1/model")
+MIN_TEMPERATURE = 1e-3  # below this (and above 0, which is greedy) logits / temperature overflow to inf
 
 
 class GenerateRequest(BaseModel):
@@ -53,7 +54,8 @@ class GenerateRequest(BaseModel):
     top_k: int | None = Field(50, ge=0, strict=True, description="keep the k most likely tokens; 0 or null = off")
     top_p: float | None = Field(None, gt=0.0, le=1.0, strict=True, allow_inf_nan=False,
                                 description="nucleus probability mass; null = off")
-    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0, strict=True, allow_inf_nan=False, description="1 = off")
+    # Lower bounds keep logits finite: a penalty of 1e-300 divides them into inf and sampling fails.
+    repetition_penalty: float = Field(1.0, ge=0.01, le=10.0, strict=True, allow_inf_nan=False, description="1 = off")
     stop: list[str] | None = Field(None, max_length=8, description="stop strings (not included in the text)")
     seed: int | None = Field(None, ge=0, le=2**63 - 1, strict=True, description="same seed + params = same text")
     stream: bool = Field(False, strict=True, description="send tokens as server-sent events as they are generated")
@@ -69,14 +71,16 @@ def format_validation_errors(errors) -> tuple[int, str]:
         e = next(e for e in errors if e.get("type") == "json_invalid")
         why = (e.get("ctx") or {}).get("error", "invalid JSON")
         return 400, f"the request body is not valid JSON ({why}); send an object like {{\"prompt\": \"def \"}}"
+    if any(isinstance(e.get("input"), bytes) for e in errors):  # FastAPI only parses JSON content types
+        return 415, "the body must be a JSON object sent with the header Content-Type: application/json"
     parts = []
     for e in errors:
         where = ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "body"
         msg = e.get("msg", "invalid value")
         if e.get("type") == "extra_forbidden":
             msg = f"unknown field; valid fields are {', '.join(GenerateRequest.model_fields)}"
-        got = e.get("input")
-        shown = "" if e.get("type") in ("missing", "extra_forbidden") else f" (got {json.dumps(got)[:80]})"
+        got = json.dumps(e.get("input"), default=repr)[:80]
+        shown = "" if e.get("type") in ("missing", "extra_forbidden") else f" (got {got})"
         parts.append(f"{where}: {msg}{shown}")
     return 422, "; ".join(parts)
 
@@ -265,6 +269,15 @@ def last_val_loss(out_dir: Path, step: int | None) -> float | None:
     return loss
 
 
+def valid_unicode(text: str) -> bool:
+    """False for strings holding lone surrogates (JSON allows "\\ud800"; UTF-8 and the tokenizer do not)."""
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 def finite_or_none(x) -> float | None:
     """JSON has no inf or NaN."""
     return float(x) if isinstance(x, (int, float)) and math.isfinite(x) else None
@@ -406,6 +419,12 @@ def create_app(out_dir: str | Path, device: str = "cpu", *, best: bool = False, 
         arrived = time.perf_counter()
         if not req.prompt:
             return error_response(422, "prompt: is empty; send some text for the model to continue (e.g. \"def \")")
+        if not all(valid_unicode(t) for t in [req.prompt, *(req.stop or [])]):
+            return error_response(422, "prompt/stop: contains a lone UTF-16 surrogate (e.g. \\ud800), which is not "
+                                       "text; send valid Unicode")
+        if 0 < req.temperature < MIN_TEMPERATURE:
+            return error_response(422, f"temperature: {req.temperature} is so small the logits overflow; use 0 for "
+                                       f"greedy decoding or a value >= {MIN_TEMPERATURE}")
         if len(req.prompt) > max_prompt_chars:
             return error_response(422, f"prompt: {len(req.prompt)} characters is over this server's limit of "
                                        f"{max_prompt_chars}; shorten it")
