@@ -284,14 +284,14 @@ def check_sampling_args(max_new_tokens, temperature, top_k, top_p, repetition_pe
     """Raise ValueError naming the bad generation parameter and its valid range."""
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 0")
-    if temperature is None or not math.isfinite(temperature) or temperature < 0:
-        raise ValueError(f"temperature={temperature!r} must be a finite number >= 0 (0 means greedy)")
+    if temperature is None or not math.isfinite(temperature) or temperature < 0 or 0 < temperature < 1e-3:
+        raise ValueError(f"temperature={temperature!r} must be 0 (greedy) or a finite number >= 0.001")
     if top_k is not None and (not isinstance(top_k, int) or top_k < 0):
         raise ValueError(f"top_k={top_k!r} must be a positive integer, or 0/None for no top-k filter")
     if top_p is not None and not (0.0 < top_p <= 1.0):
         raise ValueError(f"top_p={top_p!r} must be in (0, 1]; 1 or None disables nucleus sampling")
-    if repetition_penalty is None or not math.isfinite(repetition_penalty) or repetition_penalty <= 0:
-        raise ValueError(f"repetition_penalty={repetition_penalty!r} must be > 0 (1.0 = no penalty)")
+    if repetition_penalty is None or not math.isfinite(repetition_penalty) or not 0.01 <= repetition_penalty <= 100:
+        raise ValueError(f"repetition_penalty={repetition_penalty!r} must be in [0.01, 100] (1.0 = no penalty)")
     if eos_id is not None and not 0 <= eos_id < vocab_size:
         raise ValueError(f"eos_id={eos_id} is outside the vocabulary [0, {vocab_size})")
 

@@ -67,21 +67,27 @@ def eos_of(tokenizer, ckpt: dict | None = None) -> int | None:
 def stream_text(model, tokenizer, prompt: str, max_new_tokens: int = 100, temperature: float = 0.8,
                 top_k: int | None = 50, top_p: float | None = None, repetition_penalty: float = 1.0,
                 seed: int | None = None, stop: list[str] | None = None, eos_id: int | None = None,
-                device: str | None = None) -> Iterator[str]:
+                device: str | None = None, stats: dict | None = None) -> Iterator[str]:
     """Yield the continuation's text piece by piece as tokens are sampled (one forward pass per token).
 
-    Pieces only ever extend the text: bytes of a partial UTF-8 character are held back until complete.
-    Generation ends at eos_id, after max_new_tokens, or when a stop string appears (not included).
+    Pieces only ever extend the text: bytes of a partial UTF-8 character, and a tail that could be the start of
+    a stop string, are held back until known. Generation ends at eos_id, after max_new_tokens, or when a stop
+    string appears (not included). If `stats` is given, stats["completion_tokens"] counts the sampled tokens.
     """
     check_sampling_args(max_new_tokens, temperature, top_k, top_p, repetition_penalty, model.config.vocab_size,
                         eos_id)
+    stop = [s for s in (stop or []) if s]
+    hold = max((len(s) for s in stop), default=1) - 1
     device = device or next(model.parameters()).device
     ids = encode_prompt(tokenizer, prompt, model, eos_id)
     idx = torch.tensor([ids], dtype=torch.long, device=device)
+    stats = stats if stats is not None else {}
+    stats["prompt_tokens"], stats["completion_tokens"] = len(ids), 0
     new: list[int] = []
-    sent = ""
+    sent = 0  # characters already yielded
     for tok in model.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
                                      eos_id, seed):
+        stats["completion_tokens"] += 1
         t = int(tok[0])
         if eos_id is not None and t == eos_id:
             break
@@ -89,18 +95,19 @@ def stream_text(model, tokenizer, prompt: str, max_new_tokens: int = 100, temper
         text = tokenizer.decode(new)
         if text.endswith("\ufffd"):
             continue  # wait for the rest of a multi-byte character
-        if stop:
-            cut = min((text.find(s) for s in stop if s and s in text), default=-1)
-            if cut >= 0:
-                if cut > len(sent):
-                    yield text[len(sent) : cut]
-                return
-        if len(text) > len(sent):
-            yield text[len(sent) :]
-            sent = text
+        cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
+        if cut >= 0:
+            if cut > sent:
+                yield text[sent:cut]
+            return
+        ready = len(text) - hold  # a stop string could still begin in the last `hold` characters
+        if ready > sent:
+            yield text[sent:ready]
+            sent = ready
     text = tokenizer.decode(new)
-    if len(text) > len(sent):
-        yield text[len(sent) :]
+    cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=len(text))
+    if cut > sent:
+        yield text[sent:cut]
 
 
 def generate_text(model, tokenizer, prompt: str, **kwargs) -> dict:
@@ -108,15 +115,15 @@ def generate_text(model, tokenizer, prompt: str, **kwargs) -> dict:
     t0 = time.perf_counter()
     first = None
     pieces = []
-    for piece in stream_text(model, tokenizer, prompt, **kwargs):
+    stats: dict = {}
+    for piece in stream_text(model, tokenizer, prompt, stats=stats, **kwargs):
         first = first or time.perf_counter()
         pieces.append(piece)
     dt = time.perf_counter() - t0
-    text = "".join(pieces)
-    n_new = len(tokenizer.encode(text).ids) if text else 0
+    n_new = stats.get("completion_tokens", 0)
     return {
-        "text": text,
-        "prompt_tokens": len(tokenizer.encode(prompt).ids),
+        "text": "".join(pieces),
+        "prompt_tokens": stats.get("prompt_tokens", 0),
         "completion_tokens": n_new,
         "time_to_first_token_s": (first - t0) if first else None,
         "total_time_s": dt,

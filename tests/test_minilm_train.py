@@ -170,3 +170,19 @@ def test_float16_with_grad_scaler_runs_on_cpu(tiny_data_dir, tmp_path):
     assert result["val_loss"] < 6.0
     scaler = load_checkpoint(out)["scaler"]
     assert scaler and scaler["scale"] > 0
+
+
+def test_stream_text_pieces_stop_strings_and_counts(tiny_run):
+    from minilm.sample import generate_text, load_run, stream_text
+
+    model, tok, ckpt = load_run(tiny_run)
+    free = generate_text(model, tok, "def ", max_new_tokens=40, temperature=0, stop=None)
+    assert free["completion_tokens"] == 40
+    pieces = list(stream_text(model, tok, "def ", max_new_tokens=40, temperature=0))
+    assert "".join(pieces) == free["text"]
+    text = free["text"]
+    stop = text[len(text) // 2 : len(text) // 2 + 2]  # a two-character string that does occur
+    if stop.strip():
+        cut = generate_text(model, tok, "def ", max_new_tokens=40, temperature=0, stop=[stop])
+        assert cut["text"] == text[: text.find(stop)]
+        assert stop not in cut["text"]

@@ -202,32 +202,13 @@ class Job:
         }
 
 
-class CountingModel:
-    """The model as stream_text sees it, counting the tokens generate_stream samples.
-
-    stream_text yields text, not tokens, and re-encoding the text does not give the sampled count back (BPE may
-    merge sampled tokens differently, and a stop string cuts text), so we count at the source.
-    """
-
-    def __init__(self, model):
-        self.model, self.sampled = model, 0
-
-    def __getattr__(self, name):
-        return getattr(self.model, name)
-
-    def generate_stream(self, *args, **kwargs):
-        for tok in self.model.generate_stream(*args, **kwargs):
-            self.sampled += 1
-            yield tok
-
-
 def run_job(job: Job, model, tokenizer, eos_id: int | None, stats: Stats) -> None:
     """Worker-thread body: sample tokens until done or cancelled, pass text pieces to the loop, record metrics."""
     job.started = time.perf_counter()
     pieces, outcome = [], "ok"
-    counted = CountingModel(model)
+    counts: dict = {}
     try:
-        for piece in stream_text(counted, tokenizer, eos_id=eos_id, **job.params):
+        for piece in stream_text(model, tokenizer, eos_id=eos_id, stats=counts, **job.params):
             if job.cancel.is_set():
                 outcome = "cancelled"
                 break
@@ -239,7 +220,7 @@ def run_job(job: Job, model, tokenizer, eos_id: int | None, stats: Stats) -> Non
         job.put("error", f"generation failed: {type(e).__name__}: {e}")
     finally:
         job.finished = time.perf_counter()
-        job.completion_tokens = counted.sampled
+        job.completion_tokens = counts.get("completion_tokens", 0)
         with stats.lock:
             stats.tokens += job.completion_tokens
             key = ("true" if job.stream else "false", outcome)
