@@ -2,7 +2,7 @@
 
     from course import nb
     data_dir = nb.data_dir(FAST)            # FAST: a small built-in-corpus subset under out/nb/; else data/builtin-32k
-    run_dir = nb.trained_run(FAST)          # FAST: a tiny model trained for a few dozen steps; else out/mini_lm
+    run_dir = nb.trained_run(FAST)          # FAST: a tiny model trained for 500 steps (~30 s); else out/mini_lm
 
 Both are cached: a notebook that finds the data dir or a run with the same config reuses it, so the week's
 notebooks build them once. Everything FAST mode writes goes under out/nb/ (gitignored).
@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 FAST_FILES = 120  # stdlib modules in the FAST data dir: enough text for a tokenizer and a tiny model
-FAST_VOCAB = 512  # small: a tiny model learns its statistics in a few dozen steps
+FAST_VOCAB = 512  # small: a tiny model learns its statistics in a few hundred steps
 
 
 def repo_root() -> Path:
@@ -53,15 +53,15 @@ def data_dir(fast: bool = True, vocab_size: int | None = None) -> Path:
 
 
 def run_config(fast: bool = True, data: Path | None = None, **overrides):
-    """The RunConfig the notebooks train: a ~0.3M-parameter model for FAST, the mini_lm preset otherwise."""
+    """The RunConfig the notebooks train: a 0.14M-parameter model for FAST, the mini_lm preset otherwise."""
     from minilm.config import apply_overrides, get_preset
 
     data = data or data_dir(fast)
     if fast:
         cfg = get_preset("tiny")
         apply_overrides(cfg, {"n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 64, "batch_size": 16,
-                              "max_iters": 100, "lr_decay_iters": 100, "warmup_iters": 10, "lr": 5e-3, "min_lr": 5e-4,
-                              "eval_interval": 20, "eval_iters": 5, "log_interval": 10, "sample_tokens": 24,
+                              "max_iters": 500, "lr_decay_iters": 500, "warmup_iters": 20, "lr": 1e-2, "min_lr": 1e-3,
+                              "eval_interval": 100, "eval_iters": 5, "log_interval": 25, "sample_tokens": 24,
                               "tensorboard": True, "progress": True, "seed": 0})
     else:
         cfg = get_preset("mini_lm")

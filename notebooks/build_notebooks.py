@@ -73,6 +73,18 @@ def header(path: str, title: str, intro: str) -> list:
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
             DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
             %matplotlib inline
+
+
+            def show():
+                """Display the current figure inline, even after a package switched matplotlib to Agg to save files."""
+                from IPython.display import display
+
+                fig = plt.gcf()
+                fig.tight_layout()
+                display(fig)
+                plt.close(fig)
+
+
             print(f"FAST={FAST}, device={DEVICE}, torch {torch.__version__}")
         '''),
     ]
@@ -108,7 +120,7 @@ CURATION = header("week17/01_data_curation.ipynb", "Week 17 · 01 — From raw t
         for kind, ls in lengths.items():
             plt.hist(ls, bins=bins, alpha=0.6, label=f"{kind} ({len(ls)})")
         plt.xscale("log"); plt.xlabel("characters per document"); plt.ylabel("documents"); plt.legend()
-        plt.tight_layout(); plt.show()
+        show()
         sample = random.Random(SEED).choice([d for d in docs if d["kind"] == "prose"])
         print(sample["id"], "\\n", sample["text"][:400])
     """),
@@ -163,7 +175,7 @@ CURATION = header("week17/01_data_curation.ipynb", "Week 17 · 01 — From raw t
         est = [float((sig[i] == sig[j]).mean()) for i, j in pairs]
         plt.figure(figsize=(4, 4))
         plt.scatter(exact, est, s=12); plt.plot([0, 1], [0, 1], color="grey", lw=0.8)
-        plt.xlabel("exact Jaccard"); plt.ylabel("MinHash estimate (112 hashes)"); plt.tight_layout(); plt.show()
+        plt.xlabel("exact Jaccard"); plt.ylabel("MinHash estimate (112 hashes)"); show()
         print(f"{len(pairs)} pairs, mean |estimate - exact| = {np.mean(np.abs(np.subtract(est, exact))):.3f}")
     """),
     md("""
@@ -178,7 +190,7 @@ CURATION = header("week17/01_data_curation.ipynb", "Week 17 · 01 — From raw t
         plt.figure(figsize=(5, 3))
         for b, r in [(14, 8), (20, 5), (9, 12)]:
             plt.plot(s_grid, [match_probability(s, b, r) for s in s_grid], label=f"{b} bands x {r} rows")
-        plt.xlabel("Jaccard similarity"); plt.ylabel("P(candidate pair)"); plt.legend(); plt.tight_layout(); plt.show()
+        plt.xlabel("Jaccard similarity"); plt.ylabel("P(candidate pair)"); plt.legend(); show()
 
         clusters = near_duplicate_clusters(sig, bands=14, rows=8, threshold=0.7)
         for c in clusters:
@@ -219,7 +231,7 @@ CURATION = header("week17/01_data_curation.ipynb", "Week 17 · 01 — From raw t
                   f"{st['removed'] or ''}")
         fig, ax = plt.subplots(figsize=(7, 3))
         ax.bar([st["name"] for st in stats["stages"]], [st["docs_kept"] for st in stats["stages"]])
-        ax.set_ylabel("documents kept"); plt.xticks(rotation=30, ha="right"); plt.tight_layout(); plt.show()
+        ax.set_ylabel("documents kept"); plt.xticks(rotation=30, ha="right"); show()
         meta = json.loads((data_dir / "meta.json").read_text())
         print(f"tokens: {meta['tokens']}, vocab {meta['vocab_size']}, {stats['bytes_per_token']} bytes/token")
     """),
@@ -347,7 +359,7 @@ TOKENIZATION = header("week17/02_tokenization.ipynb", "Week 17 · 02 — Tokeniz
         ax[1].plot(sizes, [r[3] for r in rows], "o-", label="ours (Python)")
         ax[1].plot(sizes, [r[4] for r in rows], "s--", label="tokenizers (Rust)")
         ax[1].set_xlabel("vocabulary size"); ax[1].set_ylabel("training seconds"); ax[1].legend()
-        plt.tight_layout(); plt.show()
+        show()
     """),
     md("""
         Same algorithm, same pre-tokenization idea: the compression comes out (nearly) the same; where the two
@@ -413,8 +425,8 @@ METRICS = header("week17/03_metrics.ipynb", "Week 17 · 03 — Measuring a langu
         ## 1. A model to measure
 
         We need a trained model and held-out tokens. `course.nb` builds (or reuses) a small data dir from the
-        built-in corpus and trains a tiny GPT for a few dozen steps; with `FAST = False` it uses the full corpus and
-        the `mini_lm` run from notebook 05.
+        built-in corpus and trains a tiny GPT for a few hundred steps (or reuses the run notebook 05 made); with
+        `FAST = False` it uses the full corpus and the `mini_lm` run from notebook 05.
     """),
     code("""
         from course import check, nb
@@ -476,7 +488,7 @@ METRICS = header("week17/03_metrics.ipynb", "Week 17 · 03 — Measuring a langu
         ax[0].invert_xaxis(); ax[0].set_title("more context per token -> lower perplexity")
         ax[1].plot(strides, secs, "o-", color="C1"); ax[1].set_xlabel("stride"); ax[1].set_ylabel("seconds")
         ax[1].invert_xaxis(); ax[1].set_title("... at window/stride times the cost")
-        plt.tight_layout(); plt.show()
+        show()
     """),
     md("""
         **Baselines.** Perplexity alone says little: is 40 good? Compare with models that only count. A unigram model
@@ -499,14 +511,15 @@ METRICS = header("week17/03_metrics.ipynb", "Week 17 · 03 — Measuring a langu
             print(f"{name:>8}: perplexity {res.perplexity:9.2f}   bits/byte {res.bits_per_byte:.3f}")
         plt.figure(figsize=(5, 3))
         plt.bar(list(results), [res.bits_per_byte for res in results.values()], color=["grey", "C0", "C1", "C2"])
-        plt.ylabel("bits per byte (lower is better)"); plt.tight_layout(); plt.show()
+        plt.ylabel("bits per byte (lower is better)"); show()
         verdict = "beats" if results["our GPT"].nll < results["bigram"].nll else "does not beat yet"
         print(f"the GPT {verdict} the bigram baseline")
     """),
     md("""
-        In `FAST` mode the GPT has trained for about a minute on a small corpus: it has barely started to use its
-        context (note how little the stride changed above), and a bigram table is still better. That is what an
-        undertrained model looks like; the `mini_lm` run (`FAST = False`, notebook 05) is far below both baselines.
+        In `FAST` mode the GPT has trained for half a minute on a small corpus: it has only started to use its
+        context (note how little the stride changed above) and sits near the bigram baseline. That is what an
+        undertrained model looks like; the `mini_lm` run (`FAST = False`, notebook 05) should be far below both
+        baselines (expected, not measured here).
     """),
     md("""
         ### Exercise 1 — sliding-window perplexity
@@ -558,7 +571,7 @@ METRICS = header("week17/03_metrics.ipynb", "Week 17 · 03 — Measuring a langu
         plt.figure(figsize=(5, 3))
         plt.plot(ratio, np.where(ratio >= 1, 1.0, np.exp(1 - 1 / ratio)))
         plt.xlabel("hypothesis length / reference length"); plt.ylabel("brevity penalty")
-        plt.title("short outputs are penalised; long ones pay in precision"); plt.tight_layout(); plt.show()
+        plt.title("short outputs are penalised; long ones pay in precision"); show()
     """),
     md("""
         ### Exercise 2 — corpus BLEU
@@ -635,7 +648,7 @@ METRICS = header("week17/03_metrics.ipynb", "Week 17 · 03 — Measuring a langu
         fig, ax = plt.subplots(1, 3, figsize=(10, 2.8))
         for i, name in enumerate(["distinct-2 (higher: diverse)", "repetition-4 (lower: no loops)", "self-BLEU"]):
             ax[i].plot(temps, [r[i] for r in rows], "o-"); ax[i].set_xlabel("temperature"); ax[i].set_title(name)
-        plt.tight_layout(); plt.show()
+        show()
         print("a sample at T=0.8:", repr(tok.decode(model.generate(prompt, 40, 0.8, seed=SEED)[0].tolist())))
     """),
     md("""
@@ -693,7 +706,7 @@ EFFICIENT = header("week17/04_efficient_training.ipynb", "Week 17 · 04 — Maki
             if s:
                 plt.axvline(i, color="red", alpha=0.2)
         plt.yscale("log", base=2); plt.xlabel("step (red: skipped)"); plt.ylabel("loss scale"); plt.legend()
-        plt.tight_layout(); plt.show()
+        show()
     """),
     md("""
         ### Exercise 1 — a dynamic loss scaler
@@ -774,7 +787,7 @@ EFFICIENT = header("week17/04_efficient_training.ipynb", "Week 17 · 04 — Maki
             mem_ck.append(activation_memory(apply_checkpointing(GPT(c)), idx, idx) / 2**20)
         plt.figure(figsize=(5, 3))
         plt.plot(depths, mem_plain, "o-", label="plain"); plt.plot(depths, mem_ck, "o-", label="checkpointed")
-        plt.xlabel("layers"); plt.ylabel("saved activations (MiB)"); plt.legend(); plt.tight_layout(); plt.show()
+        plt.xlabel("layers"); plt.ylabel("saved activations (MiB)"); plt.legend(); show()
     """),
     md("""
         ## 3. Gradient accumulation
@@ -866,7 +879,7 @@ EFFICIENT = header("week17/04_efficient_training.ipynb", "Week 17 · 04 — Maki
 
 TRAINING = header("week18/05_training.ipynb", "Week 18 · 05 — Training the mini LM", """
     The model in `minilm/model.py`, its configs, a training run with learning curves (matplotlib and TensorBoard),
-    and resuming. With `FAST = True` a tiny model trains for a few dozen steps on a subset of the built-in corpus;
+    and resuming. With `FAST = True` a tiny model trains for 500 steps on a subset of the built-in corpus;
     with `FAST = False` this notebook trains the course project, the `mini_lm` preset (48M parameters), on a GPU.
     Days 8–11 of the course ([week18.md](../../course/week18.md)).
 """) + [
@@ -991,7 +1004,7 @@ TRAINING = header("week18/05_training.ipynb", "Week 18 · 05 — Training the mi
         ax[0].set_xlabel("step"); ax[0].set_ylabel("loss"); ax[0].legend()
         lr_rows = [r for r in rows if r.get("lr") is not None]
         ax[1].plot([r["step"] for r in lr_rows], [r["lr"] for r in lr_rows]); ax[1].set_title("learning rate")
-        ax[1].set_xlabel("step"); plt.tight_layout(); plt.show()
+        ax[1].set_xlabel("step"); show()
         print("keys logged:", sorted({k for r in rows for k in r}))
     """),
     md("""
@@ -1073,8 +1086,8 @@ EVALUATION = header("week18/06_evaluation.ipynb", "Week 18 · 06 — Evaluating 
         ## 1. Perplexity against the baselines
 
         The first question is whether the transformer beats counting. Bits per byte makes runs with different
-        tokenizers comparable. (In `FAST` mode the model has trained for about a minute: expect it to beat the
-        unigram baseline at best, not yet the bigram one; the `mini_lm` run should beat both by a wide margin.)
+        tokenizers comparable. (In `FAST` mode the model has trained for half a minute: it beats the unigram
+        baseline and is near the bigram one; the `mini_lm` run should beat both by a wide margin — expected.)
     """),
     code("""
         ppl, base = results["perplexity"], results["baselines"]
@@ -1087,8 +1100,8 @@ EVALUATION = header("week18/06_evaluation.ipynb", "Week 18 · 06 — Evaluating 
         ax[0].set_xlabel("bits per byte (lower is better)")
         ax[1].plot(results["loss_by_position"])
         ax[1].set_xlabel("position in the context window"); ax[1].set_ylabel("mean loss")
-        ax[1].set_title("later positions see more context")
-        plt.tight_layout(); plt.show()
+        ax[1].set_title("loss by position: falls once the model uses its context")
+        show()
     """),
     md("""
         ## 2. The continuation task
@@ -1196,7 +1209,7 @@ SERVING = header("week18/07_serving.ipynb", "Week 18 · 07 — Sampling and serv
                                 torch.ones(4000, 1, dtype=torch.bool), t, k, p, 1.0, torch.Generator().manual_seed(0))
             freq = torch.bincount(draws, minlength=logits.numel()).float() / 4000
             a.bar(range(30), freq[order].numpy()); a.set_title(title); a.set_xlabel("token rank")
-        ax[0].set_ylabel("share of 4,000 draws"); plt.tight_layout(); plt.show()
+        ax[0].set_ylabel("share of 4,000 draws"); show()
     """),
     md("""
         ### Exercise — the filtered distribution
