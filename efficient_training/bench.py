@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
+from tqdm import tqdm
 
 from efficient_training.amp import LossScaler, autocast_context, half_copy, master_weights_step
 from efficient_training.checkpointing import apply_checkpointing, saved_tensor_bytes
@@ -221,14 +222,23 @@ def activation_bytes(cfg: ModelConfig, batch: int, ckpt: bool, device: torch.dev
 
 def largest_batch(cfg: ModelConfig, budget_mb: float, ckpt: bool, device: torch.device) -> int:
     """Largest batch whose memory fits budget_mb: measured at batch 1 and 2, extrapolated (memory is linear in
-    batch), then checked by measuring at the answer and stepping down until it fits."""
+    batch), then checked by measuring at the answer and stepping down until it fits. On CUDA the memory is the
+    peak of forward + backward above the model's weights (optimizer state not included)."""
     budget = budget_mb * 2**20
     m1, m2 = activation_bytes(cfg, 1, ckpt, device), activation_bytes(cfg, 2, ckpt, device)
     per_row = max(m2 - m1, 1)
     b = max(int((budget - (m1 - per_row)) // per_row), 0)
-    while b > 0 and activation_bytes(cfg, b, ckpt, device) > budget:
+    while b > 0 and _bytes_or_inf(cfg, b, ckpt, device) > budget:
         b = int(b * 0.95)
     return b
+
+
+def _bytes_or_inf(cfg: ModelConfig, batch: int, ckpt: bool, device: torch.device) -> float:
+    try:
+        return activation_bytes(cfg, batch, ckpt, device)
+    except torch.OutOfMemoryError:  # the extrapolation overshot the real device
+        torch.cuda.empty_cache()
+        return float("inf")
 
 
 def memory_sweep(cfg: ModelConfig, batch: int, device: torch.device) -> dict:
@@ -236,14 +246,11 @@ def memory_sweep(cfg: ModelConfig, batch: int, device: torch.device) -> dict:
     depths = [1, 2, 4, 8]
     seqs = [32, 64, 128, 256]
     out = {"depth": [], "seq": []}
-    for d in depths:
-        c = ModelConfig(**{**cfg.__dict__, "n_layer": d})
-        out["depth"].append((d, activation_bytes(c, batch, False, device) / 2**20,
-                             activation_bytes(c, batch, True, device) / 2**20))
-    for t in seqs:
-        c = ModelConfig(**{**cfg.__dict__, "block_size": t})
-        out["seq"].append((t, activation_bytes(c, batch, False, device) / 2**20,
-                           activation_bytes(c, batch, True, device) / 2**20))
+    points = [("depth", d, {"n_layer": d}) for d in depths] + [("seq", t, {"block_size": t}) for t in seqs]
+    for key, value, change in tqdm(points, desc="memory vs depth and length", leave=False):
+        c = ModelConfig(**{**cfg.__dict__, **change})
+        out[key].append((value, activation_bytes(c, batch, False, device) / 2**20,
+                         activation_bytes(c, batch, True, device) / 2**20))
     return out
 
 
@@ -345,6 +352,7 @@ def main(argv: list[str] | None = None) -> str:
         budget = 0.9 * torch.cuda.get_device_properties(device).total_memory / 2**20
     else:
         budget = 1024.0
+    print(f"  searching the largest batch within {budget:.0f} MB, with and without checkpointing", flush=True)
     fit_plain = largest_batch(cfg, budget, False, device)
     fit_ckpt = largest_batch(cfg, budget, True, device)
     sweep = memory_sweep(cfg, 4, device)
