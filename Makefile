@@ -35,7 +35,7 @@ test-py: $(STAMP)
 	$(BIN)/python -m pytest tests -q
 
 test-notebooks: $(STAMP)
-	$(BIN)/python -m pytest --nbval-lax --nbval-cell-timeout=600 -p no:cacheprovider notebooks -q
+	$(BIN)/python -m pytest --nbval-lax --nbval-cell-timeout=300 -p no:cacheprovider notebooks -q
 
 test: $(STAMP) browser lint test-py test-notebooks
 

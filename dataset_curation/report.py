@@ -16,16 +16,14 @@ def _save(fig, path: Path) -> None:
 
 def write_plots(out: Path, stats: dict, lengths_in: list[int], lengths_out: list[int],
                 doc_tokens: np.ndarray) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: no global backend switch, so notebooks keep inline plots
 
     plots = out / "plots"
     plots.mkdir(exist_ok=True)
     made = []
 
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+    fig = Figure(figsize=(7, 3.5))
+    ax = fig.subplots()
     bins = np.logspace(0, np.log10(max(max(lengths_in, default=10), 10)) + 0.1, 50)
     ax.hist([max(x, 1) for x in lengths_in], bins=bins, alpha=0.6, label=f"read ({len(lengths_in):,})")
     ax.hist([max(x, 1) for x in lengths_out], bins=bins, alpha=0.6, label=f"kept ({len(lengths_out):,})")
@@ -34,47 +32,46 @@ def write_plots(out: Path, stats: dict, lengths_in: list[int], lengths_out: list
     fig.tight_layout()
     _save(fig, plots / "lengths.png")
     made.append("lengths.png")
-    plt.close(fig)
 
     reasons = [(f"{s['name']}: {r}", n) for s in stats["stages"] for r, n in s["removed"].items()]
     reasons.sort(key=lambda x: x[1])
-    fig, ax = plt.subplots(figsize=(7, max(2.5, 0.28 * len(reasons) + 1)))
+    fig = Figure(figsize=(7, max(2.5, 0.28 * len(reasons) + 1)))
+    ax = fig.subplots()
     if reasons:
         ax.barh([r for r, _ in reasons], [n for _, n in reasons], color="tab:red")
     ax.set(xlabel="documents removed", title="Removals by stage and reason")
     fig.tight_layout()
     _save(fig, plots / "removals.png")
     made.append("removals.png")
-    plt.close(fig)
 
     sizes = stats["near_duplicate_clusters"]["sizes"]
-    fig, ax = plt.subplots(figsize=(6, 3.2))
+    fig = Figure(figsize=(6, 3.2))
+    ax = fig.subplots()
     if sizes:
         ax.hist(sizes, bins=np.arange(2, max(sizes) + 2) - 0.5, color="tab:purple")
     ax.set(xlabel="documents in cluster", ylabel="clusters", title=f"Near-duplicate clusters ({len(sizes)})")
     fig.tight_layout()
     _save(fig, plots / "clusters.png")
     made.append("clusters.png")
-    plt.close(fig)
 
     src = stats["per_source"]
-    fig, ax = plt.subplots(figsize=(6, 3.2))
+    fig = Figure(figsize=(6, 3.2))
+    ax = fig.subplots()
     names = sorted(src, key=lambda k: src[k]["tokens"])
     ax.barh(names, [src[k]["tokens"] for k in names], color="tab:green")
     ax.set(xlabel="tokens (train + val)", title="Tokens per source")
     fig.tight_layout()
     _save(fig, plots / "tokens_per_source.png")
     made.append("tokens_per_source.png")
-    plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(6, 3.2))
+    fig = Figure(figsize=(6, 3.2))
+    ax = fig.subplots()
     if len(doc_tokens):
         ax.hist(doc_tokens, bins=np.logspace(0, np.log10(max(doc_tokens.max(), 10)) + 0.1, 50), color="tab:blue")
     ax.set(xscale="log", xlabel="tokens per document", ylabel="documents", title="Token-length distribution")
     fig.tight_layout()
     _save(fig, plots / "token_lengths.png")
     made.append("token_lengths.png")
-    plt.close(fig)
     return made
 
 

@@ -270,12 +270,10 @@ def markdown(rows: list[dict], header: str, mem_label: str) -> str:
 
 
 def plot(rows: list[dict], sweep: dict, path: Path, title: str) -> None:
-    import matplotlib
+    from matplotlib.figure import Figure  # not pyplot: no global backend switch, so notebooks keep inline plots
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(17, 5.5))
+    fig = Figure(figsize=(17, 5.5))
+    axes = fig.subplots(1, 3)
     names = [r["name"] for r in rows]
     base = rows[0]
     speed = [r["tok_s"] / base["tok_s"] for r in rows]
@@ -301,7 +299,6 @@ def plot(rows: list[dict], sweep: dict, path: Path, title: str) -> None:
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=110)
-    plt.close(fig)
     os.replace(tmp, path)
 
 

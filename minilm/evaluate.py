@@ -260,12 +260,10 @@ def evaluate(out_dir: str | Path, *, data_dir: str | Path | None = None, device:
 
 def plot_dashboard(r: dict, path: Path) -> None:
     """Four panels: perplexities vs baselines, loss by context position, continuation scores, generation metrics."""
-    import matplotlib
+    from matplotlib.figure import Figure  # not pyplot: no global backend switch, so notebooks keep inline plots
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(2, 2, figsize=(12, 8))
+    fig = Figure(figsize=(12, 8))
+    ax = fig.subplots(2, 2)
     p, b = r["perplexity"], r["baselines"]
     names = ["unigram", "bigram", "model\n(non-overlap)", "model\n(sliding)"]
     vals = [b["unigram"]["perplexity"], b["bigram"]["perplexity"], p["non_overlapping"]["perplexity"],
@@ -308,7 +306,6 @@ def plot_dashboard(r: dict, path: Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
     os.close(fd)
     fig.savefig(tmp, dpi=90)
-    plt.close(fig)
     os.replace(tmp, path)
 
 

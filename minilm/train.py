@@ -138,15 +138,13 @@ def estimate_loss(model, datasets: dict, cfg: RunConfig, device: str, ctx) -> di
 
 
 def plot_curves(metrics_path: Path, png_path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: no global backend switch, so notebooks keep inline plots
 
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     if train:
         ax.plot(*zip(*train), label="train loss (per log step)", alpha=0.6)
     if val:
@@ -159,7 +157,6 @@ def plot_curves(metrics_path: Path, png_path: Path) -> None:
     fig.tight_layout()
     tmp = png_path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=110)
-    plt.close(fig)
     os.replace(tmp, png_path)
 
 

@@ -512,7 +512,7 @@ METRICS = header("week17/03_metrics.ipynb", "Week 17 · 03 — Measuring a langu
         plt.figure(figsize=(5, 3))
         plt.bar(list(results), [res.bits_per_byte for res in results.values()], color=["grey", "C0", "C1", "C2"])
         plt.ylabel("bits per byte (lower is better)"); show()
-        verdict = "beats" if results["our GPT"].nll < results["bigram"].nll else "does not beat yet"
+        verdict = "beats" if results["our GPT"].nll < results["bigram"].nll else "does not yet beat"
         print(f"the GPT {verdict} the bigram baseline")
     """),
     md("""
@@ -962,16 +962,18 @@ TRAINING = header("week18/05_training.ipynb", "Week 18 · 05 — Training the mi
         overridden, as on the command line):
     """),
     code("""
+        from minilm.config import get_preset
+
         data_dir = nb.data_dir(FAST)
         cfg = nb.run_config(FAST, data_dir)
         print(f"data: {data_dir}")
         print(f"model: {cfg.model}")
         print(f"train: max_iters={cfg.train.max_iters} batch_size={cfg.train.batch_size} lr={cfg.train.lr} "
               f"out_dir={cfg.train.out_dir}")
-        print("the same from a shell: python -m minilm.train " + " ".join(
-            f"--{k}={v}" for k, v in [("preset", cfg.train.preset), ("data_dir", data_dir),
-                                       ("n_layer", cfg.model.n_layer), ("n_embd", cfg.model.n_embd),
-                                       ("max_iters", cfg.train.max_iters)]))
+        base = get_preset(cfg.train.preset).to_dict()
+        changed = {k: v for part in ("model", "train") for k, v in cfg.to_dict()[part].items() if base[part][k] != v}
+        print(f"the same from a shell: python -m minilm.train --preset={cfg.train.preset} "
+              + " ".join(f"--{k}={v}" for k, v in changed.items()))
     """),
     code("""
         import shutil
