@@ -43,17 +43,17 @@ class TrainConfig:
     # optimisation
     batch_size: int = 16  # micro-batch per process
     grad_accum: int = 1  # micro-batches per optimizer step per process
-    max_iters: int = 600
+    max_iters: int = 500
     lr: float = 2e-3
     min_lr: float = 2e-4
-    warmup_iters: int = 50
-    lr_decay_iters: int = 600  # cosine decay ends here; normally = max_iters
+    warmup_iters: int = 40
+    lr_decay_iters: int = 500  # cosine decay ends here; normally = max_iters
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # 0 disables clipping
     # evaluation, logging, checkpoints
-    eval_interval: int = 100
+    eval_interval: int = 125
     eval_iters: int = 20
     log_interval: int = 10
     sample_tokens: int = 64  # tokens sampled at each eval (0 disables)
