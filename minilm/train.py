@@ -222,13 +222,13 @@ def train(cfg: RunConfig, why: str = "") -> dict:
         del ckpt
 
     n_params = model.num_params()
-    tokens_per_step = t.batch_size * m.block_size * t.grad_accum
+    tokens_per_step = t.batch_size * m.block_size * t.grad_accum  # over all processes: grad_accum is global
     if master:
         log.info(f"model: {n_params:,} parameters ({n_params / 1e6:.2f}M), n_layer={m.n_layer} n_head={m.n_head} "
                  f"n_embd={m.n_embd} block_size={m.block_size} vocab_size={m.vocab_size}")
         log.info(f"data: {data_dir} ({len(train_data):,} train / {len(val_data):,} val tokens, {meta['dtype']})")
         log.info(f"device: {device}, dtype: {dtype}, processes: {world}, compile: {t.compile}; "
-                 f"{tokens_per_step * world // t.grad_accum * t.grad_accum:,} tokens per optimizer step")
+                 f"{tokens_per_step:,} tokens per optimizer step")
         (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         tok_src = data_dir / meta.get("tokenizer", "tokenizer.json")
         if tok_src.is_file():
@@ -259,7 +259,7 @@ def train(cfg: RunConfig, why: str = "") -> dict:
             f.write(json.dumps(row) + "\n")
         if writer is not None:
             for k, v in row.items():
-                if k != "step" and isinstance(v, (int, float)) and v is not None:
+                if k != "step" and isinstance(v, (int, float)):
                     writer.add_scalar(k, v, row["step"])
 
     def checkpoint(name: str) -> None:
@@ -379,10 +379,9 @@ def train(cfg: RunConfig, why: str = "") -> dict:
             if step % t.log_interval == 0 or step == t.max_iters:
                 loss_val = loss_sum.item()
                 dt = time.perf_counter() - t_log
-                tok_s = tokens_since_log * world / dt
+                tok_s = tokens_since_log / dt
                 mfu, _ = raw_model.estimate_mfu(tok_s / world, peak_name, dtype)
-                record({"step": step, "loss": loss_val, "lr": lr, "tokens_per_s": tok_s,
-                        "mfu": mfu if mfu is not None else None})
+                record({"step": step, "loss": loss_val, "lr": lr, "tokens_per_s": tok_s, "mfu": mfu})
                 if progress is not None:
                     progress.set_postfix(loss=f"{loss_val:.3f}", tok_s=f"{tok_s:,.0f}",
                                          mfu=f"{mfu:.1%}" if mfu is not None else "n/a")
@@ -430,7 +429,7 @@ def train(cfg: RunConfig, why: str = "") -> dict:
     if master and metrics_path.exists():
         plot_curves(metrics_path, out_dir / "learning_curve.png")
     result = {"step": step, "best_val_loss": best_val, "stopped_by": stopped_by, "n_params": n_params,
-              **{k: v for k, v in last_eval.items()}}
+              **last_eval}
     if master and last_eval:
         log.info(f"done at step {step}: val loss {last_eval['val_loss']:.4f}, val perplexity "
                  f"{last_eval['val_ppl']:.2f} (best val loss {best_val:.4f})")
