@@ -68,6 +68,14 @@ def atomic_save(obj: object, path: str | Path) -> None:
         raise
 
 
+def atomic_write_bytes(data: bytes, path: str | Path) -> None:
+    """Write a small file via a temp file and os.replace, so readers never see half of it."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
 def save_checkpoint(path: str | Path, *, model: torch.nn.Module, optimizer=None, scaler=None, step: int = 0,
                     best_val_loss: float = float("inf"), config: dict | None = None, data_state: dict | None = None,
                     meta: dict | None = None, ema: dict | None = None, extra: dict | None = None) -> None:

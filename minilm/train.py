@@ -13,7 +13,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -22,7 +21,13 @@ import numpy as np
 import torch
 import yaml
 
-from minilm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, set_rng_state
+from minilm.checkpoint import (
+    CheckpointError,
+    atomic_write_bytes,
+    load_checkpoint,
+    save_checkpoint,
+    set_rng_state,
+)
 from minilm.config import ConfigError, ModelConfig, RunConfig, parse_args, validate
 from minilm.data import DataError, TokenData, load_tokenizer, read_meta
 from minilm.model import GPT
@@ -229,10 +234,10 @@ def train(cfg: RunConfig, why: str = "") -> dict:
         log.info(f"data: {data_dir} ({len(train_data):,} train / {len(val_data):,} val tokens, {meta['dtype']})")
         log.info(f"device: {device}, dtype: {dtype}, processes: {world}, compile: {t.compile}; "
                  f"{tokens_per_step:,} tokens per optimizer step")
-        (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        atomic_write_bytes(yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode(), out_dir / "config.yaml")
         tok_src = data_dir / meta.get("tokenizer", "tokenizer.json")
         if tok_src.is_file():
-            shutil.copyfile(tok_src, out_dir / "tokenizer.json")
+            atomic_write_bytes(tok_src.read_bytes(), out_dir / "tokenizer.json")
 
     raw_model = model
     if t.compile:
