@@ -12,6 +12,7 @@ whole.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -145,19 +146,10 @@ def run_doc_stages(docs: list[dict], p: dict, fp: dict, num_proc: int = 1, progr
     kept, lengths, sigs = [], [], []
     jobs = ((chunk, p, fp) for chunk in _chunked(docs))
     bar = tqdm(total=len(docs), desc="normalize+filter+pii+minhash", unit="doc", disable=not progress, leave=False)
-    if num_proc > 1 and len(docs) > 50:
-        with shards.mp_context().Pool(num_proc) as pool:
-            results = pool.imap(_doc_stages, jobs)  # imap keeps chunk order: output independent of num_proc
-            for out, cst, lin, sig in results:
-                kept += out
-                lengths += lin
-                sigs.append(sig)
-                for a, b in zip(st, cst):
-                    a.merge(b)
-                bar.update(len(lin))
-    else:
-        for job in jobs:
-            out, cst, lin, sig = _doc_stages(job)
+    parallel = num_proc > 1 and len(docs) > 50
+    with shards.mp_context().Pool(num_proc) if parallel else contextlib.nullcontext() as pool:
+        # imap keeps chunk order, so the output does not depend on num_proc
+        for out, cst, lin, sig in (pool.imap(_doc_stages, jobs) if parallel else map(_doc_stages, jobs)):
             kept += out
             lengths += lin
             sigs.append(sig)

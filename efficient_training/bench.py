@@ -14,6 +14,7 @@ whatever else the machine is doing; rerun before trusting a small difference.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import tempfile
@@ -29,6 +30,7 @@ from tqdm import tqdm
 from efficient_training.amp import LossScaler, autocast_context, half_copy, master_weights_step
 from efficient_training.checkpointing import apply_checkpointing, saved_tensor_bytes
 from efficient_training.ddp import DDP, cleanup, free_port, setup, shard
+from minilm.checkpoint import atomic_write
 from minilm.config import ModelConfig, get_preset
 from minilm.model import GPT
 
@@ -297,15 +299,9 @@ def plot(rows: list[dict], sweep: dict, path: Path, title: str) -> None:
         ax.set_title(f"activation memory vs {xlabel}")
     fig.suptitle(title)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    atomic_write(buf.getvalue(), path)
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -366,10 +362,10 @@ def main(argv: list[str] | None = None) -> str:
               + ".\nActivation memory (MB, batch 4) vs sequence length: "
               + ", ".join(f"T={t} {a:.1f} -> {b:.1f}" for t, a, b in sweep["seq"]) + ".\n")
     tag = f"{args.preset}_{device.type}"
-    write_atomic(out / f"bench_{tag}.md", table)
-    write_atomic(out / f"bench_{tag}.json", json.dumps({"rows": rows, "largest_batch": [fit_plain, fit_ckpt],
-                                                        "budget_mb": budget, "sweep": sweep, "device": name},
-                                                       indent=1))
+    atomic_write(table, out / f"bench_{tag}.md")
+    summary = {"rows": rows, "largest_batch": [fit_plain, fit_ckpt], "budget_mb": budget, "sweep": sweep,
+               "device": name}
+    atomic_write(json.dumps(summary, indent=1), out / f"bench_{tag}.json")
     plot(rows, sweep, out / f"bench_{tag}.png", header.replace("**", ""))
     print()
     print(table)

@@ -68,12 +68,18 @@ def atomic_save(obj: object, path: str | Path) -> None:
         raise
 
 
-def atomic_write_bytes(data: bytes, path: str | Path) -> None:
-    """Write a small file via a temp file and os.replace, so readers never see half of it."""
+def atomic_write(data: bytes | str, path: str | Path) -> None:
+    """Write a file via a temp file in the same directory and os.replace, so readers never see half of it."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def save_checkpoint(path: str | Path, *, model: torch.nn.Module, optimizer=None, scaler=None, step: int = 0,

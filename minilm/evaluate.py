@@ -20,10 +20,9 @@ What it measures, all on the validation split (text the model never trained on):
 from __future__ import annotations
 
 import argparse
+import io
 import json
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -35,16 +34,9 @@ from metrics.bleu import corpus_bleu
 from metrics.generation import NgramIndex, distinct_n, repetition_rate, self_bleu
 from metrics.perplexity import perplexity, token_nll
 from metrics.rouge import bootstrap_aggregate, rouge_scores
-from minilm.checkpoint import CheckpointError, model_from_checkpoint
+from minilm.checkpoint import CheckpointError, atomic_write, model_from_checkpoint
 from minilm.data import DataError, TokenData, load_tokenizer, read_meta
 from minilm.sample import pick_device
-
-
-def write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def eval_stream(val: np.ndarray, eot: int, max_tokens: int | None) -> np.ndarray:
@@ -251,9 +243,9 @@ def evaluate(out_dir: str | Path, *, data_dir: str | Path | None = None, device:
         "seconds": time.perf_counter() - t_start,
     }
     if write:
-        write_atomic(out_dir / "eval.json", json.dumps(results, indent=2))
+        atomic_write(json.dumps(results, indent=2), out_dir / "eval.json")
         plot_dashboard(results, out_dir / "eval_dashboard.png")
-        write_atomic(out_dir / "eval.md", report_markdown(results))
+        atomic_write(report_markdown(results), out_dir / "eval.md")
         say(f"wrote {out_dir / 'eval.json'}, {out_dir / 'eval.md'}, {out_dir / 'eval_dashboard.png'}")
     return results
 
@@ -303,10 +295,9 @@ def plot_dashboard(r: dict, path: Path) -> None:
     run = r["run"]
     fig.suptitle(f"{run['out_dir']} - step {run['step']}, {run['params'] / 1e6:.2f}M params")
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=90)
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    atomic_write(buf.getvalue(), path)
 
 
 def _fence(text: str) -> str:

@@ -285,7 +285,8 @@ def check_sampling_args(max_new_tokens, temperature, top_k, top_p, repetition_pe
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 0")
     if temperature is None or not math.isfinite(temperature) or temperature < 0 or 0 < temperature < 1e-3:
-        raise ValueError(f"temperature={temperature!r} must be 0 (greedy) or a finite number >= 0.001")
+        raise ValueError(f"temperature={temperature!r} is out of range: use 0 for greedy decoding or a finite value "
+                         ">= 0.001 (smaller ones overflow the logits)")
     if top_k is not None and (not isinstance(top_k, int) or top_k < 0):
         raise ValueError(f"top_k={top_k!r} must be a positive integer, or 0/None for no top-k filter")
     if top_p is not None and not (0.0 < top_p <= 1.0):

@@ -29,18 +29,13 @@ def pick_device(name: str = "auto") -> str:
 
 
 def load_run(out_dir: str | Path, device: str = "cpu", data_dir: str | Path | None = None, best: bool = False):
-    """(model, tokenizer, checkpoint) for a run dir; the tokenizer comes from the run's data dir."""
+    """(model, tokenizer, checkpoint) for a run dir; the tokenizer is the run's copy, else its data dir's."""
     out_dir = Path(out_dir)
     path = out_dir / ("ckpt_best.pt" if best else "ckpt.pt") if out_dir.is_dir() else out_dir
     model, ckpt = model_from_checkpoint(path, device)
-    data_dir = Path(data_dir or ckpt["config"]["train"]["data_dir"])
-    tok_path = out_dir / "tokenizer.json"
-    if tok_path.is_file():  # train copies the tokenizer into the run dir so a run is self-contained
-        from tokenizers import Tokenizer
-
-        tokenizer = Tokenizer.from_file(str(tok_path))
-    else:
-        tokenizer = load_tokenizer(data_dir)
+    # train copies the tokenizer into the run dir, so a run is self-contained
+    has_copy = (path.parent / "tokenizer.json").is_file()
+    tokenizer = load_tokenizer(path.parent if has_copy else data_dir or ckpt["config"]["train"]["data_dir"])
     return model, tokenizer, ckpt
 
 

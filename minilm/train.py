@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import math
@@ -23,7 +24,7 @@ import yaml
 
 from minilm.checkpoint import (
     CheckpointError,
-    atomic_write_bytes,
+    atomic_write,
     load_checkpoint,
     save_checkpoint,
     set_rng_state,
@@ -160,9 +161,9 @@ def plot_curves(metrics_path: Path, png_path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = png_path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, png_path)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    atomic_write(buf.getvalue(), png_path)
 
 
 # ----------------------------------------------------------------------------- the training run
@@ -234,10 +235,10 @@ def train(cfg: RunConfig, why: str = "") -> dict:
         log.info(f"data: {data_dir} ({len(train_data):,} train / {len(val_data):,} val tokens, {meta['dtype']})")
         log.info(f"device: {device}, dtype: {dtype}, processes: {world}, compile: {t.compile}; "
                  f"{tokens_per_step:,} tokens per optimizer step")
-        atomic_write_bytes(yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode(), out_dir / "config.yaml")
+        atomic_write(yaml.safe_dump(cfg.to_dict(), sort_keys=False), out_dir / "config.yaml")
         tok_src = data_dir / meta.get("tokenizer", "tokenizer.json")
         if tok_src.is_file():
-            atomic_write_bytes(tok_src.read_bytes(), out_dir / "tokenizer.json")
+            atomic_write(tok_src.read_bytes(), out_dir / "tokenizer.json")
 
     raw_model = model
     if t.compile:
@@ -287,10 +288,11 @@ def train(cfg: RunConfig, why: str = "") -> dict:
                     p.copy_(e)
                     e.copy_(tmp)
 
+    tok = load_tokenizer(data_dir) if master and t.sample_tokens > 0 else None
+
     def sample_text() -> str:
-        if not (master and t.sample_tokens > 0):
+        if tok is None:
             return ""
-        tok = load_tokenizer(data_dir)
         ids = tok.encode(t.sample_prompt).ids or [meta.get("eot_id", 0)]
         idx = torch.tensor([ids[-m.block_size :]], device=device)
         with ctx:

@@ -34,12 +34,12 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Str
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
+from minilm.model import check_sampling_args
 from minilm.sample import eos_of, load_run, pick_device, stream_text
 
 PLAYGROUND = Path(__file__).with_name("playground.html")
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 KNOWN_PATHS = ("/", "/health", "/metrics", "/v1/generate", "/v1/model")
-MIN_TEMPERATURE = 1e-3  # below this (and above 0, which is greedy) logits / temperature overflow to inf
 
 
 class GenerateRequest(BaseModel):
@@ -403,9 +403,11 @@ def create_app(out_dir: str | Path, device: str = "cpu", *, best: bool = False, 
         if not all(valid_unicode(t) for t in [req.prompt, *(req.stop or [])]):
             return error_response(422, "prompt/stop: contains a lone UTF-16 surrogate (e.g. \\ud800), which is not "
                                        "text; send valid Unicode")
-        if 0 < req.temperature < MIN_TEMPERATURE:
-            return error_response(422, f"temperature: {req.temperature} is so small the logits overflow; use 0 for "
-                                       f"greedy decoding or a value >= {MIN_TEMPERATURE}")
+        try:  # the model's own rules for sampling parameters, checked before the request takes a worker
+            check_sampling_args(req.max_new_tokens, req.temperature, req.top_k, req.top_p, req.repetition_penalty,
+                                model.config.vocab_size, eos_id)
+        except ValueError as e:
+            return error_response(422, str(e))
         if len(req.prompt) > max_prompt_chars:
             return error_response(422, f"prompt: {len(req.prompt)} characters is over this server's limit of "
                                        f"{max_prompt_chars}; shorten it")
