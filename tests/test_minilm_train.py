@@ -66,7 +66,7 @@ def test_gradient_accumulation_equals_big_batch(tiny_data_dir, tmp_path):
         out = tmp_path / f"bs{bs}"
         train(tiny_run_config(tiny_data_dir, out, batch_size=bs, grad_accum=accum, max_iters=1, warmup_iters=0,
                               grad_clip=0.0, eval_iters=1, sample_tokens=0))
-        state = load_checkpoint(out)["optimizer"]["state"]
+        state = load_checkpoint(out)["optimizer"][0]["state"]  # a list: one state per optimizer
         grads.append(torch.cat([s["exp_avg"].flatten() / 0.1 for _, s in sorted(state.items())]))
     assert torch.allclose(grads[0], grads[1], atol=1e-6, rtol=0), (grads[0] - grads[1]).abs().max()
 
