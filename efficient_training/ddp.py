@@ -48,16 +48,10 @@ def setup(backend: str | None = None) -> tuple[int, int, int, torch.device]:
     if missing:
         raise RuntimeError(f"environment variables {missing} are not set: start the script with "
                            f"`torchrun --nproc_per_node=N script.py` (or set them yourself, see spawn_proof)")
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", rank))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    backend = backend or ("nccl" if device.type == "cuda" else "gloo")
-    if not dist.is_initialized():
-        dist.init_process_group(backend, rank=rank, world_size=world)
+    from minilm.device import setup_distributed  # the same set-up as minilm.train
+
+    rank, local_rank, world = setup_distributed(backend)
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     return rank, local_rank, world, device
 
 
