@@ -16,7 +16,6 @@ import contextlib
 import hashlib
 import json
 import os
-import pickle
 import sys
 import time
 import warnings
@@ -26,6 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from dataset_curation import dedup, filters, shards, sources, stages
+from dataset_curation.files import atomic_json, atomic_write, load_cache, save_cache
 from dataset_curation.stages import StageStats
 
 
@@ -64,26 +64,15 @@ def _hash(*parts) -> str:
     return hashlib.sha256(json.dumps([VERSION, *parts], sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-def _atomic_json(path: Path, obj) -> None:
-    _atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False, ensure_ascii=False) + "\n").encode())
-
-
 def _cached(cache: Path, name: str, key: str, fn, log):
-    """fn()'s result, from <cache>/<name>-<key>.pkl when a previous run already computed it."""
-    path = cache / f"{name}-{key}.pkl"
+    """fn()'s result, from <cache>/<name>-<key>.npz when a previous run already computed it."""
+    path = cache / f"{name}-{key}.npz"
     if path.is_file():
         log(f"  {name}: cached ({path.name})")
         os.utime(path)  # mark as in use, so pruning keeps it
-        with open(path, "rb") as f:
-            return pickle.load(f)
+        return load_cache(path)
     result = fn()
-    _atomic_write_bytes(path, pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL))
+    save_cache(path, result)
     return result
 
 
@@ -233,10 +222,10 @@ def build(recipe: str = "builtin", out: str | Path = "data/builtin-8k", vocab_si
     for s in st:
         log(f"[{s.name}] {s.docs_in:,} in, {s.docs_kept:,} kept, removed {s.removed} {s.counters}")
     if sh is not None:
-        path = out / "shards" / f"shard-{sh[0]}-of-{sh[1]}.pkl"
+        path = out / "shards" / f"shard-{sh[0]}-of-{sh[1]}.npz"
         path.parent.mkdir(exist_ok=True)
-        _atomic_write_bytes(path, pickle.dumps({"docs": kept, "stats": st, "lengths_in": lengths_in, "sig": sig,
-                                                "manifest": manifest, "params": [p, fp], "shard": sh}))
+        save_cache(path, {"docs": kept, "stats": st, "lengths_in": lengths_in, "sig": sig, "manifest": manifest,
+                          "params": [p, fp], "shard": list(sh)})
         log(f"[shard {sh[0]}/{sh[1]}] wrote {path}; run `python -m dataset_curation merge --out {out} "
             f"--num_shards {sh[1]}` when all {sh[1]} jobs are done")
         return path
@@ -252,16 +241,13 @@ def merge(out: str | Path, num_shards: int, vocab_size: int = 8192, num_proc: in
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else (lambda msg: None)
     p, fp = check_params(params)
     out = Path(out)
-    paths = [out / "shards" / f"shard-{i}-of-{num_shards}.pkl" for i in range(num_shards)]
+    paths = [out / "shards" / f"shard-{i}-of-{num_shards}.npz" for i in range(num_shards)]
     missing = [str(x) for x in paths if not x.is_file()]
     if missing:
         raise CurationError(f"merge needs all {num_shards} shard outputs; missing: {missing}. Run "
                             f"`python -m dataset_curation build ... --shard i/{num_shards}` for each")
-    parts = []
-    for path in paths:
-        with open(path, "rb") as f:
-            parts.append(pickle.load(f))
-    if any(part["params"] != [p, fp] for part in parts):
+    parts = [load_cache(path) for path in paths]
+    if any(part["params"] != json.loads(json.dumps([p, fp])) for part in parts):
         raise CurationError("the shard jobs ran with other parameters than this merge; pass the same ones")
     st = [StageStats("normalize"), StageStats("quality"), StageStats("pii")]
     kept, lengths_in, sigs = [], [], []
@@ -350,13 +336,11 @@ def _finish(out: Path, cache: Path, kept: list[dict], st: list[StageStats], leng
     if not tok_cache.is_file():
         texts = [d["text"] for d in by_split["train"]]
         tok = shards.train_tokenizer(texts, vocab_size, p["min_frequency"], length=len(texts), progress=progress)
-        tmp = tok_cache.with_name(tok_cache.name + ".tmp")
-        tok.save(str(tmp))
-        os.replace(tmp, tok_cache)
+        atomic_write(tok_cache, tok.to_str(pretty=True))
     else:
         log(f"  tokenizer: cached ({tok_cache.name})")
         os.utime(tok_cache)
-    _atomic_write_bytes(out / "tokenizer.json", tok_cache.read_bytes())
+    atomic_write(out / "tokenizer.json", tok_cache.read_bytes())
     timings["tokenizer"] = time.time() - t
     from tokenizers import Tokenizer
 
@@ -401,8 +385,8 @@ def _finish(out: Path, cache: Path, kept: list[dict], st: list[StageStats], leng
              "tokens": tokens, "documents": {sp: len(ds) for sp, ds in by_split.items()}, "bytes": n_bytes,
              "bytes_per_token": round(sum(n_bytes.values()) / max(sum(tokens.values()), 1), 4),
              "per_source": per_source, "target_tokens": target_tokens, "note": note}
-    _atomic_json(out / "stats.json", stats)
-    _atomic_json(out / "removed_samples.json", {s.name: s.samples for s in all_stats if s.samples})
+    atomic_json(out / "stats.json", stats)
+    atomic_json(out / "removed_samples.json", {s.name: s.samples for s in all_stats if s.samples})
     from dataset_curation import report
 
     t = time.time()
@@ -417,12 +401,12 @@ def _finish(out: Path, cache: Path, kept: list[dict], st: list[StageStats], leng
         timings["cpu_seconds_all_processes"] = own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
     except ImportError:
         pass
-    _atomic_json(out / "timings.json", {k: round(v, 2) for k, v in timings.items()})
+    atomic_json(out / "timings.json", {k: round(v, 2) for k, v in timings.items()})
     meta = {"vocab_size": n_vocab, "dtype": dtype, "eot_id": eot_id, "eot_token": shards.EOT,
             "tokenizer": "tokenizer.json", "tokens": tokens, "documents": stats["documents"], "bytes": n_bytes,
             "manifest": {**manifest, "vocab_size_requested": vocab_size, "target_tokens": target_tokens,
                          "params": {k: v for k, v in p.items() if v is not None}, "build_key": tok_key}}
-    _atomic_json(meta_path, meta)
+    atomic_json(meta_path, meta)
     _prune_cache(cache)
     log(f"[done] {out}: {tokens['train']:,} train + {tokens['val']:,} val tokens, "
         f"{stats['bytes_per_token']} bytes/token, {timings['total']:.1f}s")
@@ -434,6 +418,9 @@ def _prune_cache(cache: Path) -> None:
     # each stage's key is in its file name; this run wrote or touched its own, so keep the newest per stage
     newest: dict[str, Path] = {}
     for f in sorted(cache.iterdir(), key=lambda f: f.stat().st_mtime):
+        if f.name.endswith(".tmp"):  # left by a killed run (this run has finished writing)
+            f.unlink(missing_ok=True)
+            continue
         name = f.name.rsplit("-", 1)[0]
         if name in newest:
             newest[name].unlink(missing_ok=True)

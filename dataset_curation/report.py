@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-import os
+import io
 from pathlib import Path
 
 import numpy as np
 
+from dataset_curation.files import atomic_write
+
 
 def _save(fig, path: Path) -> None:
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=90, metadata={"Software": None})  # no version stamp: same inputs, same bytes
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, metadata={"Software": None})  # no version stamp: same inputs, same bytes
+    atomic_write(path, buf.getvalue())
 
 
 def write_plots(out: Path, stats: dict, lengths_in: list[int], lengths_out: list[int],
@@ -112,6 +114,4 @@ def render_markdown(stats: dict, meta_like: dict | None = None) -> str:
 def write_report(out: Path, stats: dict, lengths_in: list[int], lengths_out: list[int],
                  doc_tokens: np.ndarray) -> None:
     write_plots(out, stats, lengths_in, lengths_out, doc_tokens)
-    tmp = out / "report.md.tmp"
-    tmp.write_text(render_markdown(stats))
-    os.replace(tmp, out / "report.md")
+    atomic_write(out / "report.md", render_markdown(stats))
