@@ -77,6 +77,28 @@ def write_plots(out: Path, stats: dict, lengths_in: list[int], lengths_out: list
     return made
 
 
+def licence_table(rows: list[dict]) -> list[str]:
+    """Markdown lines: distributions kept and removed by licence verdict, then one row per distribution."""
+    kept = [r for r in rows if r["kept"]]
+    lines = ["", "## Licences", "",
+             f"{len(kept)} of {len(rows)} distributions kept (permissive licence); removed: "
+             + (", ".join(f"`{r['name']}` ({r['licence'] or 'no licence declared'}: {r['verdict']})"
+                          for r in rows if not r["kept"]) or "none") + ".", "",
+             "| licence | distributions | .py files | MB |", "|---|---:|---:|---:|"]
+    by: dict[str, list] = {}
+    for r in rows:
+        by.setdefault(f"{r['licence'] or '(none)'}{'' if r['kept'] else ' (removed)'}", []).append(r)
+    for lic, rs in sorted(by.items(), key=lambda x: -sum(r["bytes"] for r in x[1])):
+        n_files, mb = sum(r["files"] for r in rs), sum(r["bytes"] for r in rs) / 1e6
+        lines.append(f"| {lic} | {len(rs)} | {n_files:,} | {mb:.1f} |")
+    lines += ["", "| distribution | version | licence | kept | .py files | MB | documents after curation | tokens |",
+              "|---|---|---|---|---:|---:|---:|---:|"]
+    for r in sorted(rows, key=lambda r: -r["bytes"]):
+        lines.append(f"| {r['name']} | {r['version']} | {r['licence'] or '-'} | {'yes' if r['kept'] else 'no'} | "
+                     f"{r['files']:,} | {r['bytes'] / 1e6:.2f} | {r.get('documents', 0):,} | {r.get('tokens', 0):,} |")
+    return lines
+
+
 def render_markdown(stats: dict, meta_like: dict | None = None) -> str:
     lines = ["# Data report", ""]
     lines += ["## Stages", "", "Documents in = kept + removed at every stage (characters counted on the way in).", "",
@@ -100,6 +122,8 @@ def render_markdown(stats: dict, meta_like: dict | None = None) -> str:
     lines += ["", "| source | documents | tokens | bytes/token |", "|---|---:|---:|---:|"]
     for name, s in sorted(stats["per_source"].items()):
         lines.append(f"| {name} | {s['documents']:,} | {s['tokens']:,} | {s['bytes'] / max(s['tokens'], 1):.2f} |")
+    if stats.get("distributions"):
+        lines += licence_table(stats["distributions"])
     if stats.get("note"):
         lines += ["", f"**Note:** {stats['note']}"]
     lines += ["", "## Plots", ""]

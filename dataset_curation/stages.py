@@ -87,6 +87,22 @@ class StageStats:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# 0. Licence
+
+def licence_filter(docs: Iterable[dict], stats: StageStats) -> Iterator[dict]:
+    """Stage 0. Drop documents whose distribution's licence is not permissive, or says nothing usable (the
+    verdict of dataset_curation.licences, set by the installed source); documents without a verdict pass."""
+    for doc in docs:
+        verdict = doc.get("licence_verdict", "permissive")
+        if verdict == "not permissive":
+            stats.remove(doc, "not_permissive", f"{doc.get('dist')}: {doc.get('license')}")
+        elif verdict == "unknown":
+            stats.remove(doc, "unknown_licence", f"{doc.get('dist')} declares no licence we can read")
+        else:
+            yield stats.keep(len(doc["text"]), doc)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # 1. Normalize
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b\u200c\u200d\u2060\ufeff]")
