@@ -472,8 +472,9 @@ def _finish(out: Path, cache: Path, used: set, kept: list[dict], st: list[StageS
              "per_source": per_source, "target_tokens": target_tokens, "note": note,
              "tokenizer_trained_on_chars": tok_chars}
     if "distributions" in manifest:
-        stats["distributions"] = [{**{k: v for k, v in row.items() if k != "files_read"},
-                                   **per_dist.get(row["name"], {"documents": 0, "tokens": 0})}
+        stats["distributions"] = [{**row, **{f"{k}_after_curation": v for k, v in
+                                             per_dist.get(row["name"], {"documents": 0, "tokens": 0,
+                                                                        "bytes": 0}).items()}}
                                   for row in manifest["distributions"]]
     atomic_json(out / "stats.json", stats)
     atomic_json(out / "removed_samples.json", {s.name: s.samples for s in all_stats if s.samples})

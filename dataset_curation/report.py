@@ -95,7 +95,8 @@ def licence_table(rows: list[dict]) -> list[str]:
               "|---|---|---|---|---:|---:|---:|---:|"]
     for r in sorted(rows, key=lambda r: -r["bytes"]):
         lines.append(f"| {r['name']} | {r['version']} | {r['licence'] or '-'} | {'yes' if r['kept'] else 'no'} | "
-                     f"{r['files']:,} | {r['bytes'] / 1e6:.2f} | {r.get('documents', 0):,} | {r.get('tokens', 0):,} |")
+                     f"{r['files']:,} | {r['bytes'] / 1e6:.2f} | {r.get('documents_after_curation', 0):,} | "
+                     f"{r.get('tokens_after_curation', 0):,} |")
     return lines
 
 

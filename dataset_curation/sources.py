@@ -1,4 +1,5 @@
-"""Where documents come from: the built-in corpus (this interpreter's standard library), local files, the Hub.
+"""Where documents come from: the built-in corpus (this interpreter's standard library), the installed corpus
+(the standard library plus every installed distribution's source, licence-checked), local files, the Hub.
 
 Each source returns (documents, manifest). A document is {"id", "text", "source", "path", "license", "kind"};
 the manifest records what was read and a hash of the inputs, so the cache and the data dir know when to rebuild.

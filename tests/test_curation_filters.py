@@ -75,6 +75,21 @@ def test_code_rules_keep_code_that_prose_rules_would_drop():
     assert code_quality("pass\n") == "code_too_short"
 
 
+def test_generated_and_data_table_code():
+    # a lookup table like idna's uts46data or pygments' _mapping: mostly literals, not code to learn from
+    table = "TABLE = [\n" + "".join(f"    (0x{i:04X}, 'M', '{chr(97 + i % 26)}'),\n" for i in range(200)) + "]\n"
+    assert filters.literal_fraction(table) > 0.6 and code_quality(table) == "code_data_table"
+    real = "\n".join(f"def f{i}(values, scale=2):\n    total = sum(v * scale for v in values)\n"
+                      f"    return total / len(values) if values else 0.0\n" for i in range(40))
+    assert len(real) > 2000 and filters.literal_fraction(real) < 0.1 and code_quality(real) is None
+    assert code_quality(table[:1500]) is None  # short files are not judged by this rule
+    assert code_quality(real, path="pkg/proto/service_pb2.py") == "code_generated"  # protoc output, by name
+    st = StageStats("quality")
+    kept = list(quality_filter([doc(real, "code", "a"), {**doc(real, "code", "b"), "path": "x/api_pb2_grpc.py"}],
+                               st))
+    assert [d["id"] for d in kept] == ["a"] and st.removed == {"code_generated": 1}
+
+
 def test_quality_filter_routes_by_kind_and_conserves_counts():
     docs = [doc(GOOD_PROSE, id="p1"), doc("tiny text", id="p2"), doc("def f(x):\n    return x * 2\n", "code", "c1"),
             doc("x" * 2000, "code", "c2")]

@@ -126,6 +126,8 @@ def test_manifest_has_every_distribution_with_its_verdict(site, built):
         assert r["files"] == r["files_read"] == len(rows[name]["_files"])
     report = (built / "report.md").read_text()
     assert "## Licences" in report and "3 of 6 distributions kept" in report
+    stats = json.loads((built / "stats.json").read_text())
+    assert {r["name"]: r["bytes"] for r in stats["distributions"]} == {n: r["bytes"] for n, r in rows.items()}
 
 
 def test_licence_stage_removes_by_reason_and_counts_are_conserved(built):
@@ -140,7 +142,8 @@ def test_licence_stage_removes_by_reason_and_counts_are_conserved(built):
         assert s["docs_in"] == s["docs_kept"] + s["docs_removed"] and sum(s["removed"].values()) == s["docs_removed"]
         assert s["chars_in"] == s["chars_kept"] + s["chars_removed"]
     assert stages[-1]["docs_kept"] == stats["documents"]["train"] + stats["documents"]["val"]
-    kept = {d["name"]: d["documents"] for d in stats["distributions"]}
+    kept = {d["name"]: d["documents_after_curation"] for d in stats["distributions"]}
+    assert all(d["bytes"] > d["bytes_after_curation"] for d in stats["distributions"])
     assert kept["gplpkg"] == kept["mplpkg"] == kept["nolicence"] == 0 and kept["goodpkg"] > 0
 
 
