@@ -55,10 +55,7 @@ def run_config(name: str, args: argparse.Namespace):
                  eval_iters=args.eval_iters, log_interval=max(1, args.steps // 50), dtype=args.dtype,
                  data_dir=args.data_dir, out_dir=str(Path(args.out_dir) / name), sample_tokens=0,
                  tensorboard=False, progress=False, seed=args.seed, lr=args.lr)
-    overrides = {**shape, **GPT2, **VARIANTS[name]}
-    if not hasattr(cfg.train, "optimizer") and overrides["optimizer"] == "adamw":  # TEMP until muon lands
-        overrides.pop("optimizer")
-    return apply_overrides(cfg, overrides)
+    return apply_overrides(cfg, {**shape, **GPT2, **VARIANTS[name]})
 
 
 def train_time_curve(metrics_path: Path, tokens_per_step: int) -> tuple[list[float], list[float], float]:
@@ -109,7 +106,8 @@ def table(results: list[dict], machine: str) -> str:
              f"val @ {budget:.0f} s | train s |",
              "|---|---|---|---|---|---|---|---|"]
     for r in results:
-        lines.append(f"| {r['name']} | {r['params']:,} | {r['val_loss']:.3f} | {r['val_loss'] - base['val_loss']:+.3f} | "
+        delta = r["val_loss"] - base["val_loss"]
+        lines.append(f"| {r['name']} | {r['params']:,} | {r['val_loss']:.3f} | {delta:+.3f} | "
                      f"{r['tokens_per_s']:,.0f} | {r['tokens_per_s'] / base['tokens_per_s']:.2f}x | "
                      f"{at_budget[r['name']]:.3f} | {r['train_s']:.0f} |")
     return "\n".join(lines) + "\n"

@@ -146,7 +146,7 @@ def model_from_checkpoint(path: str | Path, device: str | torch.device = "cpu", 
 
     ckpt = load_checkpoint(path, map_location=device)
     try:
-        model = GPT(ModelConfig(**ckpt["config"]["model"]))
+        model = GPT(ModelConfig.from_dict(ckpt["config"]["model"]))
         model.load_state_dict(ckpt["model"])
         if ema and ckpt.get("ema") is not None:
             saved = ckpt["ema"]
