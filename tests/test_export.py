@@ -34,8 +34,9 @@ def test_cli_exports_the_trained_run_and_pipeline_generates_the_same_text(tiny_r
     assert "differ from minilm's by at most" in capsys.readouterr().out
     assert {"model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json"} <= {
         p.name for p in to.iterdir()}
-    assert json.loads((to / "config.json").read_text())["architectures"] == ["GPT2LMHeadModel"]
     model, tok, ckpt = load_run(tiny_run, "cpu")
+    arch = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+    assert json.loads((to / "config.json").read_text())["architectures"] == [arch[block_kind(model.config)]]
     assert compare_logits(model, to) <= TOL
 
     hf_tok = transformers.AutoTokenizer.from_pretrained(to)
@@ -53,11 +54,29 @@ def test_cli_exports_the_trained_run_and_pipeline_generates_the_same_text(tiny_r
     assert out == tok.decode(want)
 
 
-@pytest.mark.parametrize("fields", [dict(bias=True), dict(bias=False)], ids=["bias", "no_bias"])
-def test_gpt2_block_logits_match(tmp_path, tiny_data_dir, fields):
+MODERN = dict(pos="rope", norm="rmsnorm", mlp="swiglu", bias=False, zero_init=True)
+ARCHS = [
+    ("gpt2", "GPT2LMHeadModel", dict(bias=True)),
+    ("gpt2-no-bias-untied", "GPT2LMHeadModel", dict(bias=False, tie_embeddings=False)),
+    ("llama", "LlamaForCausalLM", dict(MODERN)),
+    ("llama-bias-untied", "LlamaForCausalLM", dict(MODERN, bias=True, tie_embeddings=False)),
+    ("qwen3", "Qwen3ForCausalLM", dict(MODERN, qk_norm=True, tie_embeddings=False)),
+    ("qwen3-tied-theta", "Qwen3ForCausalLM", dict(MODERN, qk_norm=True, rope_theta=500.0, mlp_hidden=48)),
+]
+
+
+@pytest.mark.parametrize("arch,fields", [a[1:] for a in ARCHS], ids=[a[0] for a in ARCHS])
+def test_each_architecture_loads_through_transformers_with_the_same_logits(tmp_path, tiny_data_dir, arch, fields):
     model = random_model(**fields)
     to = export_model(model, tiny_data_dir / "tokenizer.json", tmp_path / "hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(to)
+    assert type(hf).__name__ == arch
     assert compare_logits(model, to) <= TOL
+    # and generation through transformers follows minilm's greedy tokens
+    idx = torch.randint(0, model.config.vocab_size, (1, 5), generator=torch.Generator().manual_seed(1))
+    ours = model.generate(idx, 8, temperature=0)
+    theirs = hf.generate(idx, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert torch.equal(ours, theirs)
 
 
 def test_the_check_notices_a_wrong_export(tmp_path, tiny_data_dir):
