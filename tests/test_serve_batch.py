@@ -26,8 +26,8 @@ class Collect:
     def on_piece(self, piece: str):
         self.pieces.append(piece)
 
-    def on_end(self, outcome: str, error, tokens: int):
-        self.outcome, self.error, self.tokens = outcome, error, tokens
+    def on_end(self, outcome: str, error, seq):
+        self.outcome, self.error, self.tokens, self.finish_reason = outcome, error, seq.generated, seq.finish_reason
         self.done.set()
 
     @property
@@ -87,6 +87,10 @@ def test_mixed_requests_joining_and_leaving_equal_each_alone(run):
         assert sink.tokens == n
     assert want[4][1] > model.config.block_size  # the long one really went past block_size (a refill)
     assert "\n" not in sinks[3].text
+    for sink, (_, p) in zip(sinks, MIXED):
+        ran_out = sink.tokens == p["max_new_tokens"]
+        assert sink.finish_reason in (("length", "stop") if ran_out else ("stop",))
+    assert sinks[3].finish_reason == "stop"  # its stop string
 
 
 def test_engine_thread_cancel_and_stop(run):

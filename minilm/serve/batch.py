@@ -91,7 +91,7 @@ class DecodeView:
 @dataclass(eq=False)
 class Sequence:
     """One request. `sink` receives the text: sink.on_start(), sink.on_piece(text), sink.on_end(outcome, error,
-    completion_tokens) with outcome "ok" | "cancelled" | "error"; a set sink.cancel (threading.Event) stops it.
+    seq) with outcome "ok" | "cancelled" | "error"; a set sink.cancel (threading.Event) stops it.
 
     params: max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop (as minilm.sample).
     """
@@ -100,7 +100,8 @@ class Sequence:
     params: dict
     sink: object
     tokens: list[int] = field(default_factory=list)  # prompt + generated, the `seen` of repetition_penalty
-    generated: int = 0
+    generated: int = 0  # tokens sampled (a final end-of-text included)
+    finish_reason: str | None = None  # "stop" (end-of-text or a stop string) or "length" (max_new_tokens)
     started: bool = False
     text: TextStream | None = None
     gen: torch.Generator | None = None
@@ -261,7 +262,10 @@ class Engine:
         piece = seq.text.push(tok)
         if piece:
             seq.sink.on_piece(piece)
-        if not seq.text.done and seq.generated >= p["max_new_tokens"]:
+        if seq.text.done:
+            seq.finish_reason = "stop"
+        elif seq.generated >= p["max_new_tokens"]:
+            seq.finish_reason = "length"
             piece = seq.text.finish()
             if piece:
                 seq.sink.on_piece(piece)
@@ -279,4 +283,4 @@ class Engine:
         self._end(seq, outcome, error)
 
     def _end(self, seq: Sequence, outcome: str, error: str | None = None) -> None:
-        seq.sink.on_end(outcome, error, seq.generated)
+        seq.sink.on_end(outcome, error, seq)
