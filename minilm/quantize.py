@@ -4,8 +4,9 @@
 
 Decoding one token at batch 1 reads every weight once and does 2 FLOPs per weight read, so on a CPU it runs at
 memory speed: fp32 moves 4 bytes per weight, bf16 2, int8 1 (+ a scale per row). The model's forward() is not
-changed: "int8" swaps each nn.Linear for an Int8Linear, "bf16" casts the whole model (activations and KV cache
-too). The embedding table stays in its dtype: a lookup reads one row per token, not the whole table.
+changed: each nn.Linear (the output head included) is swapped for an Int8Linear or a BF16Linear, which round
+their input to bf16 for the matmul and return fp32. Everything else stays fp32: the residual stream, norms,
+attention and the KV cache, and the embedding table (a lookup reads one row per token, not the whole table).
 
 Int8Linear uses PyTorch's fused CPU kernel aten._weight_int8pack_mm when it exists (int8 weights, bf16
 activations, fp32 accumulation; several times faster than dequantizing the weight on every call) and otherwise
@@ -56,26 +57,41 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
 
 
-def quantize_int8(model: nn.Module) -> nn.Module:
-    """Replace every nn.Linear (the tied lm_head included; embeddings stay) by an Int8Linear, in place."""
+class BF16Linear(nn.Module):
+    """y = x @ w^T + bias with w (and bias) stored in bf16; x is rounded to bf16 for the matmul, y is x's dtype."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_buffer("weight", linear.weight.detach().to(torch.bfloat16).clone())
+        bias = linear.bias.detach().to(torch.bfloat16).clone() if linear.bias is not None else None
+        self.register_buffer("bias", bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.to(torch.bfloat16), self.weight, self.bias).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bf16"
+
+
+def swap_linears(model: nn.Module, cls) -> nn.Module:
+    """Replace every nn.Linear (the tied lm_head included; embeddings stay) by cls(linear), in place."""
     for name, child in list(model.named_children()):
         if isinstance(child, nn.Linear):
-            setattr(model, name, Int8Linear(child))
+            setattr(model, name, cls(child))
         else:
-            quantize_int8(child)
+            swap_linears(child, cls)
     return model
 
 
 def use_weights(model: nn.Module, weights: str = "fp32") -> nn.Module:
-    """Convert a model for generation: "fp32" (as is), "bf16" (everything cast) or "int8" (weight-only)."""
+    """Convert a model for generation, in place: "fp32" (as is), "bf16" or "int8" (weight-only, see above)."""
     if weights not in WEIGHTS:
         raise ValueError(f"weights={weights!r}: choose one of {', '.join(WEIGHTS)}")
     model.eval()
-    if weights == "bf16":
-        return model.to(torch.bfloat16)
-    if weights == "int8":
-        return quantize_int8(model)
-    return model
+    if weights == "fp32":
+        return model
+    return swap_linears(model, BF16Linear if weights == "bf16" else Int8Linear)
 
 
 def weight_bytes(model: nn.Module) -> int:
@@ -86,8 +102,8 @@ def weight_bytes(model: nn.Module) -> int:
         if isinstance(mod, nn.Embedding):
             total += mod.weight[0].numel() * mod.weight.element_size()
             continue
-        if isinstance(mod, Int8Linear):
-            tensors = [mod.weight, mod.scale] + ([mod.bias] if mod.bias is not None else [])
+        if isinstance(mod, (Int8Linear, BF16Linear)):
+            tensors = [t for t in (mod.weight, getattr(mod, "scale", None), mod.bias) if t is not None]
         else:
             tensors = list(mod.parameters(recurse=False))
         total += sum(t.numel() * t.element_size() for t in tensors)
