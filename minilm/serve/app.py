@@ -3,8 +3,9 @@
     app = create_app("out/tiny")            # loads ckpt.pt + tokenizer once
     uvicorn.run(app, host="127.0.0.1", port=8000)
 
-Routes: POST /v1/generate (JSON, or server-sent events with "stream": true), GET /health, GET /v1/model,
-GET /metrics (Prometheus text format) and GET / (the playground page).
+Routes: POST /v1/generate (JSON, or server-sent events with "stream": true), POST /v1/completions (OpenAI's
+completions API: one choice, no logprobs; errors keep this server's {"error": "..."} shape), GET /health,
+GET /v1/model, GET /metrics (Prometheus text format) and GET / (the playground page).
 
 Generation is CPU-bound torch code, so it never runs on the event loop: one engine thread decodes the running
 requests together, one forward pass per step for all of them (continuous batching, minilm.serve.batch), and hands
@@ -19,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import secrets
 import socket
 import threading
 import time
@@ -40,7 +42,7 @@ from minilm.serve.batch import Engine, Sequence
 
 PLAYGROUND = Path(__file__).with_name("playground.html")
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-KNOWN_PATHS = ("/", "/health", "/metrics", "/v1/generate", "/v1/model")
+KNOWN_PATHS = ("/", "/health", "/metrics", "/v1/generate", "/v1/completions", "/v1/model")
 
 
 class GenerateRequest(BaseModel):
@@ -62,11 +64,28 @@ class GenerateRequest(BaseModel):
     stream: bool = Field(False, strict=True, description="send tokens as server-sent events as they are generated")
 
 
+class CompletionRequest(BaseModel):
+    """The body of POST /v1/completions, OpenAI's fields and defaults (a subset: one choice, no logprobs)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(None, description="echoed back; this server has one model")
+    prompt: str | list[str] = Field(description="text to continue (or a list holding one string)")
+    max_tokens: int = Field(16, ge=1, strict=True)
+    temperature: float = Field(1.0, ge=0.0, le=2.0, strict=True, allow_inf_nan=False)
+    top_p: float = Field(1.0, gt=0.0, le=1.0, strict=True, allow_inf_nan=False)
+    stop: str | list[str] | None = Field(None, max_length=4)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, strict=True)
+    stream: bool = Field(False, strict=True)
+    n: int = Field(1, ge=1, le=1, strict=True, description="only 1 choice per request")
+    user: str | None = None
+
+
 class Overloaded(Exception):
     """Every worker is busy and the queue is full."""
 
 
-def format_validation_errors(errors) -> tuple[int, str]:
+def format_validation_errors(errors, fields=None) -> tuple[int, str]:
     """(status, one readable sentence) from pydantic/FastAPI validation errors."""
     if any(e.get("type") == "json_invalid" for e in errors):
         e = next(e for e in errors if e.get("type") == "json_invalid")
@@ -79,7 +98,7 @@ def format_validation_errors(errors) -> tuple[int, str]:
         where = ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "body"
         msg = e.get("msg", "invalid value")
         if e.get("type") == "extra_forbidden":
-            msg = f"unknown field; valid fields are {', '.join(GenerateRequest.model_fields)}"
+            msg = f"unknown field; valid fields are {', '.join(fields or GenerateRequest.model_fields)}"
         got = json.dumps(e.get("input"), default=repr)[:80]
         shown = "" if e.get("type") in ("missing", "extra_forbidden") else f" (got {got})"
         parts.append(f"{where}: {msg}{shown}")
@@ -124,7 +143,7 @@ class Stats:
             table[key] = table.get(key, 0) + 1
 
 
-def render_metrics(s: Stats) -> str:
+def render_metrics(s: Stats, engine: Engine | None = None) -> str:
     """Prometheus text exposition format 0.0.4."""
     out = []
 
@@ -163,6 +182,13 @@ def render_metrics(s: Stats) -> str:
         family("minilm_inflight_generations", "gauge", "Generations running in the batch now.",
                [("", s.inflight)])
         family("minilm_queued_requests", "gauge", "Requests waiting for a worker now.", [("", s.queued)])
+        if engine is not None:
+            family("minilm_batch_steps_total", "counter", "Batched decode steps (one forward pass each).",
+                   [("", engine.decode_steps)])
+            family("minilm_batch_rows_total", "counter",
+                   "Rows decoded in those steps; rows / steps is the mean batch size.", [("", engine.decode_rows)])
+            family("minilm_prefills_total", "counter", "Prompts prefilled (and full rows refilled), one at a time.",
+                   [("", engine.prefills)])
         hist("minilm_request_latency_seconds", "Generation requests: arrival to last token (queue included).",
              s.latency)
         hist("minilm_time_to_first_token_seconds", "Generation requests: arrival to first text piece.", s.ttft)
@@ -331,7 +357,8 @@ def create_app(out_dir: str | Path, device: str = "cpu", *, best: bool = False, 
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(request: Request, exc: RequestValidationError):
-        status, message = format_validation_errors(exc.errors())
+        fields = CompletionRequest.model_fields if request.url.path == "/v1/completions" else None
+        status, message = format_validation_errors(exc.errors(), fields)
         return error_response(status, message)
 
     @app.get("/", response_class=HTMLResponse)
@@ -348,7 +375,7 @@ def create_app(out_dir: str | Path, device: str = "cpu", *, best: bool = False, 
 
     @app.get("/metrics")
     async def metrics():
-        return PlainTextResponse(render_metrics(stats), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(render_metrics(stats, engine), media_type="text/plain; version=0.0.4")
 
     def retry_after() -> str:
         # A rough wait: one average request per queued request per worker, at least a second.
@@ -402,39 +429,51 @@ def create_app(out_dir: str | Path, device: str = "cpu", *, best: bool = False, 
         finally:
             job.cancel.set()  # no-op when finished; takes the row out of the batch when the client disconnected
 
-    @app.post("/v1/generate")
-    async def generate(req: GenerateRequest):
-        arrived = time.perf_counter()
-        if not req.prompt:
+    async def admit(prompt: str, stop: list[str] | None, params: dict, stream: bool, arrived: float,
+                    field: dict | None = None) -> Job | JSONResponse:
+        """Check a request against the model's and the server's limits, then queue it: a Job or an error answer.
+
+        `field` renames parameters in the messages for routes that call them differently (OpenAI's max_tokens).
+        """
+        name = lambda n: (field or {}).get(n, n)
+        if not prompt:
             return error_response(422, "prompt: is empty; send some text for the model to continue (e.g. \"def \")")
-        if not all(valid_unicode(t) for t in [req.prompt, *(req.stop or [])]):
+        if not all(valid_unicode(t) for t in [prompt, *(stop or [])]):
             return error_response(422, "prompt/stop: contains a lone UTF-16 surrogate (e.g. \\ud800), which is not "
                                        "text; send valid Unicode")
-        try:  # the model's own rules for sampling parameters, checked before the request takes a worker
-            check_sampling_args(req.max_new_tokens, req.temperature, req.top_k, req.top_p, req.repetition_penalty,
-                                model.config.vocab_size, eos_id)
+        try:  # the model's own rules for sampling parameters, checked before the request takes a row
+            check_sampling_args(params["max_new_tokens"], params["temperature"], params["top_k"], params["top_p"],
+                                params["repetition_penalty"], model.config.vocab_size, eos_id)
         except ValueError as e:
-            return error_response(422, str(e))
-        if len(req.prompt) > max_prompt_chars:
-            return error_response(422, f"prompt: {len(req.prompt)} characters is over this server's limit of "
+            return error_response(422, str(e).replace("max_new_tokens", name("max_new_tokens")))
+        if len(prompt) > max_prompt_chars:
+            return error_response(422, f"prompt: {len(prompt)} characters is over this server's limit of "
                                        f"{max_prompt_chars}; shorten it")
-        n_prompt = len(tokenizer.encode(req.prompt).ids)  # before encode_prompt cuts it to block_size
+        n_prompt = len(tokenizer.encode(prompt).ids)  # before encode_prompt cuts it to block_size
         if n_prompt > block_size:
             return error_response(422, f"prompt: {n_prompt} tokens is longer than the model's context of "
                                        f"{block_size} tokens (block_size); shorten it")
-        if req.max_new_tokens > max_new_tokens_cap:
-            return error_response(422, f"max_new_tokens: {req.max_new_tokens} is above this server's cap of "
-                                       f"{max_new_tokens_cap}; ask for fewer (the cap is --max_new_tokens_cap)")
-        if req.stop is not None and any(not s or len(s) > 64 for s in req.stop):
+        if params["max_new_tokens"] > max_new_tokens_cap:
+            return error_response(422, f"{name('max_new_tokens')}: {params['max_new_tokens']} is above this "
+                                       f"server's cap of {max_new_tokens_cap}; ask for fewer (the cap is "
+                                       "--max_new_tokens_cap)")
+        if stop is not None and any(not s or len(s) > 64 for s in stop):
             return error_response(422, "stop: each stop string must be 1 to 64 characters long")
-        params = dict(max_new_tokens=req.max_new_tokens, temperature=req.temperature, top_k=req.top_k or None,
-                      top_p=req.top_p, repetition_penalty=req.repetition_penalty, seed=req.seed, stop=req.stop)
         try:
-            job = await start(params, encode_prompt(tokenizer, req.prompt, model, eos_id), req.stream, arrived)
+            return await start({**params, "stop": stop}, encode_prompt(tokenizer, prompt, model, eos_id), stream,
+                               arrived)
         except Overloaded:
             return error_response(503, f"server busy: {max_concurrency} generations running and {max_queue} "
                                        "queued; retry after the number of seconds in Retry-After",
                                   headers={"Retry-After": retry_after()})
+
+    @app.post("/v1/generate")
+    async def generate(req: GenerateRequest):
+        params = dict(max_new_tokens=req.max_new_tokens, temperature=req.temperature, top_k=req.top_k or None,
+                      top_p=req.top_p, repetition_penalty=req.repetition_penalty, seed=req.seed)
+        job = await admit(req.prompt, req.stop, params, req.stream, time.perf_counter())
+        if isinstance(job, JSONResponse):
+            return job
 
         if req.stream:
             async def body():
@@ -454,6 +493,46 @@ def create_app(out_dir: str | Path, device: str = "cpu", *, best: bool = False, 
                 return error_response(500, value)
             pieces.append(value)
         return {"text": "".join(pieces), **job.timings(), "seed": req.seed}
+
+    model_name = Path(out_dir).name or "minilm"
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest):
+        """OpenAI's legacy completions API (one choice, no logprobs), so OpenAI clients can talk to the model."""
+        prompt = req.prompt if isinstance(req.prompt, str) else (req.prompt[0] if len(req.prompt) == 1 else None)
+        if prompt is None:
+            return error_response(422, "prompt: send one string (a list of several prompts is not supported)")
+        stop = [req.stop] if isinstance(req.stop, str) else req.stop
+        params = dict(max_new_tokens=req.max_tokens, temperature=req.temperature, top_k=None, top_p=req.top_p,
+                      repetition_penalty=1.0, seed=req.seed)
+        job = await admit(prompt, stop, params, req.stream, time.perf_counter(), {"max_new_tokens": "max_tokens"})
+        if isinstance(job, JSONResponse):
+            return job
+        head = {"id": f"cmpl-{secrets.token_hex(12)}", "object": "text_completion", "created": int(time.time()),
+                "model": req.model or model_name}
+        choice = lambda text, reason: {"text": text, "index": 0, "logprobs": None, "finish_reason": reason}
+
+        if req.stream:
+            async def body():
+                async for kind, value in events(job):
+                    if kind == "error":
+                        yield f"data: {json.dumps({'error': {'message': value, 'type': 'server_error'}})}\n\n"
+                        return
+                    yield f"data: {json.dumps({**head, 'choices': [choice(value, None)]})}\n\n"
+                yield f"data: {json.dumps({**head, 'choices': [choice('', job.finish_reason)]})}\n\n"
+                yield "data: [DONE]\n\n"
+
+            return StreamingResponse(body(), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+        pieces = []
+        async for kind, value in events(job):
+            if kind == "error":
+                return error_response(500, value)
+            pieces.append(value)
+        usage = {"prompt_tokens": job.prompt_tokens, "completion_tokens": job.completion_tokens,
+                 "total_tokens": job.prompt_tokens + job.completion_tokens}
+        return {**head, "choices": [choice("".join(pieces), job.finish_reason)], "usage": usage}
 
     app.add_middleware(RequestCounter, stats=stats, max_body_bytes=max_body_bytes)
     app.state.stats = stats

@@ -124,6 +124,7 @@ class Engine:
         self.wake = threading.Condition()
         self.stopping = False
         self.thread: threading.Thread | None = None
+        self.decode_steps = self.decode_rows = self.prefills = 0  # for /metrics
 
     # ---- called from any thread
     def submit(self, seq: Sequence) -> None:
@@ -221,6 +222,7 @@ class Engine:
             pos = torch.arange(len(window), device=self.device)[None]
             logits, _ = self.model(idx, cache=RowView(self.cache, row), pos=pos)
             self.cache.lengths[row] = len(window)
+            self.prefills += 1
         except Exception as e:  # this request fails; the others go on
             self._leave(seq, "error", f"generation failed: {type(e).__name__}: {e}")
             return
@@ -248,6 +250,8 @@ class Engine:
             return
         for row in range(n):
             self.cache.lengths[row] += 1
+        self.decode_steps += 1
+        self.decode_rows += n
         logits = logits[:, -1, :].float()
         for i, seq in enumerate(batch):  # logits rows follow `batch`, whatever _leave moves meanwhile
             self._sample(seq, logits[i : i + 1])
