@@ -205,6 +205,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--kv_preset", default="small", help="model shape of the KV cache vs recompute comparison")
     p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections of {', '.join(SECTIONS)}")
     p.add_argument("--weights", default=",".join(WEIGHTS), help="weight formats for the decode rows")
+    p.add_argument("--threads", default=None,
+                   help="comma-separated torch thread counts for the generation sections (default: 1 and all)")
     p.add_argument("--quality_run", default=None,
                    help="a trained run dir: also compare its validation loss in each weight format")
     p.add_argument("--quality_windows", type=int, default=64, help="validation windows of block_size tokens")
@@ -224,7 +226,8 @@ def main(argv: list[str] | None = None) -> None:
     if "plain" in sections:
         plain_section(a, dev)
     if "generate" in sections:
-        generate_section(a, dev, weights)
+        threads = sorted({1, torch.get_num_threads()}) if a.threads is None else [int(t) for t in a.threads.split(",")]
+        generate_section(a, dev, weights, threads)
     if a.quality_run:
         print(f"\n## Quality of the weight formats: {a.quality_run}, first {a.quality_windows} validation windows\n")
         print("| weights | val loss | vs fp32 |")
@@ -276,20 +279,28 @@ def plain_section(a, dev: str) -> None:
     print(f"| minilm | {max(ours):,.0f} | {max(ours) / max(plain):.2f} |")
 
 
-def generate_section(a, dev: str, weights: list[str]) -> None:
-    print("\n## Generation, batch 1, greedy: KV cache vs recomputing the whole context (fp32)\n")
-    print("| model | prompt + new tokens | KV cache | tokens/s | speed-up |")
-    print("|---|---|---|---|---|")
+def generate_section(a, dev: str, weights: list[str], threads: list[int]) -> None:
+    """KV cache vs recompute, then decode speed by weight format, at each thread count.
+
+    Decoding one token is little work per op, so a second thread helps it less than it helps recomputing a long
+    context: both are shown, and the speed-up is taken at equal thread counts.
+    """
+    before = torch.get_num_threads()
     new = a.gen_tokens if not a.quick else 128
     gen_cfg = get_preset(a.kv_preset).model
     gen_cfg.block_size = max(1024, 16 + new)  # room for the prompt and all new tokens: the cache is never refilled
+    label = f"{a.kv_preset} (block {gen_cfg.block_size})"
+    print("\n## Generation, batch 1, greedy: KV cache vs recomputing the whole context (fp32)\n")
+    print("| model | threads | prompt + new tokens | KV cache | tokens/s | speed-up |")
+    print("|---|---|---|---|---|---|")
     torch.manual_seed(0)
     model = GPT(gen_cfg)
-    with_cache = time_generation(model, 16, new, dev, True, repeats=2)
-    without = time_generation(model, 16, new, dev, False)
-    label = f"{a.kv_preset} (block {gen_cfg.block_size})"
-    print(f"| {label} | 16 + {new} | no | {without:,.1f} | 1.00 |")
-    print(f"| {label} | 16 + {new} | yes | {with_cache:,.1f} | {with_cache / without:.1f}x |")
+    for n in threads:
+        torch.set_num_threads(n)
+        with_cache = time_generation(model, 16, new, dev, True, repeats=2)
+        without = time_generation(model, 16, new, dev, False)
+        print(f"| {label} | {n} | 16 + {new} | no | {without:,.1f} | 1.00 |")
+        print(f"| {label} | {n} | 16 + {new} | yes | {with_cache:,.1f} | {with_cache / without:.1f}x |", flush=True)
 
     cfg = get_preset(a.decode_preset).model
     n_big = a.decode_tokens if not a.quick else 32
@@ -297,12 +308,16 @@ def generate_section(a, dev: str, weights: list[str]) -> None:
     print(f"\n## {a.decode_preset} ({params:.1f}M) decode, batch 1, greedy, 16 + {n_big} tokens, by weight format\n")
     print("The ceiling is the measured read bandwidth (a buffer the size of the weights) over the bytes one step "
           "reads (weights + KV cache at the mean context).\n")
-    print("| weights | MB read / token | read bandwidth (GB/s) | ceiling (tokens/s) | tokens/s | of ceiling |")
-    print("|---|---|---|---|---|---|")
-    for r in decode_rows(cfg, weights, 16, n_big, dev):
-        print(f"| {r['weights']} | {r['mb_per_token']:.1f} | {fmt(r['bandwidth_gb_s'], '.1f')} | "
-              f"{fmt(r['ceiling_tokens_per_s'], ',.0f')} | {r['tokens_per_s']:,.1f} | {fmt(r['of_ceiling'], '.0%')} |",
-              flush=True)
+    print("| weights | threads | MB read / token | read bandwidth (GB/s) | ceiling (tokens/s) | tokens/s "
+          "| of ceiling |")
+    print("|---|---|---|---|---|---|---|")
+    for n in threads:
+        torch.set_num_threads(n)
+        for r in decode_rows(cfg, weights, 16, n_big, dev):
+            print(f"| {r['weights']} | {n} | {r['mb_per_token']:.1f} | {fmt(r['bandwidth_gb_s'], '.1f')} | "
+                  f"{fmt(r['ceiling_tokens_per_s'], ',.0f')} | {r['tokens_per_s']:,.1f} | "
+                  f"{fmt(r['of_ceiling'], '.0%')} |", flush=True)
+    torch.set_num_threads(before)
 
 
 if __name__ == "__main__":

@@ -52,11 +52,11 @@ def test_quality_rows_of_a_trained_run(tiny_run):
 
 def test_generate_section_prints_each_weight_row(capsys):
     bench.main(["--only", "generate", "--decode_preset", "tiny", "--kv_preset", "tiny", "--gen_tokens", "8",
-                "--decode_tokens", "4"])
+                "--decode_tokens", "4", "--threads", "1"])
     out = capsys.readouterr().out
-    assert "KV cache vs recomputing" in out and "| tiny (block 1024) | 16 + 8 | yes |" in out
+    assert "KV cache vs recomputing" in out and "| tiny (block 1024) | 1 | 16 + 8 | yes |" in out
     for w in ("fp32", "bf16", "int8"):
-        assert f"\n| {w} | " in out
+        assert f"\n| {w} | 1 | " in out
     with pytest.raises(SystemExit):
         bench.main(["--only", "nonsense"])
 
