@@ -102,3 +102,29 @@ def test_weight_bytes_shrink_as_expected_and_bad_names_are_refused():
     assert sum(isinstance(m, BF16Linear) for m in use_weights(copy.deepcopy(model), "bf16").modules()) == 9
     with pytest.raises(ValueError, match="choose one of fp32, bf16, int8"):
         use_weights(model, "int4")
+
+
+def test_sample_cli_and_server_take_the_weight_format(tiny_run, capsys):
+    """--weights reaches minilm.sample and minilm.serve: greedy text equals fp32's on the trained run."""
+    import httpx
+
+    from minilm.sample import main
+    from minilm.serve import create_app, serve_in_thread
+
+    args = ["--out_dir", str(tiny_run), "--prompt", "def ", "--max_new_tokens", "20", "--temperature", "0"]
+    assert main(args) == 0
+    fp32 = capsys.readouterr().out
+    assert main([*args, "--weights", "int8"]) == 0
+    assert capsys.readouterr().out == fp32
+    with pytest.raises(SystemExit):
+        main([*args, "--weights", "int4"])
+    assert "invalid choice: 'int4'" in capsys.readouterr().err
+
+    app = create_app(tiny_run, weights="bf16", max_concurrency=2)
+    with serve_in_thread(app) as base:
+        assert httpx.get(f"{base}/v1/model").json()["weights"] == "bf16"
+        r = httpx.post(f"{base}/v1/generate", json={"prompt": "def ", "max_new_tokens": 20, "temperature": 0.0},
+                       timeout=60)
+    assert r.status_code == 200 and "def " + r.json()["text"] in fp32
+    with pytest.raises(ValueError, match="choose one of"):
+        create_app(tiny_run, weights="fp8")

@@ -157,3 +157,18 @@ def test_batched_logits_match_single_sequence_logits():
         for row, ids in enumerate(prompts):
             single, _ = model(torch.tensor([ids + nxt[row]]))
             torch.testing.assert_close(batched[row, -1], single[0, -1], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("weights", ["bf16", "int8"])
+def test_batched_equals_alone_with_converted_weights(tiny_run, weights):
+    model, tok, ckpt = load_run(tiny_run, "cpu", weights=weights)
+    eos = eos_of(tok, ckpt)
+    jobs = MIXED[:4]
+    want = [alone(model, tok, eos, prompt, p) for prompt, p in jobs]
+    engine = Engine(model, tok, eos, max_batch=4)
+    sinks = [Collect() for _ in jobs]
+    for (prompt, p), sink in zip(jobs, sinks):
+        engine.submit(Sequence(encode_prompt(tok, prompt, model, eos), p, sink))
+    while engine.busy():
+        engine.step()
+    assert [(s.text, s.tokens) for s in sinks] == want
