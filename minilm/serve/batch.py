@@ -163,7 +163,11 @@ class Engine:
                     self.wake.wait()
                 if self.stopping:
                     break
-            self.step()
+            try:
+                self.step()
+            except Exception as e:  # a bug rather than one request's fault: fail the batch instead of hanging it
+                for seq in list(self.running):
+                    self._leave(seq, "error", f"generation failed: {type(e).__name__}: {e}")
         self._cancel_all()
 
     def _cancel_all(self) -> None:
@@ -258,9 +262,16 @@ class Engine:
 
     def _sample(self, seq: Sequence, logits: torch.Tensor) -> None:
         p = seq.params
-        seen = torch.tensor([seq.tokens], dtype=torch.long, device=self.device)
-        tok = int(sample_next(logits, seen, torch.ones_like(seen, dtype=torch.bool), p["temperature"], p["top_k"],
-                              p["top_p"], p["repetition_penalty"], seq.gen)[0])
+        seen = seen_mask = None  # only the repetition penalty looks at the context
+        if p["repetition_penalty"] != 1.0:
+            seen = torch.tensor([seq.tokens], dtype=torch.long, device=self.device)
+            seen_mask = torch.ones_like(seen, dtype=torch.bool)
+        try:
+            tok = int(sample_next(logits, seen, seen_mask, p["temperature"], p["top_k"], p["top_p"],
+                                  p["repetition_penalty"], seq.gen)[0])
+        except Exception as e:  # e.g. logits that are not finite: this request fails, the batch goes on
+            self._leave(seq, "error", f"sampling failed: {type(e).__name__}: {e}")
+            return
         seq.tokens.append(tok)
         seq.generated += 1
         piece = seq.text.push(tok)
