@@ -98,11 +98,14 @@ class TrainConfig:
     lr: float = 2e-3
     min_lr: float = 2e-4
     warmup_iters: int = 40
-    lr_decay_iters: int = 500  # cosine decay ends here; normally = max_iters
+    lr_decay_iters: int = 0  # cosine decay ends here; 0 = at max_iters (on --resume: the checkpoint's schedule)
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # 0 disables clipping
+    optimizer: str = "adamw"  # adamw | muon (Muon for hidden matrices, AdamW at `lr` for embeddings/head/gains)
+    muon_lr: float = 0.02  # Muon's peak LR (same warmup/cosine shape as lr)
+    muon_momentum: float = 0.95
     # evaluation, logging, checkpoints
     eval_interval: int = 125
     eval_iters: int = 20
@@ -114,6 +117,7 @@ class TrainConfig:
     ema_decay: float = 0.0  # EMA of the weights used for eval, e.g. 0.999 (0 = off)
     profile: bool = False  # write a torch.profiler trace of a few steps to out_dir/profile
     max_bad_steps: int = 5  # consecutive non-finite losses before aborting
+    final_eval: bool = True  # at the end: val loss over the whole val split beside unigram/bigram baselines
     tensorboard: bool = True
     progress: bool = True  # tqdm bar
 
@@ -142,7 +146,7 @@ PRESETS: dict[str, RunConfig] = {
         ModelConfig(vocab_size=8192, block_size=256, n_layer=6, n_head=5, n_embd=320, dropout=0.0),
         TrainConfig(
             preset="small", data_dir="data/builtin-8k", out_dir="out/small", batch_size=32,
-            max_iters=3000, lr_decay_iters=3000, lr=1e-3, min_lr=1e-4, warmup_iters=100,
+            max_iters=3000, lr=1e-3, min_lr=1e-4, warmup_iters=100,
             eval_interval=250, eval_iters=40,
         ),
     ),
@@ -151,7 +155,7 @@ PRESETS: dict[str, RunConfig] = {
         ModelConfig(vocab_size=32000, block_size=512, n_layer=10, n_head=8, n_embd=512, dropout=0.0),
         TrainConfig(
             preset="mini_lm", data_dir="data/builtin-32k", out_dir="out/mini_lm", batch_size=16,
-            grad_accum=4, max_iters=5000, lr_decay_iters=5000, lr=6e-4, min_lr=6e-5, warmup_iters=200,
+            grad_accum=4, max_iters=5000, lr=6e-4, min_lr=6e-5, warmup_iters=200,
             eval_interval=250, eval_iters=50, sample_tokens=128,
         ),
     ),
@@ -262,8 +266,6 @@ def parse_args(argv: list[str] | None = None, *, cuda: bool | None = None) -> tu
     cfg = get_preset(str(preset))
     apply_overrides(cfg, file_values)
     apply_overrides(cfg, pairs)
-    if "lr_decay_iters" not in pairs and "lr_decay_iters" not in file_values:
-        cfg.train.lr_decay_iters = cfg.train.max_iters
     return cfg, why
 
 
@@ -283,8 +285,15 @@ def validate(cfg: RunConfig, *, world_size: int = 1) -> None:
             f"grad_accum={t.grad_accum} is not divisible by the number of processes ({world_size}); "
             f"grad_accum is the global count of micro-batches, use a multiple of {world_size}"
         )
-    if t.warmup_iters < 0 or t.grad_clip < 0 or t.weight_decay < 0:
-        problems.append("warmup_iters, grad_clip and weight_decay must be >= 0")
+    if t.warmup_iters < 0 or t.grad_clip < 0 or t.weight_decay < 0 or t.lr_decay_iters < 0:
+        problems.append("warmup_iters, grad_clip, weight_decay and lr_decay_iters must be >= 0")
+    if t.optimizer not in ("adamw", "muon"):
+        problems.append(f"optimizer={t.optimizer!r} must be 'adamw' or 'muon'")
+    if t.muon_lr <= 0 or not 0.0 <= t.muon_momentum < 1.0:
+        problems.append(f"muon_lr={t.muon_lr} must be > 0 (typical 0.02) and muon_momentum={t.muon_momentum} "
+                        "in [0, 1) (typical 0.95)")
+    if t.max_bad_steps <= 0:
+        problems.append(f"max_bad_steps={t.max_bad_steps} must be a positive integer")
     if not 0.0 <= t.ema_decay < 1.0:
         problems.append(f"ema_decay={t.ema_decay} must be in [0, 1), e.g. 0.999 (0 turns EMA off)")
     if t.dtype not in ("auto", "float32", "bfloat16", "float16"):

@@ -131,6 +131,20 @@ def test_pii_masking():
     assert len(kept) == 2 and st.counters["emails_masked"] == 2 and st.counters["docs_with_pii"] == 1
 
 
+@pytest.mark.parametrize("text, masked, n_email, n_ip", [
+    ("The server at 192.0.2.146.", "The server at <IP_ADDRESS>.", 0, 1),  # a full stop ends the sentence
+    ("Hosts 192.0.2.1, 192.0.2.2: down", "Hosts <IP_ADDRESS>, <IP_ADDRESS>: down", 0, 2),
+    ("See ...192.0.2.7 and version 1.2.3.4.5.", "See ...<IP_ADDRESS> and version 1.2.3.4.5.", 0, 1),
+    ("Mail jo@example.com.", "Mail <EMAIL>.", 1, 0),
+    ("Mail ...jo@example.com or -ann@example.org", "Mail ...<EMAIL> or -<EMAIL>", 2, 0),  # punctuation before
+    ("The host 2001:db8::1: unreachable", "The host <IP_ADDRESS>: unreachable", 0, 1),  # colon after
+    ("addr:2001:db8::7 and 2001:db8::8.", "addr:<IP_ADDRESS> and <IP_ADDRESS>.", 0, 2),
+    ("Slices a[1::2], times 12:30:45, dict {1:2:3}", "Slices a[1::2], times 12:30:45, dict {1:2:3}", 0, 0),
+])
+def test_pii_at_sentence_boundaries(text, masked, n_email, n_ip):
+    assert mask_pii_text(text) == (masked, n_email, n_ip)
+
+
 def test_filter_defaults_are_published_values():
     assert filters.GOPHER_QUALITY["min_words"] == 50 and filters.GOPHER_QUALITY["min_stop_words"] == 2
     assert filters.GOPHER_REPETITION["top_ngram_char_frac"] == {2: 0.20, 3: 0.18, 4: 0.16}
