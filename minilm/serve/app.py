@@ -82,7 +82,7 @@ class CompletionRequest(BaseModel):
 
 
 class Overloaded(Exception):
-    """Every worker is busy and the queue is full."""
+    """The batch is full and so is the queue."""
 
 
 def format_validation_errors(errors, fields=None) -> tuple[int, str]:
@@ -181,7 +181,7 @@ def render_metrics(s: Stats, engine: Engine | None = None) -> str:
                [("", s.tokens)])
         family("minilm_inflight_generations", "gauge", "Generations running in the batch now.",
                [("", s.inflight)])
-        family("minilm_queued_requests", "gauge", "Requests waiting for a worker now.", [("", s.queued)])
+        family("minilm_queued_requests", "gauge", "Requests waiting for a row in the batch now.", [("", s.queued)])
         if engine is not None:
             family("minilm_batch_steps_total", "counter", "Batched decode steps (one forward pass each).",
                    [("", engine.decode_steps)])
@@ -197,8 +197,7 @@ def render_metrics(s: Stats, engine: Engine | None = None) -> str:
 
 @dataclass(eq=False)
 class Job:
-    """One generation: the engine thread fills `events` (it is the Sequence's sink); the request handler drains it.
-    """
+    """One generation: the engine thread fills `events` (a Job is its Sequence's sink); the handler drains it."""
 
     params: dict
     prompt_tokens: int
