@@ -7,14 +7,25 @@ import random
 import numpy as np
 import pytest
 import sacrebleu
-from sacrebleu.metrics import CHRF
 from conftest import stdlib_documents
+from sacrebleu.metrics import CHRF
 
 from metrics.bootstrap import bootstrap_corpus
 from metrics.chrf import corpus_chrf, sentence_chrf
 from metrics.completion import (
-    TrainIndex, aggregate, bleu_from_stats, build_task, code_tokens, corpus_bleu_code, cut_completion,
-    edit_similarity, is_finished, levenshtein, normalized_lines, score_examples, score_pair,
+    TrainIndex,
+    aggregate,
+    bleu_from_stats,
+    build_task,
+    code_tokens,
+    corpus_bleu_code,
+    cut_completion,
+    edit_similarity,
+    is_finished,
+    levenshtein,
+    normalized_lines,
+    score_examples,
+    score_pair,
 )
 
 
