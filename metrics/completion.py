@@ -25,7 +25,8 @@ Metrics per example, then in aggregate with a 95% percentile-bootstrap interval 
   bleu         BLEU over code tokens (below); corpus BLEU is computed from summed statistics, as sacrebleu
   chrf         chrF (character 6-grams, beta 2), sacrebleu's definition; corpus-level likewise
   rougeL       ROUGE-L F over code tokens (LCS of token sequences, rouge-score's formula)
-  ast_valid    prompt + newline + prediction parses with `ast`; only for examples whose reference does
+  ast_valid    prompt + newline + prediction parses with `ast` and the prediction is not empty; only for
+               examples whose reference parses with the prompt (a line example's window is dedented first)
 Code tokens: identifiers, numbers and single punctuation characters, whitespace ignored. sacrebleu's 13a
 tokenizer is built for English (it splits snake_case at '_'), "char" scores character 4-grams, which
 rewards fragments, and splitting on whitespace glues `f(x)` into one token; BLEU is sacrebleu's
@@ -130,7 +131,8 @@ def score_pair(prompt: str, prediction: str, reference: str, kind: str) -> dict:
     p_tok, r_tok = code_tokens(pred), code_tokens(ref)
     ast_valid = None
     if _frame_parses(kind, prompt, ref):
-        ast_valid = _frame_parses(kind, prompt, pred)
+        # An empty answer would "parse" (a docstring alone is a body) while completing nothing.
+        ast_valid = bool(pred.strip()) and _frame_parses(kind, prompt, pred)
     # Sentence BLEU with effective order: short lines have no 4-grams, and that should not zero them.
     sent_bleu = score_from_stats(bstats[2:6], bstats[6:10], bstats[0], bstats[1], "exp",
                                  effective_order=True).score

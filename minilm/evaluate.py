@@ -226,6 +226,8 @@ def evaluate(out_dir: str | Path, *, data_dir: str | Path | None = None, device:
     if function_tokens < 8 or line_tokens < 8:
         raise ValueError(f"function_tokens={function_tokens} and line_tokens={line_tokens} must be >= 8 "
                          "(the caps on generated tokens per example)")
+    if not isinstance(kn_order, int) or not 1 <= kn_order <= 6:
+        raise ValueError(f"kn_order={kn_order!r} must be an integer from 1 to 6 (3 to 5 is usual)")
     device = pick_device(device)
     t_start = time.perf_counter()
     model, ckpt = model_from_checkpoint(out_dir / ("ckpt_best.pt" if best else "ckpt.pt"), device)

@@ -108,6 +108,7 @@ def test_scores_of_a_perfect_and_a_broken_prediction():
     assert good["bleu"] == pytest.approx(100) and good["chrf"] == pytest.approx(100) and good["rougeL"] == 1.0
     bad = score_pair(prompt, "    return (2 *", "    return 2 * x", "function")
     assert bad["exact"] == 0 and bad["ast_valid"] == 0.0 and 0 < bad["edit_sim"] < 1
+    assert score_pair(prompt, "", "    return 2 * x", "function")["ast_valid"] == 0.0  # empty is not a body
     # a line example whose context cannot parse on its own has no validity score
     assert score_pair("    else:", "        y = 2", "        y = 2", "line")["ast_valid"] is None
 
