@@ -9,7 +9,8 @@
 Two kinds of example, both taken from validation documents only:
   function  prompt = decorators + signature + docstring (dedented to column 0); reference = the body.
             A completion ends where a line comes back to column 0 (the function is over).
-  line      prompt = the 8 lines before a code line; reference = that line, indentation included.
+  line      prompt = the 8 lines before a code line that follows a non-blank line; reference = that line,
+            indentation included.
             A completion ends at the end of its first line.
 The prompt stops at the end of its last line, without the newline: the newline and the next line's
 indentation are one token for a byte-level BPE, so the model writes them itself. The text a model produces
@@ -285,7 +286,8 @@ def line_candidates(text: str) -> list[dict]:
         if i + 1 in skip or not 8 <= len(s) <= MAX_LINE_CHARS or s.startswith("#"):
             continue
         context = lines[i - CONTEXT_LINES : i]
-        if sum(bool(ln.strip()) for ln in context) < 3:
+        # The prompt must end on a non-blank line: its last newline is the model's to write (module docstring).
+        if not context[-1].strip() or sum(bool(ln.strip()) for ln in context) < 3:
             continue
         out.append({"kind": "line", "prompt": "\n".join(context), "reference": target, "line": i + 1})
     return out

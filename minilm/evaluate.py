@@ -409,15 +409,19 @@ TASK_METRICS = (("exact", "exact match", 100), ("edit_sim", "edit similarity", 1
                 ("chrf", "chrF", 1), ("rougeL", "ROUGE-L F", 100), ("ast_valid", "parses (ast)", 100))
 
 
-def _bpb_rows(r: dict) -> list[tuple[str, dict]]:
+def _bpb_rows(r: dict) -> list[tuple[str, str, dict]]:
+    """(report name, dashboard label, result) for every system scored on the validation tokens."""
     p, b = r["perplexity"], r["baselines"]
-    rows = [("unigram, add-k", b["unigram"]), ("bigram, add-k", b["bigram"]),
-            (f"Kneser-Ney {b['kn_seen']['order']}-gram, {b['kn_seen']['train_tokens']:,} tokens seen", b["kn_seen"]),
-            (f"Kneser-Ney {b['kn_full']['order']}-gram, whole train split ({b['kn_full']['train_tokens']:,})",
-             b["kn_full"]),
-            (f"model, non-overlapping windows of {p['window']}", p["non_overlapping"])]
+    kn = b["kn_full"]["order"]
+    rows = [("unigram, add-k", "unigram add-k", b["unigram"]), ("bigram, add-k", "bigram add-k", b["bigram"]),
+            (f"Kneser-Ney {kn}-gram, {b['kn_seen']['train_tokens']:,} tokens seen",
+             f"KN-{kn}, {b['kn_seen']['train_tokens'] / 1e6:.2g}M\ntokens seen", b["kn_seen"]),
+            (f"Kneser-Ney {kn}-gram, whole train split ({b['kn_full']['train_tokens']:,})",
+             f"KN-{kn}, whole train\n({b['kn_full']['train_tokens'] / 1e6:.3g}M tokens)", b["kn_full"]),
+            (f"model, non-overlapping windows of {p['window']}", "model, non-\noverlapping", p["non_overlapping"])]
     if p["stride"] < p["window"]:
-        rows.append((f"model, sliding window {p['window']}, stride {p['stride']}", p["sliding"]))
+        rows.append((f"model, sliding window {p['window']}, stride {p['stride']}",
+                     f"model, sliding\nstride {p['stride']}", p["sliding"]))
     return rows
 
 
@@ -428,8 +432,8 @@ def plot_dashboard(r: dict, path: Path, edit_sims: dict[str, list[float]] | None
     fig = Figure(figsize=(16, 9))
     ax = fig.subplots(2, 3)
     rows = _bpb_rows(r)
-    vals = [x["bits_per_byte"] or 0 for _, x in rows]
-    names = [n.split(",")[0] + ("\n" + n.split(",")[1].strip()[:22] if "," in n else "") for n, _ in rows]
+    vals = [x["bits_per_byte"] or 0 for _, _, x in rows]
+    names = [label for _, label, _ in rows]
     colors = ["#bbb", "#999", "#d9a066", "#b5651d", "#6a9fd4", "#1f5fa8"][: len(rows)]
     ax[0, 0].barh(names, vals, color=colors)
     for i, v in enumerate(vals):
@@ -522,7 +526,7 @@ def report_markdown(r: dict, examples: list[dict] | None = None, rows: dict | No
         f"{', the whole split' if p['whole_split'] else ', the first documents of the split'})", "",
         "| model | bits per byte | perplexity | NLL (nats/token) |", "|---|---:|---:|---:|",
     ]
-    for name, x in _bpb_rows(r):
+    for name, _, x in _bpb_rows(r):
         lines.append(f"| {name} | **{f3(x['bits_per_byte'])}** | {x['perplexity']:.2f} | {x['nll']:.4f} |")
     log = r.get("training_log") or {}
     lines += [

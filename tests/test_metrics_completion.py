@@ -126,6 +126,7 @@ def test_task_never_takes_a_prompt_from_a_training_document():
     assert c["line"]["prompt_in_train"] > 50 and c["function"]["prompt_in_train"] > 5  # the copies were caught
     train_rows = ["\n" + "\n".join(normalized_lines(t)) + "\n" for t in train]
     for ex in task["examples"]:
+        assert ex["prompt"].split("\n")[-1].strip()  # ends on a non-blank line: the newline is the model's
         needle = "\n" + "\n".join(normalized_lines(ex["prompt"])) + "\n"
         assert not any(needle in t for t in train_rows), ex
         src = "\n".join(normalized_lines(val[ex["doc"]]))
