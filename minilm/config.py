@@ -27,8 +27,59 @@ class ModelConfig:
     n_head: int = 4
     n_embd: int = 128
     dropout: float = 0.0
+    # The defaults are the GPT-2 block; the presets set the modern recipe (see README, "The recipe").
+    pos: str = "learned"  # learned | rope: learned position table, or rotary positions on queries and keys
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    mlp: str = "gelu"  # gelu | relu2 | swiglu
+    mlp_hidden: int = 0  # MLP hidden width; 0 = 4 * n_embd (gelu, relu2) or ~8/3 * n_embd (swiglu)
+    qk_norm: bool = False  # RMSNorm on each head's queries and keys
+    tie_embeddings: bool = True  # share the token embedding with the output head
     bias: bool = True  # biases in Linear and LayerNorm layers, as GPT-2
+    zero_init: bool = False  # output projections start at zero (each block starts as the identity)
+    rope_theta: float = 10000.0
     grad_checkpoint: bool = False  # recompute each block's activations in backward (less memory, ~30% slower)
+
+    def problems(self) -> list[str]:
+        """What is wrong with these values, each with what to change (empty when all is well)."""
+        out = []
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            if getattr(self, name) <= 0:
+                out.append(f"{name}={getattr(self, name)} must be a positive integer")
+        if self.n_head > 0 and self.n_embd % self.n_head:
+            out.append(
+                f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; pick n_embd as a multiple of n_head "
+                f"(e.g. n_embd={max(1, self.n_embd // max(self.n_head, 1)) * self.n_head})"
+            )
+        elif self.pos == "rope" and self.n_head > 0 and (self.n_embd // self.n_head) % 2:
+            out.append(
+                f"pos=rope needs an even head size, but n_embd/n_head = {self.n_embd}/{self.n_head} = "
+                f"{self.n_embd // self.n_head}; change n_head or n_embd so the head size is even, or use pos=learned"
+            )
+        choices = {"pos": ("learned", "rope"), "norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "relu2", "swiglu")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                out.append(f"{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
+        if self.mlp_hidden < 0:
+            out.append(f"mlp_hidden={self.mlp_hidden} must be >= 0 (0 picks the usual width)")
+        if not 0.0 <= self.dropout < 1.0:
+            out.append(f"dropout={self.dropout} must be in [0, 1)")
+        if not self.rope_theta > 0:
+            out.append(f"rope_theta={self.rope_theta} must be > 0 (usual: 10000)")
+        return out
+
+    def validate(self) -> None:
+        if problems := self.problems():
+            raise ConfigError("invalid model config:\n  - " + "\n  - ".join(problems))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelConfig:
+        """Build from a checkpoint's or YAML's dict; fields it lacks take the defaults (the GPT-2 block)."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"model config has fields this version of minilm does not know: {unknown}. "
+                              "It was written by a newer minilm: update the code (git pull) to load it.")
+        return cls(**d)
 
 
 @dataclass
@@ -47,11 +98,14 @@ class TrainConfig:
     lr: float = 2e-3
     min_lr: float = 2e-4
     warmup_iters: int = 40
-    lr_decay_iters: int = 500  # cosine decay ends here; normally = max_iters
+    lr_decay_iters: int = 0  # cosine decay ends here; 0 = at max_iters (on --resume: the checkpoint's schedule)
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # 0 disables clipping
+    optimizer: str = "adamw"  # adamw | muon (Muon for hidden matrices, AdamW at `lr` for embeddings/head/gains)
+    muon_lr: float = 0.02  # Muon's peak LR (same warmup/cosine shape as lr)
+    muon_momentum: float = 0.95
     # evaluation, logging, checkpoints
     eval_interval: int = 125
     eval_iters: int = 20
@@ -63,6 +117,7 @@ class TrainConfig:
     ema_decay: float = 0.0  # EMA of the weights used for eval, e.g. 0.999 (0 = off)
     profile: bool = False  # write a torch.profiler trace of a few steps to out_dir/profile
     max_bad_steps: int = 5  # consecutive non-finite losses before aborting
+    final_eval: bool = True  # at the end: val loss over the whole val split beside unigram/bigram baselines
     tensorboard: bool = True
     progress: bool = True  # tqdm bar
 
@@ -77,7 +132,7 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> RunConfig:
-        return cls(model=ModelConfig(**d["model"]), train=TrainConfig(**d["train"]))
+        return cls(model=ModelConfig.from_dict(d["model"]), train=TrainConfig(**d["train"]))
 
 
 PRESETS: dict[str, RunConfig] = {
@@ -91,7 +146,7 @@ PRESETS: dict[str, RunConfig] = {
         ModelConfig(vocab_size=8192, block_size=256, n_layer=6, n_head=5, n_embd=320, dropout=0.0),
         TrainConfig(
             preset="small", data_dir="data/builtin-8k", out_dir="out/small", batch_size=32,
-            max_iters=3000, lr_decay_iters=3000, lr=1e-3, min_lr=1e-4, warmup_iters=100,
+            max_iters=3000, lr=1e-3, min_lr=1e-4, warmup_iters=100,
             eval_interval=250, eval_iters=40,
         ),
     ),
@@ -100,7 +155,7 @@ PRESETS: dict[str, RunConfig] = {
         ModelConfig(vocab_size=32000, block_size=512, n_layer=10, n_head=8, n_embd=512, dropout=0.0),
         TrainConfig(
             preset="mini_lm", data_dir="data/builtin-32k", out_dir="out/mini_lm", batch_size=16,
-            grad_accum=4, max_iters=5000, lr_decay_iters=5000, lr=6e-4, min_lr=6e-5, warmup_iters=200,
+            grad_accum=4, max_iters=5000, lr=6e-4, min_lr=6e-5, warmup_iters=200,
             eval_interval=250, eval_iters=50, sample_tokens=128,
         ),
     ),
@@ -211,25 +266,13 @@ def parse_args(argv: list[str] | None = None, *, cuda: bool | None = None) -> tu
     cfg = get_preset(str(preset))
     apply_overrides(cfg, file_values)
     apply_overrides(cfg, pairs)
-    if "lr_decay_iters" not in pairs and "lr_decay_iters" not in file_values:
-        cfg.train.lr_decay_iters = cfg.train.max_iters
     return cfg, why
 
 
 def validate(cfg: RunConfig, *, world_size: int = 1) -> None:
     """Check values that would otherwise fail late (or silently); raise ConfigError with what to change."""
     m, t = cfg.model, cfg.train
-    problems = []
-    for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
-        if getattr(m, name) <= 0:
-            problems.append(f"{name}={getattr(m, name)} must be a positive integer")
-    if m.n_head > 0 and m.n_embd % m.n_head:
-        problems.append(
-            f"n_embd={m.n_embd} is not divisible by n_head={m.n_head}; pick n_embd as a multiple of n_head "
-            f"(e.g. n_embd={max(1, m.n_embd // max(m.n_head, 1)) * m.n_head})"
-        )
-    if not 0.0 <= m.dropout < 1.0:
-        problems.append(f"dropout={m.dropout} must be in [0, 1)")
+    problems = m.problems()
     if t.lr <= 0:
         problems.append(f"lr={t.lr} must be > 0 (typical: 6e-4 for mini_lm, 1e-3..3e-3 for tiny)")
     if t.min_lr < 0 or t.min_lr > t.lr:
@@ -242,8 +285,15 @@ def validate(cfg: RunConfig, *, world_size: int = 1) -> None:
             f"grad_accum={t.grad_accum} is not divisible by the number of processes ({world_size}); "
             f"grad_accum is the global count of micro-batches, use a multiple of {world_size}"
         )
-    if t.warmup_iters < 0 or t.grad_clip < 0 or t.weight_decay < 0:
-        problems.append("warmup_iters, grad_clip and weight_decay must be >= 0")
+    if t.warmup_iters < 0 or t.grad_clip < 0 or t.weight_decay < 0 or t.lr_decay_iters < 0:
+        problems.append("warmup_iters, grad_clip, weight_decay and lr_decay_iters must be >= 0")
+    if t.optimizer not in ("adamw", "muon"):
+        problems.append(f"optimizer={t.optimizer!r} must be 'adamw' or 'muon'")
+    if t.muon_lr <= 0 or not 0.0 <= t.muon_momentum < 1.0:
+        problems.append(f"muon_lr={t.muon_lr} must be > 0 (typical 0.02) and muon_momentum={t.muon_momentum} "
+                        "in [0, 1) (typical 0.95)")
+    if t.max_bad_steps <= 0:
+        problems.append(f"max_bad_steps={t.max_bad_steps} must be a positive integer")
     if not 0.0 <= t.ema_decay < 1.0:
         problems.append(f"ema_decay={t.ema_decay} must be in [0, 1), e.g. 0.999 (0 turns EMA off)")
     if t.dtype not in ("auto", "float32", "bfloat16", "float16"):

@@ -15,17 +15,8 @@ import torch
 
 from minilm.checkpoint import CheckpointError, model_from_checkpoint
 from minilm.data import DataError, load_tokenizer
+from minilm.device import pick_device  # lives in minilm.device; importable from here as before
 from minilm.model import check_sampling_args
-
-
-def pick_device(name: str = "auto") -> str:
-    if name != "auto":
-        return name
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
 
 
 def load_run(out_dir: str | Path, device: str = "cpu", data_dir: str | Path | None = None, best: bool = False):
