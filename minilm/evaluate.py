@@ -190,7 +190,7 @@ def generation_speed(model, eot: int, new_tokens: int, device) -> dict:
 
 
 def last_training_eval(out_dir: Path) -> dict:
-    """The val-loss fields of the last evaluation row training wrote to metrics.jsonl (empty if none)."""
+    """The latest val-loss fields training wrote to metrics.jsonl (val_*, final_val_loss, ...; empty if none)."""
     path = out_dir / "metrics.jsonl"
     last: dict = {}
     if path.is_file():
@@ -199,8 +199,9 @@ def last_training_eval(out_dir: Path) -> dict:
                 row = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if any(k.startswith("val_") for k in row):
-                last = {k: v for k, v in row.items() if k == "step" or k.startswith("val_")}
+            fields = {k: v for k, v in row.items() if k.startswith("val_") or k.endswith("val_loss")}
+            if fields:
+                last.update({"step": row.get("step"), **fields})
     return last
 
 
@@ -539,11 +540,15 @@ def report_markdown(r: dict, examples: list[dict] | None = None, rows: dict | No
         f"tokens (the run consumed {b['seen_tokens']:,}: steps x batch x accumulation x block)"
         + (", which covers the whole split" if b["kn_seen"]["same_as_full"] else "") + ".",
     ]
-    if log:
-        lines += ["", "Last evaluation logged by training (metrics.jsonl): "
-                  + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in log.items())
-                  + ". `val_loss` logged during training is a mean over random windows; compare the whole-split "
-                  "value with the non-overlapping NLL above."]
+    if "final_val_loss" in log:
+        diff = p["non_overlapping"]["nll"] - log["final_val_loss"]
+        lines += ["", f"Training's final val loss (metrics.jsonl, step {log.get('step')}): "
+                  f"{log['final_val_loss']:.4f}; the non-overlapping NLL here: {p['non_overlapping']['nll']:.4f} "
+                  f"(difference {diff:+.2e}"
+                  + ("" if p["whole_split"] else "; this run scored only part of the split") + ")."]
+    if "val_loss" in log:
+        lines += ["", f"The last `val_loss` logged during training, {log['val_loss']:.4f}, is a mean over "
+                  "random windows: a noisier estimate of the same quantity."]
     lines.append("")
     if t["systems"]:
         c = t["counts"]

@@ -15,7 +15,7 @@ from metrics.completion import normalized_lines
 from metrics.perplexity import perplexity
 from minilm.checkpoint import CheckpointError, model_from_checkpoint
 from minilm.data import DataError, load_tokenizer
-from minilm.evaluate import SYSTEMS, evaluate, main
+from minilm.evaluate import SYSTEMS, evaluate, main, report_markdown
 
 SMALL = dict(num_prompts=40, function_prompts=10, function_tokens=48, line_tokens=24, kn_order=3, speed_tokens=8,
              max_train_tokens=100_000, bootstrap_samples=200, progress=False)
@@ -98,6 +98,16 @@ def test_evaluate_report_numbers_and_task(tiny_run, contaminated_val_dir):
     assert "## Bits per byte" in md and "## Completion task" in md and "Kneser-Ney" in md
     assert "eval_dashboard.png" in md and (tiny_run / "eval_dashboard.png").stat().st_size > 10_000
     assert not list(tiny_run.glob(".eval*.tmp"))  # no temp files left behind
+
+
+def test_headline_equals_trainings_final_val_loss(tiny_run, tiny_data_dir):
+    # Training ends with the val loss over the whole split (metrics.jsonl: final_val_loss); evaluate's headline is
+    # the same number on the same tokens with the same weights.
+    r = evaluate(tiny_run, write=False, **{**SMALL, "num_prompts": 4, "function_prompts": 1})
+    final = r["training_log"]["final_val_loss"]
+    assert r["perplexity"]["whole_split"]
+    assert r["perplexity"]["non_overlapping"]["nll"] == pytest.approx(final, rel=1e-6)
+    assert "Training's final val loss" in report_markdown(r)
 
 
 def test_same_prompts_and_completions_every_run(tiny_run, contaminated_val_dir):
