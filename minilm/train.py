@@ -199,11 +199,13 @@ def stop_on_ctrl_c():
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-def stop_requested(stop: threading.Event, world: int) -> bool:
-    """Ctrl-C on any rank stops every rank at the same micro-batch (one tiny all-reduce under DDP)."""
-    if world == 1:
+def stop_requested(stop: threading.Event, run: Run, micro: int) -> bool:
+    """Was Ctrl-C pressed? Checked before every micro-batch; under DDP once per step, by all ranks together."""
+    if run.world == 1:
         return stop.is_set()
-    flag = torch.tensor([1.0 if stop.is_set() else 0.0])
+    if micro:
+        return False  # a collective (and a GPU sync) per micro-batch would cost overlap; a step is short
+    flag = torch.tensor([1.0 if stop.is_set() else 0.0], device=run.device)  # nccl reduces GPU tensors only
     torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
     return bool(flag.item())
 
@@ -386,7 +388,7 @@ def train_step(run: Run, st: State, stop: threading.Event, x, y):
     micro_steps = t.grad_accum // run.world  # grad_accum counts micro-batches over all processes
     loss_sum = torch.zeros((), device=run.device)
     for micro in range(micro_steps):
-        if stop_requested(stop, run.world):
+        if stop_requested(stop, run, micro):
             for opt in run.optimizers:
                 opt.zero_grad(set_to_none=True)
             checkpoint(run, st, "ckpt.pt", start_data, start_rng)
@@ -410,13 +412,17 @@ def train_step(run: Run, st: State, stop: threading.Event, x, y):
         skip_bad_step(run, st, loss_sum.item())
         return loss_sum.item(), lr, x, y
     st.bad_steps = 0
-    if t.grad_clip > 0:
+    norm = None
+    if t.grad_clip > 0 or run.scaler.is_enabled():
         for opt in run.optimizers:
-            run.scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(), t.grad_clip)
-    for opt in run.optimizers:
-        run.scaler.step(opt)
-    run.scaler.update()
+            run.scaler.unscale_(opt)  # the true gradients, for clipping and for one overflow check over all
+        norm = torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(), t.grad_clip or float("inf"))
+    if run.scaler.is_enabled() and not torch.isfinite(norm):
+        run.scaler.update()  # float16 gradients overflowed: every optimizer skips; unscale_ saw it, so scale backs off
+    else:
+        for opt in run.optimizers:
+            run.scaler.step(opt)
+        run.scaler.update()
     for opt in run.optimizers:
         opt.zero_grad(set_to_none=True)
     if run.ema is not None:
@@ -448,15 +454,16 @@ def skip_bad_step(run: Run, st: State, loss: float) -> None:
 def eval_and_checkpoint(run: Run, st: State) -> bool:
     """Evaluate, log, save ckpt.pt (and ckpt_best.pt on improvement); True when early stopping says stop."""
     t = run.cfg.train
+    scored = None  # ckpt_best.pt holds the weights that were scored: with EMA on, a copy of the EMA ones
     with ema_weights(run.raw_model, run.ema):
         st.last_eval = evaluate_now(run)
         improved = st.last_eval["val_loss"] < st.best_val
-        if improved:
-            # ckpt_best.pt holds the weights that were scored: the EMA ones when EMA is on.
-            st.best_val, st.evals_since_best = st.last_eval["val_loss"], 0
-            scored = snapshot(run.raw_model) if run.ema is not None else None
-        else:
-            st.evals_since_best += 1
+        if improved and run.ema is not None:
+            scored = snapshot(run.raw_model)
+    if improved:
+        st.best_val, st.evals_since_best = st.last_eval["val_loss"], 0
+    else:
+        st.evals_since_best += 1
     record(run, {"step": st.step, **{k: v for k, v in st.last_eval.items() if k != "sample"}})
     if run.writer is not None and st.last_eval["sample"]:
         run.writer.add_text("sample", st.last_eval["sample"], st.step)
@@ -690,6 +697,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, CheckpointError, TrainingAborted) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a second Ctrl-C: stopped at once, nothing saved since the last checkpoint
+        print("\ninterrupted twice: stopped without saving", file=sys.stderr)
+        return 130
     return 130 if result["stopped_by"] == "interrupted" else 0
 
 

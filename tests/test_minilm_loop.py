@@ -38,7 +38,7 @@ def cli_args(data_dir: Path, out: Path, *extra: str) -> list[str]:
             "--log_interval=1", "--progress=false", "--tensorboard=false", "--dtype=float32", *extra]
 
 
-def torchrun(data_dir: Path, out: Path, *extra: str, timeout: int = 300) -> subprocess.CompletedProcess:
+def torchrun(data_dir: Path, out: Path, *extra: str, timeout: int = 600) -> subprocess.CompletedProcess:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -83,6 +83,18 @@ def test_float16_skip_halves_the_loss_scale(tiny_data_dir, tmp_path):
     assert run.scaler.get_scale() == scale * 0.5 and st.bad_steps == 1
     assert all(p.grad is None for p in run.raw_model.parameters())
     assert isinstance(st, State)
+
+
+def test_float16_loss_scaling_with_muon_and_adamw(tiny_data_dir, tmp_path):
+    # Two optimizers behind one GradScaler: unscale and step each, one overflow decision for both.
+    out = tmp_path / "fp16muon"
+    result = train(tiny_run_config(tiny_data_dir, out, dtype="float16", optimizer="muon", grad_accum=2,
+                                   max_iters=12, eval_interval=12, sample_tokens=0))
+    assert result["val_loss"] < 6.0 and result["step"] == 12
+    ckpt = load_checkpoint(out)
+    assert ckpt["scaler"]["scale"] > 0 and len(ckpt["optimizer"]) == 2
+    muon_state = ckpt["optimizer"][0]["state"]
+    assert muon_state and all(s["momentum_buffer"].abs().sum() > 0 for s in muon_state.values())
 
 
 # ----------------------------------------------------------------------------- EMA
