@@ -664,12 +664,14 @@ def train(cfg: RunConfig, why: str = "", model: torch.nn.Module | None = None) -
     result = {"step": st.step, "best_val_loss": st.best_val, "stopped_by": st.stopped_by,
               "n_params": count_params(run.raw_model), **st.last_eval}
     if run.master and st.stopped_by != "interrupted" and t.final_eval:
+        t0 = time.perf_counter()
         with ema_weights(run.raw_model, run.ema):
             result.update(final_losses(run))
         record(run, {"step": st.step, **{k: result[k] for k in ("final_val_loss", "bigram_val_loss",
                                                                 "unigram_val_loss")}})
         log.info(f"final: val loss {result['final_val_loss']:.3f} | bigram {result['bigram_val_loss']:.3f} | "
-                 f"unigram {result['unigram_val_loss']:.3f} (nats/token, the whole val split)")
+                 f"unigram {result['unigram_val_loss']:.3f} (nats/token over all {len(run.val_data):,} val tokens; "
+                 f"{time.perf_counter() - t0:.1f} s)")
     if run.master and run.metrics_path.exists():
         plot_curves(run.metrics_path, run.out_dir / "learning_curve.png")
     if run.master and st.last_eval:
