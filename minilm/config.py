@@ -163,7 +163,7 @@ PRESETS: dict[str, RunConfig] = {
         ModelConfig(vocab_size=32000, block_size=512, n_layer=10, n_head=8, n_embd=512, **MODERN_TIED),
         TrainConfig(
             preset="mini_lm", data_dir="data/installed-32k", out_dir="out/mini_lm", batch_size=16, optimizer="muon",
-            grad_accum=4, max_iters=5000, lr=3e-3, min_lr=3e-4, muon_lr=0.02, warmup_iters=200,
+            grad_accum=4, max_iters=4500, lr=3e-3, min_lr=3e-4, muon_lr=0.02, warmup_iters=200,
             eval_interval=250, eval_iters=50, sample_tokens=128,
         ),
     ),
