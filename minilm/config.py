@@ -145,7 +145,7 @@ PRESETS: dict[str, RunConfig] = {
     "tiny": RunConfig(
         ModelConfig(vocab_size=8192, block_size=128, n_layer=4, n_head=4, n_embd=128, **MODERN),
         TrainConfig(preset="tiny", data_dir="data/builtin-8k", out_dir="out/tiny", optimizer="muon",
-                    max_iters=600, lr=3e-3, min_lr=3e-4, muon_lr=0.03, warmup_iters=30, eval_interval=200,
+                    max_iters=500, lr=3e-3, min_lr=3e-4, muon_lr=0.03, warmup_iters=30, eval_interval=250,
                     eval_iters=10),
     ),
     # ~13M parameters (8M of them the tied 32k embedding) on the installed-packages corpus: an hour on a CPU,
