@@ -97,10 +97,10 @@ class CheckpointedBlock(nn.Module):
         self.block = block
         self.preserve_rng_state = preserve_rng_state
 
-    def forward(self, x, cache=None, layer: int = 0, attn_mask=None):
+    def forward(self, x, cache=None, layer: int = 0, attn_mask=None, rope=None):
         if self.training and cache is None and torch.is_grad_enabled():
-            return checkpoint(self.block, x, None, layer, attn_mask, preserve_rng_state=self.preserve_rng_state)
-        return self.block(x, cache, layer, attn_mask)
+            return checkpoint(self.block, x, None, layer, attn_mask, rope, preserve_rng_state=self.preserve_rng_state)
+        return self.block(x, cache, layer, attn_mask, rope)
 
 
 def apply_checkpointing(model: nn.Module, enabled: bool = True, preserve_rng_state: bool = True) -> nn.Module:
