@@ -27,8 +27,59 @@ class ModelConfig:
     n_head: int = 4
     n_embd: int = 128
     dropout: float = 0.0
+    # The defaults are the GPT-2 block; the presets set the modern recipe (see README, "The recipe").
+    pos: str = "learned"  # learned | rope: learned position table, or rotary positions on queries and keys
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    mlp: str = "gelu"  # gelu | relu2 | swiglu
+    mlp_hidden: int = 0  # MLP hidden width; 0 = 4 * n_embd (gelu, relu2) or ~8/3 * n_embd (swiglu)
+    qk_norm: bool = False  # RMSNorm on each head's queries and keys
+    tie_embeddings: bool = True  # share the token embedding with the output head
     bias: bool = True  # biases in Linear and LayerNorm layers, as GPT-2
+    zero_init: bool = False  # output projections start at zero (each block starts as the identity)
+    rope_theta: float = 10000.0
     grad_checkpoint: bool = False  # recompute each block's activations in backward (less memory, ~30% slower)
+
+    def problems(self) -> list[str]:
+        """What is wrong with these values, each with what to change (empty when all is well)."""
+        out = []
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            if getattr(self, name) <= 0:
+                out.append(f"{name}={getattr(self, name)} must be a positive integer")
+        if self.n_head > 0 and self.n_embd % self.n_head:
+            out.append(
+                f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; pick n_embd as a multiple of n_head "
+                f"(e.g. n_embd={max(1, self.n_embd // max(self.n_head, 1)) * self.n_head})"
+            )
+        elif self.pos == "rope" and self.n_head > 0 and (self.n_embd // self.n_head) % 2:
+            out.append(
+                f"pos=rope needs an even head size, but n_embd/n_head = {self.n_embd}/{self.n_head} = "
+                f"{self.n_embd // self.n_head}; change n_head or n_embd so the head size is even, or use pos=learned"
+            )
+        choices = {"pos": ("learned", "rope"), "norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "relu2", "swiglu")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                out.append(f"{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
+        if self.mlp_hidden < 0:
+            out.append(f"mlp_hidden={self.mlp_hidden} must be >= 0 (0 picks the usual width)")
+        if not 0.0 <= self.dropout < 1.0:
+            out.append(f"dropout={self.dropout} must be in [0, 1)")
+        if not self.rope_theta > 0:
+            out.append(f"rope_theta={self.rope_theta} must be > 0 (usual: 10000)")
+        return out
+
+    def validate(self) -> None:
+        if problems := self.problems():
+            raise ConfigError("invalid model config:\n  - " + "\n  - ".join(problems))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelConfig:
+        """Build from a checkpoint's or YAML's dict; fields it lacks take the defaults (the GPT-2 block)."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"model config has fields this version of minilm does not know: {unknown}. "
+                              "It was written by a newer minilm: update the code (git pull) to load it.")
+        return cls(**d)
 
 
 @dataclass
@@ -77,7 +128,7 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> RunConfig:
-        return cls(model=ModelConfig(**d["model"]), train=TrainConfig(**d["train"]))
+        return cls(model=ModelConfig.from_dict(d["model"]), train=TrainConfig(**d["train"]))
 
 
 PRESETS: dict[str, RunConfig] = {
@@ -219,17 +270,7 @@ def parse_args(argv: list[str] | None = None, *, cuda: bool | None = None) -> tu
 def validate(cfg: RunConfig, *, world_size: int = 1) -> None:
     """Check values that would otherwise fail late (or silently); raise ConfigError with what to change."""
     m, t = cfg.model, cfg.train
-    problems = []
-    for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
-        if getattr(m, name) <= 0:
-            problems.append(f"{name}={getattr(m, name)} must be a positive integer")
-    if m.n_head > 0 and m.n_embd % m.n_head:
-        problems.append(
-            f"n_embd={m.n_embd} is not divisible by n_head={m.n_head}; pick n_embd as a multiple of n_head "
-            f"(e.g. n_embd={max(1, m.n_embd // max(m.n_head, 1)) * m.n_head})"
-        )
-    if not 0.0 <= m.dropout < 1.0:
-        problems.append(f"dropout={m.dropout} must be in [0, 1)")
+    problems = m.problems()
     if t.lr <= 0:
         problems.append(f"lr={t.lr} must be > 0 (typical: 6e-4 for mini_lm, 1e-3..3e-3 for tiny)")
     if t.min_lr < 0 or t.min_lr > t.lr:

@@ -1,4 +1,9 @@
-"""A GPT-2 style decoder: pre-LayerNorm blocks, causal self-attention, GELU MLP, tied embeddings.
+"""A decoder-only transformer in two flavours chosen by ModelConfig.
+
+The GPT-2 block (the defaults, the teaching baseline): learned positions, LayerNorm with biases, GELU MLP,
+embeddings tied to the output head. The modern block (the presets): rotary positions (RoPE), RMSNorm, a SwiGLU
+(or ReLU²) MLP, RMSNorm on queries and keys (QK-norm), no biases, zero-initialised output projections, an
+untied head: the Qwen3 layout, so a trained model maps onto `transformers`' Qwen3/Llama classes.
 
 Generation keeps a key/value cache so each new token costs one forward pass over one position.
 """
@@ -39,6 +44,44 @@ def peak_flops(device_name: str, dtype: str) -> float | None:
     return None
 
 
+# ----------------------------------------------------------------------------- the pieces
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight: LayerNorm without the mean and the bias. Computed in float32, like Llama's."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * self.weight.float()).to(x.dtype)
+
+
+def make_norm(config: ModelConfig, dim: int) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return RMSNorm(dim)
+    return nn.LayerNorm(dim, bias=config.bias)
+
+
+def rope_tables(head_dim: int, max_len: int, theta: float = 10000.0, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (max_len, head_dim) for rotary positions, in the Llama/Hugging Face layout (halves, not pairs)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    freqs = torch.outer(torch.arange(max_len, device=device, dtype=torch.float32), inv_freq)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each (i, i + hd/2) pair of x (B, H, T, hd) by its position's angle; cos/sin broadcast to x."""
+    half = x.size(-1) // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+
+
 class KVCache:
     """Keys and values of every layer for the positions seen so far: (n_layer, B, n_head, max_len, head_dim)."""
 
@@ -63,16 +106,24 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        if config.qk_norm:  # normalise each head's queries and keys: bounded logits, higher stable LRs
+            self.q_norm = RMSNorm(config.n_embd // config.n_head)
+            self.k_norm = RMSNorm(config.n_embd // config.n_head)
+        self.qk_norm = config.qk_norm
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, cache: KVCache | None = None, layer: int = 0, attn_mask=None):
+    def forward(self, x, cache: KVCache | None = None, layer: int = 0, attn_mask=None, rope=None):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.update(layer, k, v)
-        # Causal masking by flag when the queries start at position 0; otherwise the caller's mask
+        # Causal masking by flag when queries and keys both start at position 0; otherwise the caller's mask
         # (a single decode step attends to every cached position, so it needs none).
         is_causal = attn_mask is None and T > 1
         y = F.scaled_dot_product_attention(
@@ -82,51 +133,83 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y))
 
 
+def mlp_hidden(config: ModelConfig) -> int:
+    """Hidden width: 4C for GELU/ReLU², about 8C/3 (a multiple of 64) for SwiGLU's two matrices, as Llama."""
+    if config.mlp_hidden:
+        return config.mlp_hidden
+    if config.mlp == "swiglu":
+        return 64 * math.ceil(8 * config.n_embd / 3 / 64)
+    return 4 * config.n_embd
+
+
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU()
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.kind = config.mlp
+        hidden = mlp_hidden(config)
+        fan_out = 2 * hidden if config.mlp == "swiglu" else hidden  # SwiGLU: gate and up in one matrix
+        self.c_fc = nn.Linear(config.n_embd, fan_out, bias=config.bias)
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+        h = self.c_fc(x)
+        if self.kind == "swiglu":
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        elif self.kind == "relu2":
+            h = F.relu(h).square()
+        else:
+            h = F.gelu(h)
+        return self.dropout(self.c_proj(h))
 
 
 class Block(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = make_norm(config, config.n_embd)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = make_norm(config, config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x, cache: KVCache | None = None, layer: int = 0, attn_mask=None):
-        x = x + self.attn(self.ln_1(x), cache, layer, attn_mask)
+    def forward(self, x, cache: KVCache | None = None, layer: int = 0, attn_mask=None, rope=None):
+        x = x + self.attn(self.ln_1(x), cache, layer, attn_mask, rope)
         return x + self.mlp(self.ln_2(x))
+
+
+# ----------------------------------------------------------------------------- the model
 
 
 class GPT(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
+        config.validate()
         self.config = config
-        self.transformer = nn.ModuleDict(
-            dict(
-                wte=nn.Embedding(config.vocab_size, config.n_embd),
-                wpe=nn.Embedding(config.block_size, config.n_embd),
-                drop=nn.Dropout(config.dropout),
-                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-                ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
-            )
+        parts = dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=make_norm(config, config.n_embd),
         )
+        if config.pos == "learned":
+            parts["wpe"] = nn.Embedding(config.block_size, config.n_embd)
+        self.transformer = nn.ModuleDict(parts)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.transformer.wte.weight = self.lm_head.weight  # tied input and output embeddings
+        if config.tie_embeddings:
+            self.transformer.wte.weight = self.lm_head.weight
+        if config.pos == "rope":
+            # Not in the state dict: rebuilt from the config, so checkpoints hold only learned weights.
+            cos, sin = rope_tables(config.n_embd // config.n_head, config.block_size, config.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init_weights)
-        # GPT-2: scale the residual projections so the residual stream's variance does not grow with depth.
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+                if config.zero_init:  # each block starts as the identity; the residual stream grows as it learns
+                    nn.init.zeros_(p)
+                else:  # GPT-2: scaled so the residual stream's variance does not grow with depth
+                    nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, nn.Linear):
@@ -139,7 +222,9 @@ class GPT(nn.Module):
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameter count (tied embeddings counted once); non_embedding drops the position table."""
         n = sum(p.numel() for p in self.parameters())
-        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+        if non_embedding and "wpe" in self.transformer:
+            n -= self.transformer.wpe.weight.numel()
+        return n
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, cache: KVCache | None = None,
                 pos: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None):
@@ -154,18 +239,28 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of {start + T} tokens is longer than block_size={self.config.block_size}")
         if pos is None:
             pos = torch.arange(start, start + T, device=idx.device).unsqueeze(0)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        if attn_mask is None and start > 0 and T > 1:
+            # A later chunk of a prompt: query i sits at position start + i and sees keys 0..start + i.
+            # (is_causal=True would align the triangle top-left, as if the queries started at 0.)
+            attn_mask = torch.ones(T, start + T, dtype=torch.bool, device=idx.device).tril(diagonal=start)
+        x = self.transformer.wte(idx)
+        rope = None
+        if self.config.pos == "rope":
+            rope = (self.rope_cos[pos].unsqueeze(1), self.rope_sin[pos].unsqueeze(1))  # (B or 1, 1, T, hd)
+        else:
+            x = x + self.transformer.wpe(pos)
+        x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):
             if self.config.grad_checkpoint and self.training and cache is None and torch.is_grad_enabled():
-                x = torch_checkpoint(block, x, None, i, attn_mask, use_reentrant=False)
+                x = torch_checkpoint(block, x, None, i, attn_mask, rope, use_reentrant=False)
             else:
-                x = block(x, cache, i, attn_mask)
+                x = block(x, cache, i, attn_mask, rope)
         if cache is not None:
             cache.length += T
         x = self.transformer.ln_f(x)
-        if targets is None:
-            return self.lm_head(x), None
         logits = self.lm_head(x)
+        if targets is None:
+            return logits, None
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
@@ -303,10 +398,10 @@ def sample_next(logits: torch.Tensor, seen: torch.Tensor, seen_mask: torch.Tenso
     """Pick the next token per row from logits (B, vocab) after the penalty and filters."""
     if repetition_penalty != 1.0:
         # CTRL-style: make every token already in the context less likely, whatever the logit's sign.
-        ids = seen.masked_fill(~seen_mask, 0)
-        prev = logits.gather(1, ids)
-        prev = torch.where(prev > 0, prev / repetition_penalty, prev * repetition_penalty)
-        logits = logits.scatter(1, ids, prev)
+        # Only real tokens count: left padding must not penalise whatever id fills it.
+        present = torch.zeros_like(logits).scatter_add_(1, seen, seen_mask.to(logits.dtype)) > 0
+        penalised = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
+        logits = torch.where(present, penalised, logits)
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits / temperature
