@@ -1079,31 +1079,45 @@ def block(fn: Callable, trials: int = 4, seed: int | None = None, log: bool = Tr
                    "Block within 1e-4", s, log, uses_reference=bool(calls))
 
 
+# The modern recipe's switches, one setting per extra trial of check.gpt(..., modern=True).
+MODERN_RECIPES = (
+    dict(pos="rope", norm="rmsnorm", mlp="swiglu", qk_norm=True, tie_embeddings=False, bias=False),
+    dict(pos="rope", norm="layernorm", mlp="relu2", qk_norm=False, tie_embeddings=True, bias=True, rope_theta=500.0),
+    dict(pos="learned", norm="rmsnorm", mlp="gelu", qk_norm=True, tie_embeddings=True, bias=False),
+)
+
+
 @_check
-def gpt(model_cls: Callable, trials: int = 3, seed: int | None = None, log: bool = True) -> Result:
+def gpt(model_cls: Callable, trials: int = 3, modern: bool = False, seed: int | None = None,
+        log: bool = True) -> Result:
     """model_cls(config) -> an nn.Module with forward(idx, targets=None) -> (logits, loss or None).
 
     Its parameter names must be minilm's (transformer.wte/wpe/h.N.ln_1/attn.c_attn/attn.c_proj/ln_2/mlp.c_fc/
     mlp.c_proj/ln_f, lm_head), so minilm.model.GPT's state_dict loads into it (strict). The check loads random
     weights of a minilm GPT into your model and compares logits (tolerance 1e-4 abs + 1e-4 rel) and the mean
-    cross-entropy loss over targets, where targets equal to -1 are ignored (1e-5 rel).
+    cross-entropy loss over targets, where targets equal to -1 are ignored (1e-5 rel). The first `trials` models
+    are GPT-2 blocks; modern=True adds one per setting in check.MODERN_RECIPES (config.pos "rope" with no wpe,
+    config.norm "rmsnorm", config.mlp "swiglu"/"relu2", config.qk_norm with attn.q_norm/k_norm, untied lm_head).
     """
     from minilm.model import GPT
 
     s = _seed(seed)
     g = torch.Generator().manual_seed(s)
-    for trial in range(trials):
+    recipes = [{}] * trials + (list(MODERN_RECIPES) if modern and _has_config_field("pos") else [])
+    for trial, recipe in enumerate(recipes):
         n_head = _randint(g, 1, 4)
-        cfg = _model_config(vocab_size=_randint(g, 20, 90), block_size=_randint(g, 8, 33), n_layer=_randint(g, 1, 4),
-                            n_head=n_head, n_embd=n_head * 2 * _randint(g, 1, 6), bias=trial != 1, dropout=0.0)
+        cfg = _model_config(**{"vocab_size": _randint(g, 20, 90), "block_size": _randint(g, 8, 33),
+                               "n_layer": _randint(g, 1, 4), "n_head": n_head, "n_embd": n_head * 2 * _randint(g, 1, 6),
+                               "bias": trial != 1, "dropout": 0.0, **recipe})
         ref = _perturbed(GPT(cfg), g, 0.15)
         b, t = _randint(g, 1, 4), _randint(g, 1, cfg.block_size + 1)
         idx = torch.randint(0, cfg.vocab_size, (b, t), generator=g)
         targets = torch.randint(0, cfg.vocab_size, (b, t), generator=g)
         targets[torch.rand(b, t, generator=g) < 0.2] = -1
         what = (f"trial {trial}: vocab_size={cfg.vocab_size}, block_size={cfg.block_size}, n_layer={cfg.n_layer}, "
-                f"n_head={cfg.n_head}, n_embd={cfg.n_embd}, bias={cfg.bias}; idx of shape {(b, t)}, "
-                f"{int((targets == -1).sum())} targets = -1 (ignored)")
+                f"n_head={cfg.n_head}, n_embd={cfg.n_embd}, bias={cfg.bias}"
+                + "".join(f", {k}={v!r}" for k, v in recipe.items() if k != "bias")
+                + f"; idx of shape {(b, t)}, {int((targets == -1).sum())} targets = -1 (ignored)")
         try:
             mine = model_cls(cfg)
             missing, unexpected = mine.load_state_dict(ref.state_dict(), strict=False)
@@ -1122,6 +1136,9 @@ def gpt(model_cls: Callable, trials: int = 3, seed: int | None = None, log: bool
             except Exception as e:
                 return _finish("gpt", False, _crash(e, what), s, log)
             msg = _mismatch(what, got_logits, exp_logits, 1e-4, 1e-4, "logits")
+            if msg and recipe:
+                return _finish("gpt", False, msg + "\n  hint: the GPT-2 trials passed: look at the switches of this "
+                               "one (check.rope, check.rms_norm and check.mlp test the pieces)", s, log)
             if msg:
                 tr = ref.transformer
                 h = tr.wte(idx)
@@ -1147,8 +1164,9 @@ def gpt(model_cls: Callable, trials: int = 3, seed: int | None = None, log: bool
                     hint = "\n  hint: you divide by every position; divide by the number of targets that are not -1"
                 return _finish("gpt", False, f"{what}\n  expected loss {float(exp_loss):.6f}, got {got_loss}{hint}",
                                s, log)
-    return _finish("gpt", True, f"{trials} random GPTs (1-3 layers, with and without bias) with minilm's weights "
-                   "loaded: same logits (1e-4) and loss (1e-5, targets -1 ignored) as minilm.model.GPT", s, log,
+    return _finish("gpt", True, f"{len(recipes)} random GPTs (1-3 layers; {len(recipes) - trials} with the modern "
+                   "switches) with minilm's weights loaded: same logits (1e-4) and loss (1e-5, targets -1 ignored) as "
+                   "minilm.model.GPT", s, log,
                    uses_reference=_calls_reference(model_cls, {"GPT", "Block", "CausalSelfAttention", "MLP"},
                                                    (GPT,)))
 

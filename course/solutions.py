@@ -77,8 +77,8 @@ def my_choose_bands(num_perm, threshold):
     best, best_cost = None, float("inf")
     for b in range(1, num_perm + 1):
         for r in range(1, num_perm // b + 1):
-            false_pos = area(lambda s: prob(s, b, r), 0.0, threshold)
-            false_neg = area(lambda s: 1 - prob(s, b, r), threshold, 1.0)
+            false_pos = area(lambda s, b=b, r=r: prob(s, b, r), 0.0, threshold)
+            false_neg = area(lambda s, b=b, r=r: 1 - prob(s, b, r), threshold, 1.0)
             if false_pos + false_neg < best_cost:
                 best, best_cost = (b, r), false_pos + false_neg
     return best
@@ -386,22 +386,39 @@ class Weights(nn.Module):
             self.add_module(name, layer)
 
 
+class NormWeights(nn.Module):
+    """RMSNorm's one parameter, named as minilm names it."""
+
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+
 class MyGPT(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
-        c, bias = config.n_embd, config.bias
+        c, bias, hd = config.n_embd, config.bias, config.n_embd // config.n_head
+        norm = (lambda: NormWeights(c)) if config.norm == "rmsnorm" else (lambda: nn.LayerNorm(c, bias=bias))
+        hidden = getattr(config, "mlp_hidden", 0) or (
+            64 * math.ceil(8 * c / 3 / 64) if config.mlp == "swiglu" else 4 * c)
         blocks = []
         for _ in range(config.n_layer):
             attn = Weights(c_attn=nn.Linear(c, 3 * c, bias=bias), c_proj=nn.Linear(c, c, bias=bias))
+            if config.qk_norm:
+                attn.q_norm, attn.k_norm = NormWeights(hd), NormWeights(hd)
             attn.n_head = config.n_head
-            blocks.append(Weights(ln_1=nn.LayerNorm(c, bias=bias), attn=attn, ln_2=nn.LayerNorm(c, bias=bias),
-                                  mlp=Weights(c_fc=nn.Linear(c, 4 * c, bias=bias), c_proj=nn.Linear(4 * c, c, bias=bias))))
-        self.transformer = nn.ModuleDict(dict(wte=nn.Embedding(config.vocab_size, c),
-                                              wpe=nn.Embedding(config.block_size, c),
-                                              h=nn.ModuleList(blocks), ln_f=nn.LayerNorm(c, bias=bias)))
+            up = nn.Linear(c, 2 * hidden if config.mlp == "swiglu" else hidden, bias=bias)
+            blocks.append(Weights(ln_1=norm(), attn=attn, ln_2=norm(),
+                                  mlp=Weights(c_fc=up, c_proj=nn.Linear(hidden, c, bias=bias))))
+        parts = dict(wte=nn.Embedding(config.vocab_size, c), h=nn.ModuleList(blocks), ln_f=norm())
+        if config.pos == "learned":
+            parts["wpe"] = nn.Embedding(config.block_size, c)
+        self.transformer = nn.ModuleDict(parts)
         self.lm_head = nn.Linear(c, config.vocab_size, bias=False)
-        self.transformer.wte.weight = self.lm_head.weight  # one matrix embeds tokens and scores them
+        if config.tie_embeddings:
+            self.transformer.wte.weight = self.lm_head.weight  # one matrix embeds tokens and scores them
         for name, p in self.named_parameters():  # GPT-2's initialisation
             if name.endswith("bias"):
                 nn.init.zeros_(p)
@@ -411,13 +428,32 @@ class MyGPT(nn.Module):
                 std = 0.02 / math.sqrt(2 * config.n_layer) if name.endswith("c_proj.weight") else 0.02
                 nn.init.normal_(p, 0.0, std)
 
+    def norm(self, x, layer):
+        if self.config.norm == "rmsnorm":
+            return my_rms_norm(x, layer.weight, layer.eps)
+        return my_layer_norm(x, layer.weight, layer.bias, layer.eps)
+
+    def attend(self, x, attn):
+        b, t, c = x.shape
+        h = attn.n_head
+        q, k, v = attn.c_attn(x).split(c, dim=2)
+        q, k, v = (z.view(b, t, h, c // h).transpose(1, 2) for z in (q, k, v))
+        if self.config.qk_norm:
+            q, k = self.norm(q, attn.q_norm), self.norm(k, attn.k_norm)
+        if self.config.pos == "rope":
+            q, k = my_rope(q, self.config.rope_theta), my_rope(k, self.config.rope_theta)
+        y = my_attention(q, k, v)
+        return attn.c_proj(y.transpose(1, 2).reshape(b, t, c))
+
     def forward(self, idx, targets=None):
         tr = self.transformer
-        x = tr.wte(idx) + tr.wpe(torch.arange(idx.size(1), device=idx.device))
+        x = tr.wte(idx)
+        if self.config.pos == "learned":
+            x = x + tr.wpe(torch.arange(idx.size(1), device=idx.device))
         for blk in tr.h:
-            x = my_block(x, blk)
-        x = my_layer_norm(x, tr.ln_f.weight, tr.ln_f.bias, tr.ln_f.eps)
-        logits = self.lm_head(x)
+            x = x + self.attend(self.norm(x, blk.ln_1), blk.attn)
+            x = x + my_mlp(self.norm(x, blk.ln_2), blk.mlp, self.config.mlp)
+        logits = self.lm_head(self.norm(x, tr.ln_f))
         if targets is None:
             return logits, None
         return logits, my_cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)

@@ -76,8 +76,8 @@ def test_layer_norm():
     unbiased = lambda x, w, b, eps: (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, keepdim=True) + eps) * w + (
         0 if b is None else b)
     _fails(check.layer_norm(unbiased, seed=0), "unbiased variance")
-    outside = lambda x, w, b, eps: (x - x.mean(-1, keepdim=True)) / (x.std(-1, unbiased=False, keepdim=True) + eps) * w + (
-        0 if b is None else b)
+    outside = lambda x, w, b, eps: ((x - x.mean(-1, keepdim=True)) / (x.std(-1, unbiased=False, keepdim=True) + eps)
+                                    * w + (0 if b is None else b))
     _fails(check.layer_norm(outside, seed=0), "inside the square root")
 
 
@@ -130,7 +130,9 @@ class _NoPosition(S.MyGPT):
         for blk in tr.h:
             x = S.my_block(x, blk)
         logits = self.lm_head(tr.ln_f(x))
-        return logits, None if targets is None else F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
+        if targets is None:
+            return logits, None
+        return logits, F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
 
 
 class _MeanOverAll(S.MyGPT):
@@ -154,10 +156,21 @@ def test_gpt():
     from minilm.model import GPT
 
     _passes(check.gpt(S.MyGPT))
+    _passes(check.gpt(S.MyGPT, modern=True))
     assert check.gpt(GPT).uses_reference
     _fails(check.gpt(_NoPosition, seed=0), "position embeddings")
     _fails(check.gpt(_MeanOverAll, seed=0), "expected loss", "not -1")
     _fails(check.gpt(_Renamed, seed=0), "do not load", "lm_head")
+
+    class NoRope(S.MyGPT):  # forgets the rotary positions: the GPT-2 trials pass, the rope one does not
+        def attend(self, x, attn):
+            pos, self.config.pos = self.config.pos, "learned"
+            try:
+                return super().attend(x, attn)
+            finally:
+                self.config.pos = pos
+
+    _fails(check.gpt(NoRope, trials=1, modern=True, seed=0), "pos='rope'", "check.rope")
 
 
 def test_my_gpt_trains_like_minilm():
@@ -201,7 +214,8 @@ def test_rope():
 
 def test_cross_entropy():
     _passes(check.cross_entropy(S.my_cross_entropy))
-    assert check.cross_entropy(lambda z, t, ignore_index: F.cross_entropy(z, t, ignore_index=ignore_index)).uses_reference
+    ref = lambda z, t, ignore_index: F.cross_entropy(z, t, ignore_index=ignore_index)
+    assert check.cross_entropy(ref).uses_reference
 
     def naive(z, t, ignore_index=-100):
         keep = t != ignore_index
