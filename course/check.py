@@ -50,7 +50,8 @@ class Result:
         return self.passed
 
     def __repr__(self) -> str:
-        return f"<check.{self.name}: {'PASS' if self.passed else 'FAIL'}>"
+        verdict = "not implemented yet" if self.not_implemented else ("PASS" if self.passed else "FAIL")
+        return f"<check.{self.name}: {verdict}>"
 
 
 def log_path() -> Path:
@@ -142,13 +143,16 @@ def _check(fn: Callable) -> Callable:
     return run
 
 
-def pick(result: Result, yours, reference):
-    """yours when its check passed, else the reference (so the rest of the notebook still runs), saying which."""
+def pick(result: Result, yours, reference=None):
+    """yours when its check passed, else the reference (so the rest of the notebook still runs), saying which.
+
+    The reference defaults to check.reference(result.name): the package's version with the exercise's signature.
+    """
     if result:
         print(f"using your {getattr(yours, '__name__', 'code')} from here on")
         return yours
-    print(f"using the reference {getattr(reference, '__name__', 'code')} below: check.{result.name} has not passed")
-    return reference
+    print(f"check.{result.name} has not passed: the cells below use the reference until yours does")
+    return reference if reference is not None else globals()["reference"](result.name)
 
 
 def _crash(e: BaseException, what: str) -> str:
@@ -1628,6 +1632,12 @@ def band_cost(bands: int, rows: int, threshold: float, points: int = 401) -> flo
     return float(np.trapezoid(p(lo), lo) + np.trapezoid(1.0 - p(hi), hi))
 
 
+def best_bands(num_perm: int, threshold: float) -> tuple[int, int]:
+    """The (bands, rows) with bands * rows <= num_perm and the least band_cost: check.choose_bands' answer."""
+    return min(((b, r) for b in range(1, num_perm + 1) for r in range(1, num_perm // b + 1)),
+               key=lambda br: band_cost(*br, threshold))
+
+
 @_check
 def choose_bands(fn: Callable, seed: int | None = None, log: bool = True) -> Result:
     """fn(num_perm, threshold) -> (bands, rows) with bands * rows <= num_perm minimising check.band_cost.
@@ -1640,8 +1650,7 @@ def choose_bands(fn: Callable, seed: int | None = None, log: bool = True) -> Res
     settings = [(rng.choice([64, 112, 128, 256]), t) for t in rng.sample([0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9], 4)]
     for num_perm, t in settings:
         what = f"num_perm={num_perm}, threshold={t}"
-        best = min(((b, r) for b in range(1, num_perm + 1) for r in range(1, num_perm // b + 1)),
-                   key=lambda br: band_cost(*br, t))
+        best = best_bands(num_perm, t)
         try:
             b, r = (int(v) for v in fn(num_perm, t))
         except Exception as e:
@@ -1751,3 +1760,105 @@ def bpe_encode(fn: Callable, trials: int = 3, seed: int | None = None, log: bool
     return _finish("bpe_encode", True, f"{trials} random merge lists and texts (with multi-byte characters): the same "
                    "ids as dataset_curation.bpe.BPETokenizer.encode", s, log,
                    uses_reference=_calls_reference(fn, {"BPETokenizer", "_encode_word", "Tokenizer"}))
+
+
+# ----------------------------------------------------------------------------- the references, with the exercises' signatures
+
+
+def _mlp_formula(x: torch.Tensor, mlp, kind: str = "gelu") -> torch.Tensor:
+    h = mlp.c_fc(x)
+    if kind == "swiglu":
+        gate, up = h.chunk(2, dim=-1)
+        return mlp.c_proj(F.silu(gate) * up)
+    return mlp.c_proj(torch.relu(h).square() if kind == "relu2" else F.gelu(h))
+
+
+def _accumulate_ref(model, optimizer, micro_batches) -> float:
+    optimizer.zero_grad(set_to_none=True)
+    losses = []
+    for x, y in micro_batches:
+        _, loss = model(x, y)
+        (loss / len(micro_batches)).backward()
+        losses.append(loss.item())
+    optimizer.step()
+    return sum(losses) / len(losses)
+
+
+def _overfit_ref(model, x, y, steps: int) -> list[float]:
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    losses = []
+    for _ in range(steps):
+        _, loss = model(x, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def reference(name: str) -> Callable:
+    """The package's answer to exercise `name` (a check's name), called like the learner's function."""
+    from types import SimpleNamespace
+
+    if name in ("minhash", "lsh_candidates", "clusters"):
+        from dataset_curation.minhash import lsh_candidate_pairs, minhash_signatures, union_find_clusters
+    if name == "minhash":
+        return lambda sets, num_perm, seed: minhash_signatures(sets, num_perm=num_perm, seed=seed)
+    if name == "lsh_candidates":
+        return lambda sig, bands, rows: [tuple(p) for p in lsh_candidate_pairs(sig, bands, rows).tolist()]
+    if name == "clusters":
+        return lambda n, pairs: union_find_clusters(n, np.array(list(pairs), dtype=np.int64).reshape(-1, 2))
+    if name == "choose_bands":
+        return best_bands
+    if name == "dup_lines":
+        from dataset_curation.filters import _dup_fraction
+
+        return lambda text: _dup_fraction([ln.strip() for ln in text.split("\n") if ln.strip()])
+    if name in ("bpe", "bpe_encode"):
+        from dataset_curation.bpe import BPETokenizer, train_bpe
+
+        if name == "bpe":
+            return lambda text, num_merges: train_bpe(text, vocab_size=256 + num_merges + 1).merges
+        return lambda text, merges: BPETokenizer(merges, special_tokens=()).encode(text)
+    if name == "perplexity":
+        from metrics.perplexity import perplexity as ppl
+
+        return lambda model_fn, ids, window, stride: ppl(model_fn, ids, window, stride).perplexity
+    if name == "bleu":
+        from metrics.bleu import corpus_bleu
+
+        return lambda hyps, refs: corpus_bleu(hyps, refs, smooth_method="none").score
+    if name == "rouge":
+        from metrics.rouge import rouge_pair
+
+        return lambda p, r: {k: v.fmeasure for k, v in rouge_pair(p, r, ["rouge1", "rouge2", "rougeL"]).items()}
+    if name == "loss_scaler":
+        from efficient_training.amp import LossScaler
+
+        return LossScaler
+    if name == "lr_schedule":
+        from minilm.train import get_lr
+
+        return lambda it, w, d, lr, min_lr: get_lr(it, SimpleNamespace(warmup_iters=w, lr_decay_iters=d, lr=lr,
+                                                                       min_lr=min_lr))
+    if name in ("block", "gpt"):
+        from minilm.model import GPT
+
+        return (lambda x, blk: blk(x)) if name == "block" else GPT
+    table = {
+        "attention": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+        "causal_self_attention": lambda x, attn: attn(x),
+        "layer_norm": lambda x, w, b, eps: F.layer_norm(x, x.shape[-1:], w, b, eps),
+        "rms_norm": _rms_norm_ref,
+        "mlp": _mlp_formula,
+        "rope": _rope_ref,
+        "cross_entropy": lambda z, t, ignore_index=-100: F.cross_entropy(z.float(), t, ignore_index=ignore_index),
+        "adamw": lambda *a: _adamw_variant(*a, kind="decoupled"),
+        "clip_grad_norm": lambda params, max_norm: float(torch.nn.utils.clip_grad_norm_(params, max_norm)),
+        "accumulate": _accumulate_ref,
+        "overfit": _overfit_ref,
+        "sampling": filtered_probs,
+    }
+    if name not in table:
+        raise KeyError(f"no exercise named {name!r}; the checks are listed by `python -m course checks`")
+    return table[name]

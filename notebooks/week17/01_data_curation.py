@@ -1,6 +1,7 @@
 # ---
 # jupyter:
 #   jupytext:
+#     formats: ipynb,py:percent
 #     text_representation:
 #       extension: .py
 #       format_name: percent
@@ -122,6 +123,28 @@ for name, text in made_up.items():
           f"repetition: {filters.gopher_repetition(text)}")
 
 # %% [markdown]
+# ### Exercise 1 — the repeated-lines rule
+#
+# One of Gopher's repetition rules, by hand. Write `my_dup_lines(text)` returning two numbers: the fraction of
+# lines that repeat an earlier line, and the fraction of the lines' characters that sit in those repeats. Strip
+# each line and leave out the empty ones first; the first copy of a line is not a repeat. Gopher drops a
+# document when the first is above 0.30 or the second above 0.20.
+
+# %%
+# YOUR CODE: my_dup_lines
+def my_dup_lines(text):
+    """(fraction of non-empty stripped lines that repeat an earlier one, fraction of their characters)."""
+    raise NotImplementedError("split on '\\n', strip, drop empty lines, then walk them keeping a set of lines seen")
+
+
+# %%
+result = check.dup_lines(my_dup_lines)
+if result:
+    for name, text in made_up.items():
+        lines, chars = my_dup_lines(text)
+        print(f"{name:12s} repeated lines {lines:.2f}, their characters {chars:.2f}")
+
+# %% [markdown]
 # Code is not prose: a Python file has few stop words and many symbols, so prose rules would throw all code
 # away. The pipeline applies code-aware rules to code (line lengths, the share of alphanumeric characters,
 # generated-file markers) — see `dataset_curation/filters.py`.
@@ -176,7 +199,7 @@ print("keep the first of each cluster; documents in no cluster are kept as they 
 
 
 # %% [markdown]
-# ### Exercise — MinHash signatures
+# ### Exercise 2 — MinHash signatures
 #
 # Write `my_minhash(shingle_sets, num_perm, seed)` returning a numpy array of shape
 # `(len(shingle_sets), num_perm)`: for each of `num_perm` hash functions (e.g. `(a * h(x) + b) mod p` with
@@ -185,13 +208,79 @@ print("keep the first of each cluster; documents in no cluster are kept as they 
 # with the exact values and with the package's.
 
 # %%
-# YOUR CODE: replace the body below with your own implementation (it calls the reference until you do).
+# YOUR CODE: my_minhash
 def my_minhash(shingle_sets, num_perm, seed):
-    return minhash_signatures(shingle_sets, num_perm=num_perm, seed=seed)
+    """A numpy array (len(shingle_sets), num_perm): per set, the minimum of each hash function over its shingles."""
+    raise NotImplementedError("draw a, b for (a * h + b) % p from np.random.default_rng(seed); h = zlib.crc32(s.encode())")
 
 
 # %%
-assert check.minhash(my_minhash)
+check.minhash(my_minhash)
+
+# %% [markdown]
+# ### Exercise 3 — LSH banding
+#
+# Write `my_lsh_candidates(sig, bands, rows)`: the set of pairs `(i, j)`, `i < j`, whose signatures agree on every
+# value of at least one band (band `k` is columns `k*rows` to `(k+1)*rows - 1`). Put each document in a bucket
+# keyed by its band's values, one dict per band, and pair up the documents that share a bucket.
+
+# %%
+# YOUR CODE: my_lsh_candidates
+def my_lsh_candidates(sig, bands, rows):
+    """Pairs (i, j), i < j, of rows of sig (n_docs, num_perm) equal on some whole band."""
+    raise NotImplementedError("for each band: a dict from tuple(sig[doc, band columns]) to the docs in that bucket")
+
+
+# %%
+result = check.lsh_candidates(my_lsh_candidates)
+lsh = check.pick(result, my_lsh_candidates)
+
+# %% [markdown]
+# ### Exercise 4 — clusters
+#
+# Candidate pairs chain: if A is near B and B near C, all three are one cluster, and dedup keeps one of them.
+# Write `my_clusters(n, pairs)`: the connected components with at least two members (union-find: each document
+# points to a parent; joining two clusters points one root at the other).
+
+# %%
+# YOUR CODE: my_clusters
+def my_clusters(n, pairs):
+    """Lists of document indices, one per connected component of size >= 2."""
+    raise NotImplementedError("parent = list(range(n)); find(x) follows parents to the root; union sets one root's parent")
+
+
+# %%
+result = check.clusters(my_clusters)
+cluster_fn = check.pick(result, my_clusters)
+for c in cluster_fn(len(texts), sorted(lsh(sig, 14, 8))):
+    print("your LSH + clusters:", sorted(names[i] for i in c))
+
+# %% [markdown]
+# ### Exercise 5 — choosing bands x rows
+#
+# With `num_perm` hashes you may use any `bands * rows <= num_perm`. Which is best for a target threshold `t`?
+# Count the damage: false positives are pairs below `t` that become candidates (area under the S-curve left of
+# `t`), false negatives pairs above `t` that do not (area above the curve right of `t`). Write
+# `my_choose_bands(num_perm, threshold)` returning the `(bands, rows)` with the least total area (integrate with
+# the trapezoid rule; `check.band_cost(b, r, t)` is the check's version of that sum).
+
+# %%
+# YOUR CODE: my_choose_bands
+def my_choose_bands(num_perm, threshold):
+    """(bands, rows), bands * rows <= num_perm, minimising false-positive + false-negative probability mass."""
+    raise NotImplementedError("try every b and r <= num_perm // b; cost = area of P(s) below t + area of 1 - P(s) above t")
+
+
+# %%
+result = check.choose_bands(my_choose_bands)
+choose = check.pick(result, my_choose_bands)
+plt.figure(figsize=(5, 3))
+for t in (0.5, 0.7, 0.85):
+    b, r = choose(112, t)
+    plt.plot(s_grid, [match_probability(s, b, r) for s in s_grid], label=f"t={t}: {b} bands x {r} rows")
+    plt.axvline(t, color="grey", lw=0.5)
+plt.xlabel("Jaccard similarity"); plt.ylabel("P(candidate pair)"); plt.title("S-curves chosen for 112 hashes")
+plt.legend(); show()
 
 # %% [markdown]
 # ## 4. The whole pipeline

@@ -1,6 +1,7 @@
 # ---
 # jupyter:
 #   jupytext:
+#     formats: ipynb,py:percent
 #     text_representation:
 #       extension: .py
 #       format_name: percent
@@ -113,7 +114,7 @@ assert ours.decode(ids) == example
 
 
 # %% [markdown]
-# ### Exercise — the BPE trainer
+# ### Exercise 1 — the BPE trainer
 #
 # Write `my_train_bpe(text, num_merges)` returning the merges, a list of `(id, id)` pairs in the order learned.
 # Use `pretokenize(text)`; start every pre-token from its UTF-8 bytes; count pairs weighted by how often each
@@ -121,13 +122,35 @@ assert ours.decode(ids) == example
 # pair occurs twice. The check compares your merges with `train_bpe`'s one by one.
 
 # %%
-# YOUR CODE: replace the body below with your own implementation (it calls the reference until you do).
+# YOUR CODE: my_train_bpe
 def my_train_bpe(text, num_merges):
-    return train_bpe(text, vocab_size=256 + num_merges + 1).merges
+    """The merges, a list of (id, id) pairs in the order learned; merge r creates id 256 + r."""
+    raise NotImplementedError("Counter(pretokenize(text)) gives each pre-token and how often it occurs; start from bytes")
 
 
 # %%
-assert check.bpe(my_train_bpe)
+check.bpe(my_train_bpe)
+
+# %% [markdown]
+# ### Exercise 2 — the BPE encoder
+#
+# Training learns the merges; encoding applies them to new text. Write `my_bpe_encode(text, merges)`: split with
+# `pretokenize`, start each piece from its UTF-8 bytes, and repeatedly merge the adjacent pair with the **lowest
+# rank** (the merge learned first) everywhere in the piece, until no adjacent pair is a merge. Merging the
+# leftmost pair, or matching the longest token, gives different (and worse) tokenizations.
+
+# %%
+# YOUR CODE: my_bpe_encode
+def my_bpe_encode(text, merges):
+    """Token ids of text: per pre-token, apply the merges by rank (merge r is id 256 + r)."""
+    raise NotImplementedError("rank = {pair: r for r, pair in enumerate(merges)}; merge the pair with the smallest rank")
+
+
+# %%
+result = check.bpe_encode(my_bpe_encode)
+encode = check.pick(result, my_bpe_encode)
+code = "def forward(self, x):\n    return self.proj(x)"
+print(len(code.encode()), "bytes ->", len(encode(code, ours.merges)), "tokens with the 256 merges trained above")
 
 # %% [markdown]
 # ## 2. The same with Hugging Face `tokenizers`

@@ -1,6 +1,7 @@
 # ---
 # jupyter:
 #   jupytext:
+#     formats: ipynb,py:percent
 #     text_representation:
 #       extension: .py
 #       format_name: percent
@@ -190,13 +191,14 @@ print(f"the GPT {verdict} the bigram baseline")
 # your own code**, then run the check.
 
 # %%
-# YOUR CODE: replace the body below with your own implementation (it calls the reference until you do).
+# YOUR CODE: my_perplexity
 def my_perplexity(model_fn, token_ids, window, stride):
-    return perplexity(model_fn, token_ids, window, stride).perplexity
+    """Perplexity of token_ids, each token but the first scored once."""
+    raise NotImplementedError("a window scores only targets after the last one an earlier window scored; sum NLLs, divide once")
 
 
 # %%
-assert check.perplexity(my_perplexity)
+check.perplexity(my_perplexity)
 
 # %% [markdown]
 # ## 3. BLEU
@@ -240,13 +242,14 @@ plt.title("short outputs are penalised; long ones pay in precision"); show()
 # reference length closest to the hypothesis length (ties: the shorter).
 
 # %%
-# YOUR CODE: replace the body below with your own implementation (it calls the reference until you do).
+# YOUR CODE: my_bleu
 def my_bleu(hypotheses, references):
-    return corpus_bleu(hypotheses, references, smooth_method="none").score
+    """Corpus BLEU (0-100) of hypotheses against lists of reference streams."""
+    raise NotImplementedError("sum clipped n-gram matches and totals over the corpus first; brevity penalty from total lengths")
 
 
 # %%
-assert check.bleu(my_bleu)
+check.bleu(my_bleu)
 
 # %% [markdown]
 # ## 4. ROUGE
@@ -277,13 +280,14 @@ for k in ours:
 # %%
 from metrics.rouge import rouge_pair
 
-# YOUR CODE: replace the body below with your own implementation (it calls the reference until you do).
+# YOUR CODE: my_rouge
 def my_rouge(prediction, reference):
-    return rouge_pair(prediction, reference, ["rouge1", "rouge2", "rougeL"])
+    """{'rouge1': F, 'rouge2': F, 'rougeL': F} for two strings."""
+    raise NotImplementedError("clipped unigram and bigram matches; rouge-L from the longest common subsequence (a DP table)")
 
 
 # %%
-assert check.rouge(my_rouge)
+check.rouge(my_rouge)
 
 # %% [markdown]
 # ## 5. Generation metrics

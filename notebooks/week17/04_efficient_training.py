@@ -1,6 +1,7 @@
 # ---
 # jupyter:
 #   jupytext:
+#     formats: ipynb,py:percent
 #     text_representation:
 #       extension: .py
 #       format_name: percent
@@ -119,11 +120,72 @@ show()
 # and compares the scale before each step, the skipped steps and the final weights.
 
 # %%
-# YOUR CODE: write your own class (the line below uses the reference until you do).
-MyScaler = LossScaler
+# YOUR CODE: MyScaler
+class MyScaler:
+    """Dynamic loss scaling with GradScaler's interface (scale, unscale_, step, update, get_scale, state_dict)."""
+
+    def __init__(self, init_scale=2.0**16, growth_factor=2.0, backoff_factor=0.5, growth_interval=2000):
+        raise NotImplementedError("keep the scale, a count of clean steps, and whether this step saw an inf/NaN")
+
 
 # %%
-assert check.loss_scaler(MyScaler, trials=2)
+check.loss_scaler(MyScaler, trials=2)
+
+# %% [markdown]
+# ### Exercise 2 — one AdamW step
+#
+# The optimizer every run here uses. Write `my_adamw_step(p, grad, m, v, t, lr, beta1, beta2, eps, weight_decay)`
+# returning the new `(p, m, v)` for step `t = 1, 2, ...`: moving averages `m` of the gradient and `v` of its
+# square, bias-corrected by `1 - beta^t`, the update `lr * m_hat / (sqrt(v_hat) + eps)`, and **decoupled**
+# weight decay: `p` shrinks by `lr * weight_decay * p` directly (adding `weight_decay * p` to the gradient is
+# Adam with L2, a different optimizer). The check runs 20 steps next to `torch.optim.AdamW`.
+
+# %%
+# YOUR CODE: my_adamw_step
+def my_adamw_step(p, grad, m, v, t, lr, beta1, beta2, eps, weight_decay):
+    """One AdamW step: returns (new p, new m, new v)."""
+    raise NotImplementedError("decay p first: p * (1 - lr * weight_decay); then m, v, bias correction, the update")
+
+
+# %%
+check.adamw(my_adamw_step)
+
+# %% [markdown]
+# ### Exercise 3 — warm-up and cosine decay
+#
+# `my_lr(it, warmup_iters, lr_decay_iters, lr, min_lr)`: linear warm-up `lr * (it + 1) / (warmup_iters + 1)`,
+# then a half cosine from `lr` down to `min_lr` at `lr_decay_iters`, then `min_lr`. (minilm's `get_lr`.)
+
+# %%
+# YOUR CODE: my_lr
+def my_lr(it, warmup_iters, lr_decay_iters, lr, min_lr):
+    """The learning rate at step it (0-based)."""
+    raise NotImplementedError("three cases: it < warmup_iters, it >= lr_decay_iters, and the cosine in between")
+
+
+# %%
+result = check.lr_schedule(my_lr)
+lr_fn = check.pick(result, my_lr)
+plt.figure(figsize=(5, 2.5))
+plt.plot([lr_fn(it, 40, 500, 2e-3, 2e-4) for it in range(520)])
+plt.xlabel("step"); plt.ylabel("learning rate"); plt.title("tiny preset: 40 warm-up steps, cosine to 500"); show()
+
+# %% [markdown]
+# ### Exercise 4 — global-norm gradient clipping
+#
+# `my_clip_grad_norm(parameters, max_norm)`: the norm of **all** gradients together (the square root of the sum
+# of every entry squared, over parameters that have a `.grad`); if it exceeds `max_norm`, multiply every gradient
+# by `max_norm / norm` in place (never scale up). Return the norm before clipping.
+
+# %%
+# YOUR CODE: my_clip_grad_norm
+def my_clip_grad_norm(parameters, max_norm):
+    """Clip all gradients together to global norm max_norm, in place; return the norm before clipping."""
+    raise NotImplementedError("one norm over every gradient; skip parameters whose .grad is None")
+
+
+# %%
+check.clip_grad_norm(my_clip_grad_norm)
 
 # %% [markdown]
 # On a CPU the practical mixed precision is **bfloat16 autocast**: matmuls run in bf16, reductions and the loss
@@ -217,6 +279,24 @@ big = grad_of(lambda: m(xb, yb)[1].backward())
 for norm in ("tokens", "micro_batches", "none"):
     g = grad_of(lambda: accumulate_gradients(m, micro, normalize=norm))
     print(f"normalize={norm:14s} max |difference from the big batch| = {(g - big).abs().max().item():.2e}")
+
+# %% [markdown]
+# ### Exercise 5 — the accumulation loop
+#
+# `my_accumulate(model, optimizer, micro_batches)`: one optimizer step from equal-sized micro-batches `(x, y)`.
+# Zero the gradients, run forward and backward on each micro-batch with its loss divided by the number of
+# micro-batches, then step once; return the mean loss. The check compares the parameters after two calls with
+# two big-batch steps.
+
+# %%
+# YOUR CODE: my_accumulate
+def my_accumulate(model, optimizer, micro_batches):
+    """One optimizer step over all micro-batches; returns the mean of their losses."""
+    raise NotImplementedError("zero_grad once; (loss / len(micro_batches)).backward() per micro-batch; step once")
+
+
+# %%
+check.accumulate(my_accumulate)
 
 # %% [markdown]
 # ## 4. Data parallelism (DDP)

@@ -1,6 +1,7 @@
 # ---
 # jupyter:
 #   jupytext:
+#     formats: ipynb,py:percent
 #     text_representation:
 #       extension: .py
 #       format_name: percent
@@ -123,13 +124,15 @@ print(f"loss at init {m0(x, y)[1].item():.3f}   ln(vocab) = {math.log(cfg0.vocab
 # %%
 import torch.nn.functional as F
 
-# YOUR CODE: replace the body below with your own implementation (it calls the reference until you do).
+# YOUR CODE: my_attention
 def my_attention(q, k, v):
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    """Causal softmax(q k^T / sqrt(head_dim)) v for (B, n_head, T, head_dim) tensors."""
+    raise NotImplementedError("scores = q @ k.transpose(-2, -1) / sqrt(d); -inf above the diagonal; softmax; @ v")
 
 
 # %%
-assert check.attention(my_attention)
+result = check.attention(my_attention)
+my_attention = check.pick(result, my_attention)
 
 
 # %% [markdown]
@@ -140,13 +143,228 @@ assert check.attention(my_attention)
 # heads merged back, then `attn.c_proj`. The check compares with the layer itself.
 
 # %%
-# YOUR CODE: replace the body below with your own implementation (it calls the reference until you do).
+# YOUR CODE: my_causal_self_attention
 def my_causal_self_attention(x, attn):
-    return attn(x)
+    """The attention layer on x (B, T, n_embd) with attn's weights: c_attn, split into n_head heads, c_proj."""
+    raise NotImplementedError("q, k, v = attn.c_attn(x).split(C, dim=2); heads: view(B, T, H, C // H).transpose(1, 2)")
 
 
 # %%
-assert check.causal_self_attention(my_causal_self_attention)
+result = check.causal_self_attention(my_causal_self_attention)
+my_causal_self_attention = check.pick(result, my_causal_self_attention)
+
+# %% [markdown]
+# ### Exercise 3 — LayerNorm and RMSNorm
+#
+# GPT-2 normalises each position's vector with LayerNorm: subtract the mean, divide by the standard deviation
+# (the biased one, `sqrt(mean((x - mean)^2) + eps)`, eps inside the root), then scale and shift by learned
+# `weight` and `bias`. Llama-style models use **RMSNorm**: no mean, no bias, just `x / sqrt(mean(x^2) + eps) *
+# weight`, computed in float32 and returned in x's dtype (bfloat16 squares lose too much precision).
+
+# %%
+# YOUR CODE: my_layer_norm
+def my_layer_norm(x, weight, bias, eps):
+    """LayerNorm over the last dim; bias may be None."""
+    raise NotImplementedError("mean and biased variance over dim=-1 (keepdim=True); eps inside the square root")
+
+
+# %%
+result = check.layer_norm(my_layer_norm)
+my_layer_norm = check.pick(result, my_layer_norm)
+
+# %%
+# YOUR CODE: my_rms_norm
+def my_rms_norm(x, weight, eps):
+    """RMSNorm over the last dim, in float32, returned in x.dtype."""
+    raise NotImplementedError("xf = x.float(); xf / sqrt(mean(xf^2, -1) + eps) * weight; .to(x.dtype)")
+
+
+# %%
+result = check.rms_norm(my_rms_norm)
+my_rms_norm = check.pick(result, my_rms_norm)
+
+# %% [markdown]
+# ### Exercise 4 — the MLP
+#
+# The feed-forward half of a block, with `mlp.c_fc` and `mlp.c_proj` (linear layers). `kind` is the config's
+# `mlp`: `"gelu"` is GPT-2's `c_proj(gelu(c_fc(x)))` with the exact GELU `x * Phi(x)` (`0.5 x (1 + erf(x /
+# sqrt 2))`); `"relu2"` squares a ReLU; `"swiglu"` (Llama) splits `c_fc(x)` into a gate and an up half and
+# returns `c_proj(silu(gate) * up)`, `silu(z) = z * sigmoid(z)`.
+
+# %%
+# YOUR CODE: my_mlp
+def my_mlp(x, mlp, kind="gelu"):
+    """The MLP with mlp.c_fc and mlp.c_proj; kind in gelu, relu2, swiglu."""
+    raise NotImplementedError("h = mlp.c_fc(x); the nonlinearity for this kind; mlp.c_proj(h)")
+
+
+# %%
+result = check.mlp(my_mlp, kinds=("gelu", "relu2", "swiglu"))
+my_mlp = check.pick(result, my_mlp)
+
+# %% [markdown]
+# ### Exercise 5 — a transformer block
+#
+# Pre-LayerNorm, as GPT-2: `x = x + attention(ln_1(x))`, then `x + mlp(ln_2(x))`. Normalising the branch
+# inputs (not the sum) keeps a clean residual path from the embeddings to the output. Write `my_block(x, block)`
+# with your three functions and a `minilm` block's weights (`block.ln_1.weight`, `.bias`, `.eps`, ...).
+
+# %%
+# YOUR CODE: my_block
+def my_block(x, block):
+    """One GPT-2 block with your layer norm, attention layer and MLP, and block's weights."""
+    raise NotImplementedError("x + my_causal_self_attention(my_layer_norm(x, ...ln_1...), block.attn); same for the MLP")
+
+
+# %%
+result = check.block(my_block)
+my_block = check.pick(result, my_block)
+
+# %% [markdown]
+# ### Exercise 6 — rotary position embeddings (RoPE)
+#
+# Instead of adding a learned position vector, RoPE rotates each query and key by an angle proportional to its
+# position, so `q·k` depends on the distance between them. Dim `i` pairs with dim `i + head_dim/2` and turns by
+# `pos * theta^(-2i/head_dim)`: `y = x * cos + rotate_half(x) * sin`, `rotate_half(x) = cat(-x2, x1)` for the
+# two halves `x1, x2` (the Llama/Hugging Face layout). Write `my_rope(x, theta)` for x (B, n_head, T, head_dim),
+# positions 0..T-1.
+
+# %%
+# YOUR CODE: my_rope
+def my_rope(x, theta):
+    """x rotated by its positions 0..T-1 (Llama layout)."""
+    raise NotImplementedError("inv_freq = 1 / theta ** (arange(0, hd, 2) / hd); angles = pos[:, None] * inv_freq; "
+                              "cat(angles, angles)")
+
+
+# %%
+result = check.rope(my_rope)
+my_rope = check.pick(result, my_rope)
+hd, T = 16, 12
+q, k = torch.randn(1, 1, 1, hd).expand(1, 1, T, hd), torch.randn(1, 1, 1, hd).expand(1, 1, T, hd)
+scores = my_rope(q, 10000.0)[0, 0] @ my_rope(k, 10000.0)[0, 0].T  # the same q and k at every position
+print("q·k depends only on the distance:", torch.allclose(scores.diagonal(2), scores.diagonal(2)[0].expand(T - 2),
+                                                         atol=1e-4))
+
+# %% [markdown]
+# ### Exercise 7 — a numerically stable cross-entropy
+#
+# The loss: `-log softmax(logits)[target]`, averaged over the positions whose target is not `ignore_index`.
+# `exp(1000.0)` is inf in float32, so subtract each row's maximum first (`log softmax(z) = z - max - log sum
+# exp(z - max)`); the check feeds logits around 1e4.
+
+# %%
+# YOUR CODE: my_cross_entropy
+def my_cross_entropy(logits, targets, ignore_index=-100):
+    """Mean cross-entropy of logits (N, V) against targets (N,), skipping targets equal to ignore_index."""
+    raise NotImplementedError("keep = targets != ignore_index; subtract the row max; log of the sum of exp; gather")
+
+
+# %%
+result = check.cross_entropy(my_cross_entropy)
+my_cross_entropy = check.pick(result, my_cross_entropy)
+
+# %% [markdown]
+# ### Exercise 8 — the whole GPT
+#
+# Now the model. The parameters are laid out below with `minilm`'s names (so `minilm`'s weights load into it and
+# the check can compare logits); `Weights` is a box of layers with no `forward` of its own. Write `forward`:
+# token embeddings (plus position embeddings when `config.pos == "learned"`), the blocks, the final norm, the
+# head, and your loss over targets that are not -1. The config's switches are the modern recipe: `norm`
+# ("layernorm" or "rmsnorm"), `mlp`, `qk_norm` (RMSNorm on each head's q and k, `attn.q_norm`/`attn.k_norm`)
+# and `pos == "rope"` (your `my_rope` on q and k, after the q/k norm). The check also runs those.
+
+# %%
+# YOUR CODE: Weights NormWeights MyGPT
+import torch.nn as nn
+
+
+class Weights(nn.Module):
+    """A named box of layers: holds parameters, your functions do the computing."""
+
+    def __init__(self, **layers):
+        super().__init__()
+        for name, layer in layers.items():
+            self.add_module(name, layer)
+
+
+class NormWeights(nn.Module):
+    """RMSNorm's one parameter, named as minilm names it."""
+
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+
+class MyGPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        c, bias, hd = config.n_embd, config.bias, config.n_embd // config.n_head
+        norm = (lambda: NormWeights(c)) if config.norm == "rmsnorm" else (lambda: nn.LayerNorm(c, bias=bias))
+        hidden = config.mlp_hidden or (64 * math.ceil(8 * c / 3 / 64) if config.mlp == "swiglu" else 4 * c)
+        blocks = []
+        for _ in range(config.n_layer):
+            attn = Weights(c_attn=nn.Linear(c, 3 * c, bias=bias), c_proj=nn.Linear(c, c, bias=bias))
+            if config.qk_norm:
+                attn.q_norm, attn.k_norm = NormWeights(hd), NormWeights(hd)
+            attn.n_head = config.n_head
+            up = nn.Linear(c, 2 * hidden if config.mlp == "swiglu" else hidden, bias=bias)
+            blocks.append(Weights(ln_1=norm(), attn=attn, ln_2=norm(),
+                                  mlp=Weights(c_fc=up, c_proj=nn.Linear(hidden, c, bias=bias))))
+        parts = dict(wte=nn.Embedding(config.vocab_size, c), h=nn.ModuleList(blocks), ln_f=norm())
+        if config.pos == "learned":
+            parts["wpe"] = nn.Embedding(config.block_size, c)
+        self.transformer = nn.ModuleDict(parts)
+        self.lm_head = nn.Linear(c, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.transformer.wte.weight = self.lm_head.weight
+        for name, p in self.named_parameters():  # GPT-2's initialisation
+            if name.endswith("bias"):
+                nn.init.zeros_(p)
+            elif p.dim() == 1:
+                nn.init.ones_(p)
+            else:
+                std = 0.02 / math.sqrt(2 * config.n_layer) if name.endswith("c_proj.weight") else 0.02
+                nn.init.normal_(p, 0.0, std)
+
+    def forward(self, idx, targets=None):
+        """(logits (B, T, vocab), mean loss over targets != -1, or None without targets)."""
+        raise NotImplementedError("embed; for blk in self.transformer.h: x + attention(norm(x)), x + mlp(norm(x)); "
+                                  "final norm; lm_head; my_cross_entropy(..., ignore_index=-1)")
+
+
+# %%
+from minilm.model import GPT
+
+result = check.gpt(MyGPT, modern=True)
+Model = check.pick(result, MyGPT)
+
+# %% [markdown]
+# ### Exercise 9 — overfit one batch
+#
+# Before a long run, prove the loop can learn: train on one fixed batch until the loss is near zero. If it will
+# not go down there, nothing will go right on real data. Write `my_overfit(model, x, y, steps)`: your choice of
+# optimizer and learning rate, a forward, `zero_grad`, `backward`, `step` each time; return the losses.
+
+# %%
+# YOUR CODE: my_overfit
+def my_overfit(model, x, y, steps):
+    """Train model on the batch (x, y) for `steps` steps; return the list of losses."""
+    raise NotImplementedError("opt = torch.optim.AdamW(model.parameters(), lr=1e-2); then the four lines per step")
+
+
+# %%
+result = check.overfit(my_overfit)
+overfit = check.pick(result, my_overfit)
+torch.manual_seed(SEED)
+tiny_cfg = ModelConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=32)
+xb, yb = torch.randint(0, 64, (2, 2, 16))
+plt.figure(figsize=(5, 2.5))
+plt.plot(overfit(Model(tiny_cfg), xb, yb, 150), label=f"{Model.__name__}")
+plt.axhline(math.log(64), color="grey", ls=":", label="ln(vocab)")
+plt.yscale("log"); plt.xlabel("step"); plt.ylabel("loss on the one batch"); plt.legend(); show()
 
 # %% [markdown]
 # ## 3. A training run
@@ -205,6 +423,53 @@ ax[1].set_xlabel("step"); show()
 print("keys logged:", sorted({k for r in rows for k in r}))
 
 # %% [markdown]
+# ## 4b. Your model in the real loop
+#
+# `minilm.train.train(cfg, model=...)` runs any module with `forward(idx, targets) -> (logits, loss)` through
+# the same loop: schedule, clipping, evaluation, checkpoints. Here it trains `Model` (your `MyGPT` once its
+# check passed, else minilm's GPT) with the run's config for its first steps, and puts its curve next to the
+# reference run's. Same weights layout, same data order, same schedule: the two curves should overlap.
+
+# %%
+import inspect
+
+from minilm.config import apply_overrides
+from minilm.train import get_lr
+
+steps_mine = 150 if FAST else cfg.train.max_iters
+mine_cfg = apply_overrides(nb.run_config(FAST, data_dir, out_dir=str(run_dir.with_name(run_dir.name + "-mine"))),
+                           {"max_iters": steps_mine, "eval_interval": 50 if FAST else cfg.train.eval_interval,
+                            "tensorboard": False, "sample_tokens": 0})
+shutil.rmtree(mine_cfg.train.out_dir, ignore_errors=True)
+torch.manual_seed(cfg.train.seed)
+my_model = Model(mine_cfg.model)
+if "model" in inspect.signature(train).parameters:
+    train(mine_cfg, why=f"{Model.__name__} in the real loop", model=my_model)
+    mine_rows = [json.loads(line) for line in (Path(mine_cfg.train.out_dir) / "metrics.jsonl").read_text().splitlines()]
+else:  # this minilm's train() does not take a model yet: the same schedule in a short loop of your pieces
+    from minilm.data import TokenData
+
+    data = TokenData(data_dir, "train", mine_cfg.model.vocab_size, mine_cfg.model.block_size, seed=mine_cfg.train.seed)
+    t = mine_cfg.train
+    opt = torch.optim.AdamW(my_model.parameters(), lr=t.lr, betas=(t.beta1, t.beta2), weight_decay=t.weight_decay)
+    mine_rows = []
+    for step in range(steps_mine):
+        for group in opt.param_groups:
+            group["lr"] = get_lr(step, t)
+        xb, yb = data.get_batch(t.batch_size, mine_cfg.model.block_size)
+        loss = my_model(xb, yb)[1]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(my_model.parameters(), t.grad_clip)
+        opt.step()
+        mine_rows.append({"step": step, "loss": loss.item()})
+mine_steps = [r for r in mine_rows if r.get("loss") is not None]
+plt.figure(figsize=(6, 3))
+plt.plot([r["step"] for r in steps], [r["loss"] for r in steps], label="minilm GPT (reference run)", alpha=0.7)
+plt.plot([r["step"] for r in mine_steps], [r["loss"] for r in mine_steps], label=f"{Model.__name__} (yours)", alpha=0.7)
+plt.xlabel("step"); plt.ylabel("training loss"); plt.legend(); show()
+
+# %% [markdown]
 # **TensorBoard** shows the same curves live while a run trains. In JupyterLab or Colab:
 #
 # ```
@@ -253,6 +518,91 @@ print("mini_lm, if an A100 trained it at 150k tokens/s:",
       big.estimate_mfu(150_000, "NVIDIA A100-SXM4-40GB", "bfloat16")[1])
 
 # %% [markdown]
+# ## 7. A learning-rate sweep
+#
+# The most important knob. Train the same model at the run's learning rate times 0.1, 1 and 10 (and 0.3 and 3
+# with `FAST = False`) and put the curves on one plot: too low crawls, too high is noisy or diverges, and the
+# best is usually a little below the largest rate that is still stable.
+
+# %%
+from minilm.train import TrainingAborted
+
+factors = (0.1, 1.0, 10.0) if FAST else (0.1, 0.3, 1.0, 3.0, 10.0)
+sweep_steps = 60 if FAST else 1000
+plt.figure(figsize=(6, 3))
+for f in factors:
+    out = run_dir.with_name(f"{run_dir.name}-lr{f:g}")
+    shutil.rmtree(out, ignore_errors=True)
+    c = apply_overrides(nb.run_config(FAST, data_dir, out_dir=str(out)),
+                        {"lr": cfg.train.lr * f, "min_lr": cfg.train.min_lr * f, "max_iters": sweep_steps,
+                         "lr_decay_iters": sweep_steps, "eval_interval": sweep_steps, "log_interval": 5,
+                         "tensorboard": False, "sample_tokens": 0, "progress": False})
+    try:
+        end = f"val {train(c)['val_loss']:.2f}"
+    except TrainingAborted:  # the loss went non-finite: that is what too high looks like
+        end = "diverged"
+    rows_f = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    pts = [r for r in rows_f if r.get("loss") is not None]
+    plt.plot([r["step"] for r in pts], [r["loss"] for r in pts], label=f"lr x{f:g} = {c.train.lr:.1e} ({end})")
+plt.xlabel("step"); plt.ylabel("training loss"); plt.legend(fontsize=8); show()
+
+# %% [markdown]
+# ## 8. An architecture ablation
+#
+# Which of the modern pieces pay for themselves at this size? `python -m minilm.ablate` trains one variant
+# per switch (RoPE, RMSNorm, SwiGLU, QK-norm, untied head, ...) on the same data and steps and writes a table.
+# The saved results are shown when they exist; otherwise a two-variant run here (GPT-2 block vs the modern
+# recipe) for a few steps: too short to conclude much, but the same comparison.
+
+# %%
+from IPython.display import Image, Markdown, display
+
+saved = sorted((ROOT / "out").glob("ablate*/*.md")) + sorted((ROOT / "out").glob("ablate*/*.png"))
+if saved:
+    for f in saved:
+        display(Markdown(f.read_text()) if f.suffix == ".md" else Image(filename=str(f)))
+else:
+    print("no saved ablation (run `python -m minilm.ablate` for the real one): a short run here")
+    variants = {"GPT-2 block": dict(pos="learned", norm="layernorm", mlp="gelu", qk_norm=False),
+                "modern (RoPE, RMSNorm, SwiGLU, QK-norm)": dict(pos="rope", norm="rmsnorm", mlp="swiglu",
+                                                                  qk_norm=True)}
+    abl_steps = 80 if FAST else 1000
+    results = {}
+    for name, switches in variants.items():
+        out = run_dir.with_name(f"{run_dir.name}-abl-{switches['pos']}")
+        shutil.rmtree(out, ignore_errors=True)
+        c = apply_overrides(nb.run_config(FAST, data_dir, out_dir=str(out)),
+                            {**switches, "max_iters": abl_steps, "lr_decay_iters": abl_steps,
+                             "eval_interval": abl_steps, "tensorboard": False, "sample_tokens": 0, "progress": False})
+        results[name] = train(c)["val_loss"]
+    for name, v in results.items():
+        print(f"{name:42s} val loss {v:.4f} after {abl_steps} steps")
+
+# %% [markdown]
+# ## 9. Tokens per parameter
+#
+# Hoffmann et al. (2022, "Chinchilla") found that for a fixed compute budget, loss is lowest when a model sees
+# about **20 training tokens per parameter**. A model trained on far fewer tokens than that is under-trained
+# (a smaller model would have done better on the same compute); far more is fine if inference cost matters
+# (Llama trains small models on 100+ tokens per parameter). Our presets:
+
+# %%
+print(f"{'preset':8s} {'params':>12s} {'tokens trained':>15s} {'tokens/param':>13s} {'Chinchilla tokens':>18s}")
+for name, pc in PRESETS.items():
+    with torch.device("meta"):
+        n = GPT(pc.model).num_params()
+    tokens = pc.train.max_iters * pc.train.batch_size * pc.train.grad_accum * pc.model.block_size
+    print(f"{name:8s} {n:12,d} {tokens:15,d} {tokens / n:13.1f} {20 * n:18,d}")
+ours_tokens = cfg.train.max_iters * cfg.train.batch_size * cfg.train.grad_accum * cfg.model.block_size
+print(f"this notebook's run: {GPT(cfg.model).num_params():,} parameters, {ours_tokens:,} tokens")
+
+# %% [markdown]
+# Read the table against the data: the built-in corpus holds a few million tokens, so the `mini_lm` preset's
+# budget of 20 tokens per parameter (about a billion tokens) needs the `wiki_code` recipe's 100M tokens seen
+# for several epochs, or more data. Repeating data up to about four epochs costs little (Muennighoff et al.,
+# 2023); beyond that, returns fall. Which of the presets is closest to compute-optimal, and what would you
+# change first: steps, batch size, or the model?
+#
 # **Task 4** ([course/README.md](../../course/README.md)): set `FAST = False` on a GPU to train `mini_lm`
 # (2–4 h on a T4, expected), or run `python -m minilm.train --preset mini_lm`; then
 # `python -m course status --out_dir out/mini_lm`.

@@ -1,6 +1,7 @@
 # ---
 # jupyter:
 #   jupytext:
+#     formats: ipynb,py:percent
 #     text_representation:
 #       extension: .py
 #       format_name: percent
@@ -127,15 +128,15 @@ ax[0].set_ylabel("share of 4,000 draws"); show()
 # `sample_next` with the same random numbers: equal distributions pick the same tokens.
 
 # %%
-from course.solutions import filtered_probs
-
-# YOUR CODE: replace the body below with your own implementation (it calls the reference until you do).
+# YOUR CODE: my_probs
 def my_probs(logits, temperature, top_k, top_p):
-    return filtered_probs(logits, temperature, top_k, top_p)
+    """(B, vocab) probabilities after temperature, then top-k, then top-p; zero for the tokens filtered out."""
+    raise NotImplementedError("divide by temperature; -inf below the k-th largest; sort, and drop a token once the ones "
+                              "before it reach top_p")
 
 
 # %%
-assert check.sampling(my_probs)
+check.sampling(my_probs)
 
 # %% [markdown]
 # ## 2. The KV cache
