@@ -1762,7 +1762,7 @@ def bpe_encode(fn: Callable, trials: int = 3, seed: int | None = None, log: bool
                    uses_reference=_calls_reference(fn, {"BPETokenizer", "_encode_word", "Tokenizer"}))
 
 
-# ----------------------------------------------------------------------------- the references, with the exercises' signatures
+# ----------------------------------------------------------------------------- references, called like the exercises
 
 
 def _mlp_formula(x: torch.Tensor, mlp, kind: str = "gelu") -> torch.Tensor:
