@@ -98,7 +98,8 @@ def test_tasks_done_from_artifacts_and_log(tiny_data_dir, evaluated_run, tmp_pat
 
 def test_trained_run_without_evaluation_is_not_done(tiny_data_dir, tiny_run, tmp_path):
     rows = status(tiny_data_dir, tiny_run, log=tmp_path / "log.jsonl")
-    assert not rows[3]["done"] and "no eval.json yet" in rows[3]["artifact"] and "minilm.evaluate" in rows[3]["artifact"]
+    assert not rows[3]["done"] and "no eval.json yet" in rows[3]["artifact"]
+    assert "minilm.evaluate" in rows[3]["artifact"]
 
 
 def test_report(evaluated_run, tmp_path, capsys):
@@ -144,6 +145,9 @@ def test_cli(tiny_data_dir, tmp_path, capsys):
     got = json.loads(capsys.readouterr().out)[0]["checks"]
     assert got["minhash"] == "PASS" and got["bpe"] == "FAIL" and got["bpe_encode"] is None
     assert main(["checks"]) == 0
-    assert "check.bleu: fn(hypotheses, references)" in capsys.readouterr().out
+    listed = capsys.readouterr().out
+    assert "check.bleu: fn(hypotheses, references)" in listed
+    assert all(f"check.{c}: " in listed for _, checks in TASKS.values() for c in checks)
+    assert "not available" not in listed
     with pytest.raises(SystemExit):
         main(["nonsense"])

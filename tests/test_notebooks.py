@@ -32,7 +32,10 @@ def _load(name: str):
 
 
 def _exercise_cells(nb) -> list:
-    return [c for c in nb.cells if c.cell_type == "code" and c.source.startswith("# YOUR CODE:")]
+    cells = [c for c in nb.cells if c.cell_type == "code" and "# YOUR CODE" in c.source]
+    for c in cells:  # notebooks/solve.py replaces a cell by its first line's names: nothing may come before it
+        assert c.source.startswith("# YOUR CODE:"), f"an exercise cell must start with its marker:\n{c.source[:200]}"
+    return cells
 
 
 def test_every_week_notebook_exists_with_its_source():

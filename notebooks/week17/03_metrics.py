@@ -278,8 +278,6 @@ for k in ours:
 # the reference's; F = 2PR / (P + R), or 0 when both are 0.
 
 # %%
-from metrics.rouge import rouge_pair
-
 # YOUR CODE: my_rouge
 def my_rouge(prediction, reference):
     """{'rouge1': F, 'rouge2': F, 'rougeL': F} for two strings."""

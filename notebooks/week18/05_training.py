@@ -122,8 +122,6 @@ print(f"loss at init {m0(x, y)[1].item():.3f}   ln(vocab) = {math.log(cfg0.vocab
 # `scaled_dot_product_attention`.
 
 # %%
-import torch.nn.functional as F
-
 # YOUR CODE: my_attention
 def my_attention(q, k, v):
     """Causal softmax(q k^T / sqrt(head_dim)) v for (B, n_head, T, head_dim) tensors."""
@@ -436,7 +434,7 @@ import inspect
 from minilm.config import apply_overrides
 from minilm.train import get_lr
 
-steps_mine = 150 if FAST else cfg.train.max_iters
+steps_mine = 100 if FAST else cfg.train.max_iters
 mine_cfg = apply_overrides(nb.run_config(FAST, data_dir, out_dir=str(run_dir.with_name(run_dir.name + "-mine"))),
                            {"max_iters": steps_mine, "eval_interval": 50 if FAST else cfg.train.eval_interval,
                             "tensorboard": False, "sample_tokens": 0})
@@ -528,7 +526,7 @@ print("mini_lm, if an A100 trained it at 150k tokens/s:",
 from minilm.train import TrainingAborted
 
 factors = (0.1, 1.0, 10.0) if FAST else (0.1, 0.3, 1.0, 3.0, 10.0)
-sweep_steps = 60 if FAST else 1000
+sweep_steps = 40 if FAST else 1000
 plt.figure(figsize=(6, 3))
 for f in factors:
     out = run_dir.with_name(f"{run_dir.name}-lr{f:g}")
@@ -566,7 +564,7 @@ else:
     variants = {"GPT-2 block": dict(pos="learned", norm="layernorm", mlp="gelu", qk_norm=False),
                 "modern (RoPE, RMSNorm, SwiGLU, QK-norm)": dict(pos="rope", norm="rmsnorm", mlp="swiglu",
                                                                   qk_norm=True)}
-    abl_steps = 80 if FAST else 1000
+    abl_steps = 50 if FAST else 1000
     results = {}
     for name, switches in variants.items():
         out = run_dir.with_name(f"{run_dir.name}-abl-{switches['pos']}")
