@@ -21,15 +21,16 @@ import torch.nn as nn
 
 
 def my_minhash(shingle_sets, num_perm, seed):
-    prime = (1 << 61) - 1
+    prime = (1 << 31) - 1  # small enough that a * h + b fits in uint64
     rng = np.random.default_rng(seed)
-    a = [int(v) for v in rng.integers(1, prime, num_perm)]
-    b = [int(v) for v in rng.integers(0, prime, num_perm)]
+    a = rng.integers(1, prime, num_perm, dtype=np.uint64)
+    b = rng.integers(0, prime, num_perm, dtype=np.uint64)
     out = np.full((len(shingle_sets), num_perm), prime, dtype=np.uint64)
     for row, shingles in enumerate(shingle_sets):
-        hashes = [zlib.crc32(s.encode("utf-8")) for s in shingles]  # crc32: the same in every process
-        for k in range(num_perm):
-            out[row, k] = min(((a[k] * h + b[k]) % prime for h in hashes), default=prime)
+        if shingles:
+            # crc32 is the same in every process (Python's hash() of a str is not), reduced below the prime
+            h = np.array([zlib.crc32(s.encode("utf-8")) % prime for s in shingles], dtype=np.uint64)
+            out[row] = ((h[:, None] * a[None, :] + b[None, :]) % prime).min(axis=0)
     return out
 
 
@@ -66,19 +67,17 @@ def my_clusters(n, pairs):
 
 
 def my_choose_bands(num_perm, threshold):
-    def prob(s, b, r):
-        return 1 - (1 - s**r) ** b
+    below = np.linspace(0.0, threshold, 401)
+    above = np.linspace(threshold, 1.0, 401)
 
-    def area(f, lo, hi, steps=400):  # trapezoid rule
-        h = (hi - lo) / steps
-        ys = [f(lo + i * h) for i in range(steps + 1)]
-        return h * (sum(ys) - (ys[0] + ys[-1]) / 2)
+    def area(y, x):  # trapezoid rule
+        return float(((y[1:] + y[:-1]) / 2 * np.diff(x)).sum())
 
     best, best_cost = None, float("inf")
     for b in range(1, num_perm + 1):
         for r in range(1, num_perm // b + 1):
-            false_pos = area(lambda s, b=b, r=r: prob(s, b, r), 0.0, threshold)
-            false_neg = area(lambda s, b=b, r=r: 1 - prob(s, b, r), threshold, 1.0)
+            false_pos = area(1 - (1 - below**r) ** b, below)  # pairs below the threshold that become candidates
+            false_neg = area((1 - above**r) ** b, above)  # pairs above it that do not
             if false_pos + false_neg < best_cost:
                 best, best_cost = (b, r), false_pos + false_neg
     return best
