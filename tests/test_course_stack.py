@@ -483,3 +483,23 @@ def test_solutions_pass_on_other_seeds(seed):
                      ("rms_norm", S.my_rms_norm), ("gpt", S.MyGPT), ("choose_bands", S.my_choose_bands),
                      ("accumulate", S.my_accumulate), ("bpe_encode", S.my_bpe_encode)]:
         assert getattr(check, name)(fn, seed=seed + 100, log=False), name
+
+
+@pytest.mark.parametrize("name, answer", [
+    ("minhash", "my_minhash"), ("bpe", "my_train_bpe"), ("perplexity", "my_perplexity"), ("bleu", "my_bleu"),
+    ("rouge", "my_rouge"), ("loss_scaler", "MyScaler"), ("attention", "my_attention"),
+    ("causal_self_attention", "my_causal_self_attention"), ("sampling", "my_probs")])
+def test_the_solution_run_passes_the_older_checks(name, answer):
+    """The notebooks' solution run hands these to the checks under COURSE_STRICT=1: each must pass as the learner's."""
+    _passes(getattr(check, name)(getattr(S, answer)))
+
+
+def test_every_reference_has_the_exercise_signature():
+    """check.pick's fallback for each exercise passes its own check (flagged as the reference, where detectable)."""
+    from course.status import TASKS
+
+    for name in (c for _, checks in TASKS.values() for c in checks):
+        kw = {"modern": True} if name == "gpt" else ({"kinds": ("gelu", "relu2", "swiglu")} if name == "mlp" else {})
+        assert getattr(check, name)(check.reference(name), log=False, **kw), name
+    with pytest.raises(KeyError, match="no exercise named"):
+        check.reference("nonsense")
