@@ -13,15 +13,22 @@ export TOKENIZERS_PARALLELISM ?= false
 
 .PHONY: install train test lint test-py test-notebooks browser bench lab clean
 
-$(STAMP): pyproject.toml constraints.txt
+CORE_STAMP := $(VENV)/.core-stamp
+
+# `make train` needs only the core packages (a minute to install); `make test` adds the dev extras on top.
+$(CORE_STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --upgrade pip
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -c constraints.txt -e .
+	touch $(CORE_STAMP)
+
+$(STAMP): $(CORE_STAMP)
 	$(BIN)/python -m pip install -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
 install: $(STAMP)
 
-train: $(STAMP)
+train: $(CORE_STAMP)
 	$(BIN)/python -m minilm.train $(ARGS)
 
 # A learner without root/apt still gets a passing suite: the browser test then skips and says why.

@@ -1,6 +1,7 @@
 """Command line: build a data dir, or merge the outputs of sharded build jobs.
 
     python -m dataset_curation build --recipe builtin --out data/builtin-8k
+    python -m dataset_curation build --recipe installed --out data/installed-32k --vocab_size 32000
     python -m dataset_curation build --recipe files --input my_texts/ --out data/mine --vocab_size 4096
     python -m dataset_curation build --recipe builtin --out data/big --shard 0/4      # one of 4 jobs
     python -m dataset_curation merge --out data/big --num_shards 4                    # after all 4 finished

@@ -43,8 +43,9 @@ def near_dedup(docs: list[dict], stats: StageStats, ngram: int = 5, num_perm: in
                progress: bool = False) -> tuple[list[dict], list[list[str]]]:
     """Stage 5. MinHash + LSH near-duplicate clusters; keep the first document of each cluster.
 
-    Returns (kept documents, clusters as lists of document ids). Candidate pairs from LSH are confirmed only when
-    their estimated Jaccard similarity is at least `threshold`.
+    Returns (kept documents, clusters as lists of document ids, the kept one first). A document is removed only
+    when its estimated Jaccard similarity with the document kept for its cluster is at least `threshold` (see
+    minhash.near_duplicate_clusters): a chain of near-duplicates does not pull in documents far from the one kept.
     """
     if signatures is None:
         signatures = doc_signatures(docs, ngram, num_perm, seed, progress)
@@ -69,8 +70,8 @@ def near_dedup(docs: list[dict], stats: StageStats, ngram: int = 5, num_perm: in
 
 
 def _ngram_bank(texts: list[str], ngram: int) -> np.ndarray:
-    # a text shorter than n words would give one hash of all its words; it holds no n-gram, so it is skipped
-    grams = [shingle_hashes64(t, ngram) for t in texts if len(t.split()) >= ngram]
+    # n-grams of normalized words (the same words ngram_hits counts); a text with fewer than n of them adds none
+    grams = [shingle_hashes64(t, ngram, short_as_one=False) for t in texts]
     return np.unique(np.concatenate(grams)) if grams else np.empty(0, dtype=np.uint64)
 
 
@@ -84,8 +85,10 @@ def ngram_hits(docs: list[dict], bank: np.ndarray, ngram: int,
     batch: list[tuple[int, np.ndarray]] = []
     size = 0
     for i, doc in enumerate(tqdm(docs, desc="decontaminate", disable=not progress, leave=False)):
-        if doc.get("split") != "val" and len(doc["text"].split()) >= ngram:
-            g = shingle_hashes64(doc["text"], ngram)
+        # documents are chosen by their normalized words, the ones hashed: punctuation-dense code has far more
+        # of them than whitespace-separated words
+        g = shingle_hashes64(doc["text"], ngram, short_as_one=False) if doc.get("split") != "val" else None
+        if g is not None and len(g):
             batch.append((i, g))
             sizes[i] = len(g)
             size += len(g)

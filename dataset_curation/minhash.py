@@ -1,7 +1,7 @@
 """MinHash + LSH near-duplicate detection, from scratch, vectorized with numpy.
 
     sig = minhash_signatures(texts, num_perm=112, seed=0)       # (n_docs, 112) uint32
-    clusters = near_duplicate_clusters(sig, bands=14, rows=8)  # [[0, 7, 9], [3, 4], ...]
+    clusters = near_duplicate_clusters(sig, bands=14, rows=8)  # [[0, 7, 9], [3, 4], ...]: keep 0 and 3
 
 A document becomes a set of word 5-gram shingles of its normalized text (lowercase, digits -> 0, punctuation
 removed, whitespace collapsed), each hashed to 32 bits. A signature keeps, for each of num_perm random hash
@@ -85,12 +85,13 @@ def _mix32(x: np.ndarray) -> np.ndarray:
     return (x >> np.uint64(32)).astype(np.uint32)
 
 
-def shingle_hashes64(text: str, ngram: int = 5) -> np.ndarray:
+def shingle_hashes64(text: str, ngram: int = 5, short_as_one: bool = True) -> np.ndarray:
     """64-bit hashes of the word n-grams of the normalized text (for exact n-gram matching, e.g. decontamination).
 
     Vectorized: each word's hash is a polynomial hash of its bytes, read off prefix sums (no Python loop per word),
     and each n-gram's hash is a polynomial hash of its n word hashes, all in wrapping uint64 arithmetic. A text
-    with fewer than n words gives one hash (of all its words); a text with no words gives none.
+    with fewer than n words gives one hash of all its words (short_as_one, the MinHash convention) or none; a text
+    with no words gives none. Words are those of the normalized text: `a=b+c` is three words.
     """
     b = _normalized_bytes(text)
     if b.size == 0:
@@ -99,6 +100,8 @@ def shingle_hashes64(text: str, ngram: int = 5) -> np.ndarray:
     edges = np.diff(np.concatenate([[False], is_word, [False]]).astype(np.int8))
     starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
     if starts.size == 0:
+        return np.empty(0, dtype=np.uint64)
+    if not short_as_one and starts.size < ngram:
         return np.empty(0, dtype=np.uint64)
     bpow, binv = _powers(b.size + 1)
     with np.errstate(over="ignore"):
@@ -254,8 +257,50 @@ def lsh_candidate_pairs(sig: np.ndarray, bands: int = 14, rows: int = 8, max_buc
     return np.unique(allp, axis=0)
 
 
+def near_duplicate_clusters(sig: np.ndarray, bands: int = 14, rows: int = 8,
+                            threshold: float | None = None) -> list[list[int]]:
+    """Clusters of near-duplicate documents from their MinHash signatures: LSH candidates, then greedy clusters
+    around kept representatives.
+
+    Documents are visited in index order; each joins the first representative it is a near-duplicate of, or else
+    becomes one. "Near-duplicate of r" means: estimated Jaccard with r (fraction of equal signature values) at
+    least `threshold`, or, with threshold None, sharing a whole LSH band with r. The representatives tried for a
+    document are those of its LSH candidates. So every dropped document is close to the document kept, not merely
+    chained to it: in A~B~C with A and C far apart, B joins A and C is kept (union-find would drop C).
+
+    Returns clusters of size >= 2, each a sorted list of row indices whose first is the representative, ordered
+    by it; keeping the first of each cluster dedups the set.
+    """
+    sig = np.asarray(sig)
+    if sig.ndim != 2:
+        raise ValueError(f"signatures must be a 2-D array (n_docs, num_perm), got shape {sig.shape}")
+    pairs = lsh_candidate_pairs(sig, bands, rows)
+    bands_of = sig[:, : bands * rows].reshape(len(sig), bands, rows)
+
+    def close(j: int, r: int) -> bool:
+        if threshold is None:
+            return bool((bands_of[j] == bands_of[r]).all(axis=1).any())
+        return float(np.mean(sig[j] == sig[r])) >= threshold
+
+    earlier: dict[int, list[int]] = {}
+    for i, j in pairs.tolist():  # i < j: the pair is looked at when j is visited, after i was decided
+        earlier.setdefault(j, []).append(i)
+    rep_of: dict[int, int] = {}
+    for j in sorted(earlier):
+        for r in sorted({rep_of.get(i, i) for i in earlier[j]}):
+            if close(j, r):
+                rep_of[j] = r
+                break
+    groups: dict[int, list[int]] = {}
+    for j, r in sorted(rep_of.items()):
+        groups.setdefault(r, [r]).append(j)
+    return [groups[r] for r in sorted(groups)]
+
+
 def union_find_clusters(n: int, pairs: np.ndarray) -> list[list[int]]:
-    """Connected components (size >= 2) of the graph on n nodes with the given edges, as sorted index lists."""
+    """Connected components (size >= 2) of the graph on n nodes with the given edges, as sorted index lists.
+
+    (Not used for dedup: a component can chain documents that are far apart; see near_duplicate_clusters.)"""
     parent = list(range(n))
 
     def find(x: int) -> int:
@@ -267,26 +312,8 @@ def union_find_clusters(n: int, pairs: np.ndarray) -> list[list[int]]:
     for i, j in pairs.tolist():
         ri, rj = find(i), find(j)
         if ri != rj:
-            parent[max(ri, rj)] = min(ri, rj)  # the root is the smallest index: the document we keep
+            parent[max(ri, rj)] = min(ri, rj)
     groups: dict[int, list[int]] = {}
     for x in range(n):
         groups.setdefault(find(x), []).append(x)
     return sorted((g for g in groups.values() if len(g) > 1), key=lambda g: g[0])
-
-
-def near_duplicate_clusters(sig: np.ndarray, bands: int = 14, rows: int = 8,
-                            threshold: float | None = None) -> list[list[int]]:
-    """Clusters of near-duplicate documents from their MinHash signatures, via LSH + union-find.
-
-    Returns the clusters with at least two members, each a sorted list of row indices, ordered by first member;
-    keeping the first of each cluster dedups the set. With `threshold`, a candidate pair joins only when its
-    estimated Jaccard (fraction of equal signature values) is at least threshold, which drops LSH's false positives.
-    """
-    sig = np.asarray(sig)
-    if sig.ndim != 2:
-        raise ValueError(f"signatures must be a 2-D array (n_docs, num_perm), got shape {sig.shape}")
-    pairs = lsh_candidate_pairs(sig, bands, rows)
-    if threshold is not None and len(pairs):
-        est = (sig[pairs[:, 0]] == sig[pairs[:, 1]]).mean(axis=1)
-        pairs = pairs[est >= threshold]
-    return union_find_clusters(len(sig), pairs)

@@ -16,7 +16,6 @@ import contextlib
 import hashlib
 import json
 import os
-import pickle
 import sys
 import time
 import warnings
@@ -26,22 +25,30 @@ import numpy as np
 from tqdm import tqdm
 
 from dataset_curation import dedup, filters, shards, sources, stages
+from dataset_curation.files import atomic_json, atomic_write, load_cache, save_cache
 from dataset_curation.stages import StageStats
 
 
 def _code_version() -> str:
     """A hash of the stage code: editing a stage invalidates the caches it produced."""
     here = Path(__file__).parent
-    names = ("sources.py", "stages.py", "filters.py", "minhash.py", "dedup.py", "shards.py", "pipeline.py")
+    names = ("sources.py", "licences.py", "stages.py", "filters.py", "minhash.py", "dedup.py", "shards.py",
+             "files.py", "pipeline.py")
     return hashlib.sha256(b"".join((here / n).read_bytes() for n in names)).hexdigest()[:12]
 
 
 VERSION = _code_version()
-RECIPES = ("builtin", "files", "wiki_code")
+RECIPES = ("builtin", "installed", "files", "wiki_code")
 DEFAULTS = {
-    # sources
+    # sources (site_paths: where the installed recipe looks for distributions, default sys.path; hub_wiki and
+    # hub_code: [dataset, load_dataset kwargs, text column, licence] in place of the Hub's, e.g. local parquet)
     "include_tests": True, "max_files": None, "include_prose": True, "input": None, "kind": "prose",
-    "text_field": "text", "license": "unknown",
+    "text_field": "text", "license": "unknown", "site_paths": None, "include_stdlib": True,
+    "hub_wiki": None, "hub_code": None,
+    # how much text to read for --target_tokens: chars per token, and headroom for what curation removes
+    "chars_per_token": 4.0, "read_headroom": 1.5,
+    # stages 0-3 run over chunks of about this many characters, each cached when done
+    "chunk_chars": 1_000_000,
     # stage 1: normalize
     "max_replacement_fraction": 0.01,
     # stage 5: near dedup (FineWeb's 5-gram shingles and 14 bands x 8 rows)
@@ -50,8 +57,8 @@ DEFAULTS = {
     "val_fraction": 0.02,
     # stage 8: decontamination
     "decontam_ngram": 13, "decontam_min_fraction": 0.1, "eval_files": None,
-    # stage 9: tokenizer
-    "min_frequency": 2,
+    # stage 9: tokenizer (trained on a sample of at most this many characters of the training split)
+    "min_frequency": 2, "tokenizer_sample_chars": 100_000_000,
 }
 FILTER_PARAMS = {**filters.GOPHER_QUALITY, **filters.GOPHER_REPETITION, **filters.CODE_QUALITY}
 
@@ -64,26 +71,17 @@ def _hash(*parts) -> str:
     return hashlib.sha256(json.dumps([VERSION, *parts], sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-def _atomic_json(path: Path, obj) -> None:
-    _atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False, ensure_ascii=False) + "\n").encode())
-
-
-def _cached(cache: Path, name: str, key: str, fn, log):
-    """fn()'s result, from <cache>/<name>-<key>.pkl when a previous run already computed it."""
-    path = cache / f"{name}-{key}.pkl"
+def _cached(cache: Path, name: str, key: str, fn, log, used: set | None = None):
+    """fn()'s result, from <cache>/<name>-<key>.npz when a previous run already computed it."""
+    path = cache / f"{name}-{key}.npz"
+    if used is not None:
+        used.add(path)
     if path.is_file():
         log(f"  {name}: cached ({path.name})")
-        os.utime(path)  # mark as in use, so pruning keeps it
-        with open(path, "rb") as f:
-            return pickle.load(f)
+        os.utime(path)
+        return load_cache(path)
     result = fn()
-    _atomic_write_bytes(path, pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL))
+    save_cache(path, result)
     return result
 
 
@@ -117,46 +115,74 @@ def check_params(params: dict) -> tuple[dict, dict]:
 # ---------------------------------------------------------------------------------------------------------------
 # Per-document stages, run over chunks of documents in num_proc worker processes
 
+DOC_STAGES = ("licence", "normalize", "quality", "pii")
+
+
 def _doc_stages(args) -> tuple[list[dict], list[StageStats], list[int], np.ndarray]:
     docs, p, fp = args
-    st = [StageStats("normalize"), StageStats("quality"), StageStats("pii")]
+    st = [StageStats(name) for name in DOC_STAGES]
     lengths_in = [len(d["text"]) for d in docs]
-    out = list(stages.mask_pii(filters.quality_filter(stages.normalize(
-        docs, st[0], p["max_replacement_fraction"]), st[1], **fp), st[2]))
+    out = list(stages.mask_pii(filters.quality_filter(stages.normalize(stages.licence_filter(
+        docs, st[0]), st[1], p["max_replacement_fraction"]), st[2], **fp), st[3]))
     sig = dedup.doc_signatures(out, p["ngram"], p["num_perm"], p["seed"])
     return out, st, lengths_in, sig
 
 
-def _chunked(docs: list[dict], max_chars: int = 1_000_000):
-    batch, size = [], 0
+def _chunked(docs: list[dict], max_chars: int = 1_000_000) -> list[list[dict]]:
+    chunks, batch, size = [], [], 0
     for d in docs:
         batch.append(d)
         size += len(d["text"])
         if size >= max_chars:
-            yield batch
+            chunks.append(batch)
             batch, size = [], 0
     if batch:
-        yield batch
+        chunks.append(batch)
+    return chunks
 
 
-def run_doc_stages(docs: list[dict], p: dict, fp: dict, num_proc: int = 1, progress: bool = False):
-    """Stages 1-3 (normalize, quality, PII) plus MinHash signatures, in parallel over chunks of documents.
-    Returns (kept docs, [3 StageStats], input lengths in chars, signatures of the kept docs)."""
-    st = [StageStats("normalize"), StageStats("quality"), StageStats("pii")]
-    kept, lengths, sigs = [], [], []
-    jobs = ((chunk, p, fp) for chunk in _chunked(docs))
-    bar = tqdm(total=len(docs), desc="normalize+filter+pii+minhash", unit="doc", disable=not progress, leave=False)
-    parallel = num_proc > 1 and len(docs) > 50
+def run_doc_stages(docs: list[dict], p: dict, fp: dict, num_proc: int = 1, progress: bool = False,
+                   cache: Path | None = None, key: str = "", used: set | None = None, log=lambda msg: None):
+    """Stages 0-3 (licence, normalize, quality, PII) plus MinHash signatures, in parallel over chunks of documents.
+    Returns (kept docs, [4 StageStats], input lengths in chars, signatures of the kept docs).
+
+    With `cache`, each finished chunk is saved as it completes (doc_chunkNNNNN-<key>.npz), so a run killed in the
+    middle redoes only the chunks it had not finished."""
+    chunks = _chunked(docs, p["chunk_chars"])
+    paths = [cache / f"doc_chunk{k:05d}-{_hash(key, k)}.npz" if cache else None for k in range(len(chunks))]
+    if used is not None:
+        used.update(x for x in paths if x)
+    results: list = [None] * len(chunks)
+    todo = []
+    for k, path in enumerate(paths):
+        if path is not None and path.is_file():
+            results[k] = load_cache(path)
+            os.utime(path)
+        else:
+            todo.append(k)
+    if cache is not None:
+        log(f"  doc_stages: cached ({len(chunks) - len(todo)} of {len(chunks)} chunks)" if len(todo) < len(chunks)
+            else f"  doc_stages: {len(chunks)} chunks to run")
+    bar = tqdm(total=sum(len(chunks[k]) for k in todo), desc="licence+normalize+filter+pii+minhash", unit="doc",
+               disable=not progress, leave=False)
+    parallel = num_proc > 1 and len(todo) > 1
+    jobs = ((chunks[k], p, fp) for k in todo)
     with shards.mp_context().Pool(num_proc) if parallel else contextlib.nullcontext() as pool:
         # imap keeps chunk order, so the output does not depend on num_proc
-        for out, cst, lin, sig in (pool.imap(_doc_stages, jobs) if parallel else map(_doc_stages, jobs)):
-            kept += out
-            lengths += lin
-            sigs.append(sig)
-            for a, b in zip(st, cst):
-                a.merge(b)
-            bar.update(len(lin))
+        for k, result in zip(todo, pool.imap(_doc_stages, jobs) if parallel else map(_doc_stages, jobs)):
+            if paths[k] is not None:
+                save_cache(paths[k], result)
+            results[k] = result
+            bar.update(len(chunks[k]))
     bar.close()
+    st = [StageStats(name) for name in DOC_STAGES]
+    kept, lengths, sigs = [], [], []
+    for out, cst, lin, sig in results:
+        kept += out
+        lengths += lin
+        sigs.append(np.asarray(sig, dtype=np.uint32).reshape(-1, p["num_perm"]))
+        for a, b in zip(st, cst):
+            a.merge(b)
     for s in st:
         s.check()
     sig = np.concatenate(sigs) if sigs else np.empty((0, p["num_perm"]), dtype=np.uint32)
@@ -166,19 +192,26 @@ def run_doc_stages(docs: list[dict], p: dict, fp: dict, num_proc: int = 1, progr
 # ---------------------------------------------------------------------------------------------------------------
 # Sources
 
-def read_source(recipe: str, p: dict, target_tokens: int | None, log) -> tuple[list[dict], dict]:
+def read_source(recipe: str, p: dict, target_tokens: int | None, log, progress: bool = False
+                ) -> tuple[list[dict], dict]:
+    budget = None if target_tokens is None else int(target_tokens * p["chars_per_token"] * p["read_headroom"])
     if recipe == "builtin":
         docs, manifest = sources.builtin_documents(p["include_tests"], p["max_files"], p["include_prose"])
         for d in docs:
             d["group"] = d["path"]  # a file's code and prose documents land in the same split
+    elif recipe == "installed":
+        docs, manifest = sources.installed_documents(p["site_paths"], p["include_tests"], p["include_prose"],
+                                                     budget, progress, p["include_stdlib"])
     elif recipe == "files":
         if not p["input"]:
             raise CurationError("the files recipe needs --input PATH (a .txt/.jsonl/.parquet file or a folder)")
         docs, manifest = sources.file_documents(p["input"], p["kind"], p["text_field"], p["license"])
     elif recipe == "wiki_code":
         target = target_tokens or 100_000_000
-        docs = list(tqdm(sources.hub_documents(target), desc="stream", unit="doc", leave=False))
-        manifest = sources.hub_manifest(target)
+        specs = {k: tuple(p[f"hub_{k}"]) for k in ("wiki", "code") if p[f"hub_{k}"]}
+        docs = list(tqdm(sources.hub_documents(target, p["chars_per_token"], seed=p["seed"], **specs),
+                         desc="stream", unit="doc", leave=False, disable=not progress))
+        manifest = sources.hub_manifest(target, seed=p["seed"], **specs)
     else:
         raise CurationError(f"unknown recipe {recipe!r}; choose one of {RECIPES}")
     if not docs:
@@ -198,11 +231,14 @@ def _in_shard(doc: dict, shard: tuple[int, int]) -> bool:
 
 def build(recipe: str = "builtin", out: str | Path = "data/builtin-8k", vocab_size: int = 8192, num_proc: int = 2,
           target_tokens: int | None = None, progress: bool = True, shard: str | None = None, **params) -> Path:
-    """Build a data dir from a recipe ("builtin", "files" with input=PATH, "wiki_code"); returns its path.
+    """Build a data dir from a recipe ("builtin", "installed", "files" with input=PATH, "wiki_code"); returns its
+    path.
 
-    params: source options (include_tests, max_files, input, kind, text_field), stage parameters (see DEFAULTS)
-    and filter thresholds (see filters.GOPHER_QUALITY, GOPHER_REPETITION, CODE_QUALITY). With shard="i/N" it runs
-    only stages 1-3 on the i-th of N hash-partitions of the documents and leaves them for `merge`.
+    params: source options (include_tests, max_files, input, kind, text_field, site_paths, hub_wiki, hub_code),
+    stage parameters (see DEFAULTS) and filter thresholds (see filters.GOPHER_QUALITY, GOPHER_REPETITION,
+    CODE_QUALITY). target_tokens stops reading once about that many tokens' worth of text is in (plus headroom
+    for what curation removes) and cuts the train shard there. With shard="i/N" it runs only stages 0-3 on the
+    i-th of N hash-partitions of the documents and leaves them for `merge`.
     """
     t0 = time.time()
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else (lambda msg: None)
@@ -216,7 +252,7 @@ def build(recipe: str = "builtin", out: str | Path = "data/builtin-8k", vocab_si
     timings: dict[str, float] = {}
 
     t = time.time()
-    docs, manifest = read_source(recipe, p, target_tokens, log)
+    docs, manifest = read_source(recipe, p, target_tokens, log, progress)
     cache = out / ".cache"  # created only once the source could be read
     cache.mkdir(parents=True, exist_ok=True)
     timings["read"] = time.time() - t
@@ -225,22 +261,24 @@ def build(recipe: str = "builtin", out: str | Path = "data/builtin-8k", vocab_si
         docs = [d for d in docs if _in_shard(d, sh)]
         manifest["shard"] = f"{sh[0]}/{sh[1]}"
     src_key = _hash(manifest, recipe, sh)
-    doc_key = _hash(src_key, "doc_stages", p["max_replacement_fraction"], fp, p["ngram"], p["num_perm"], p["seed"])
+    doc_key = _hash(src_key, "doc_stages", p["max_replacement_fraction"], fp, p["ngram"], p["num_perm"], p["seed"],
+                    p["chunk_chars"])
+    used: set[Path] = set()
     t = time.time()
-    kept, st, lengths_in, sig = _cached(cache, "doc_stages", doc_key,
-                                        lambda: run_doc_stages(docs, p, fp, num_proc, progress), log)
-    timings["normalize+quality+pii+minhash"] = time.time() - t
+    kept, st, lengths_in, sig = run_doc_stages(docs, p, fp, num_proc, progress, cache, doc_key, used, log)
+    del docs  # the kept documents are new dicts: the raw texts can go
+    timings["licence+normalize+quality+pii+minhash"] = time.time() - t
     for s in st:
         log(f"[{s.name}] {s.docs_in:,} in, {s.docs_kept:,} kept, removed {s.removed} {s.counters}")
     if sh is not None:
-        path = out / "shards" / f"shard-{sh[0]}-of-{sh[1]}.pkl"
+        path = out / "shards" / f"shard-{sh[0]}-of-{sh[1]}.npz"
         path.parent.mkdir(exist_ok=True)
-        _atomic_write_bytes(path, pickle.dumps({"docs": kept, "stats": st, "lengths_in": lengths_in, "sig": sig,
-                                                "manifest": manifest, "params": [p, fp], "shard": sh}))
+        save_cache(path, {"docs": kept, "stats": st, "lengths_in": lengths_in, "sig": sig, "manifest": manifest,
+                          "params": [p, fp], "shard": list(sh)})
         log(f"[shard {sh[0]}/{sh[1]}] wrote {path}; run `python -m dataset_curation merge --out {out} "
             f"--num_shards {sh[1]}` when all {sh[1]} jobs are done")
         return path
-    return _finish(out, cache, kept, st, lengths_in, sig, manifest, doc_key, p, vocab_size, num_proc,
+    return _finish(out, cache, used, kept, st, lengths_in, sig, manifest, doc_key, p, vocab_size, num_proc,
                    target_tokens, progress, log, timings, t0, recipe)
 
 
@@ -252,18 +290,15 @@ def merge(out: str | Path, num_shards: int, vocab_size: int = 8192, num_proc: in
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else (lambda msg: None)
     p, fp = check_params(params)
     out = Path(out)
-    paths = [out / "shards" / f"shard-{i}-of-{num_shards}.pkl" for i in range(num_shards)]
+    paths = [out / "shards" / f"shard-{i}-of-{num_shards}.npz" for i in range(num_shards)]
     missing = [str(x) for x in paths if not x.is_file()]
     if missing:
         raise CurationError(f"merge needs all {num_shards} shard outputs; missing: {missing}. Run "
                             f"`python -m dataset_curation build ... --shard i/{num_shards}` for each")
-    parts = []
-    for path in paths:
-        with open(path, "rb") as f:
-            parts.append(pickle.load(f))
-    if any(part["params"] != [p, fp] for part in parts):
+    parts = [load_cache(path) for path in paths]
+    if any(part["params"] != json.loads(json.dumps([p, fp])) for part in parts):
         raise CurationError("the shard jobs ran with other parameters than this merge; pass the same ones")
-    st = [StageStats("normalize"), StageStats("quality"), StageStats("pii")]
+    st = [StageStats(name) for name in DOC_STAGES]
     kept, lengths_in, sigs = [], [], []
     for part in parts:
         kept += part["docs"]
@@ -277,20 +312,37 @@ def merge(out: str | Path, num_shards: int, vocab_size: int = 8192, num_proc: in
     cache = out / ".cache"
     cache.mkdir(exist_ok=True)
     key = _hash([pt["manifest"] for pt in parts], "merge", p, fp)
-    return _finish(out, cache, kept, st, lengths_in, np.concatenate(sigs), manifest, key, p, vocab_size, num_proc,
-                   target_tokens, progress, log, {}, t0, manifest.get("recipe", "?"))
+    return _finish(out, cache, set(), kept, st, lengths_in, np.concatenate(sigs), manifest, key, p, vocab_size,
+                   num_proc, target_tokens, progress, log, {}, t0, manifest.get("recipe", "?"))
 
 
-def _finish(out: Path, cache: Path, kept: list[dict], st: list[StageStats], lengths_in: list[int], sig: np.ndarray,
-            manifest: dict, key: str, p: dict, vocab_size: int, num_proc: int, target_tokens: int | None,
-            progress: bool, log, timings: dict, t0: float, recipe: str) -> Path:
+def tokenizer_sample(docs: list[dict], max_chars: int) -> list[str]:
+    """All texts when they fit in max_chars, else a sample: documents in the order of a hash of their id until
+    max_chars (so the sample is spread over the corpus and the same on every run), then put back in corpus order."""
+    if sum(len(d["text"]) for d in docs) <= max_chars:
+        return [d["text"] for d in docs]
+    order = sorted(range(len(docs)), key=lambda i: hashlib.sha1(docs[i]["id"].encode()).digest())
+    chosen, size = [], 0
+    for i in order:
+        if size >= max_chars:
+            break
+        chosen.append(i)
+        size += len(docs[i]["text"])
+    return [docs[i]["text"] for i in sorted(chosen)]
+
+
+def _finish(out: Path, cache: Path, used: set, kept: list[dict], st: list[StageStats], lengths_in: list[int],
+            sig: np.ndarray, manifest: dict, key: str, p: dict, vocab_size: int, num_proc: int,
+            target_tokens: int | None, progress: bool, log, timings: dict, t0: float, recipe: str) -> Path:
+    # Stages 4, 5 and 8 cache the rows they keep and stage 7 the split labels, not the documents: a cache entry
+    # stays small and the documents are held once.
     meta_path = out / "meta.json"
 
     def stage(name, fn, *key_parts):
         nonlocal key
         key = _hash(key, name, *key_parts)
         t = time.time()
-        result = _cached(cache, name, key, fn, log)
+        result = _cached(cache, name, key, fn, log, used)
         timings[name] = time.time() - t
         return result
 
@@ -298,41 +350,45 @@ def _finish(out: Path, cache: Path, kept: list[dict], st: list[StageStats], leng
         s = StageStats("exact_dedup")
         keep = list(dedup.exact_dedup(tqdm(kept, desc="exact dedup", disable=not progress, leave=False), s))
         ids = {id(d) for d in keep}
-        rows = np.array([i for i, d in enumerate(kept) if id(d) in ids], dtype=np.int64)
-        return keep, s, rows
+        return np.array([i for i, d in enumerate(kept) if id(d) in ids], dtype=np.int64), s
 
-    docs, s_exact, rows = stage("exact_dedup", exact)
-    sig = sig[rows]
+    rows, s_exact = stage("exact_dedup", exact)
     s_exact.check()
+    docs, sig = [kept[i] for i in rows.tolist()], sig[rows]
 
     def near():
         s = StageStats("near_dedup")
         keep, clusters = dedup.near_dedup(docs, s, p["ngram"], p["num_perm"], p["bands"], p["rows"], p["threshold"],
                                           p["seed"], signatures=sig)
-        return keep, s, clusters
+        ids = {id(d) for d in keep}
+        return np.array([i for i, d in enumerate(docs) if id(d) in ids], dtype=np.int64), s, clusters
 
-    docs, s_near, clusters = stage("near_dedup", near, p["bands"], p["rows"], p["threshold"])
+    rows, s_near, clusters = stage("near_dedup", near, p["bands"], p["rows"], p["threshold"])
     s_near.check()
+    docs = [docs[i] for i in rows.tolist()]
 
     def split():
         s = StageStats("split")
         try:
-            return stages.split_train_val(docs, s, p["val_fraction"], p["seed"]), s
+            return [d["split"] for d in stages.split_train_val(docs, s, p["val_fraction"], p["seed"])], s
         except ValueError as e:
             raise CurationError(str(e)) from None
 
-    docs, s_split = stage("split", split, p["val_fraction"])
+    labels, s_split = stage("split", split, p["val_fraction"])
+    docs = [{**d, "split": sp} for d, sp in zip(docs, labels)]
 
     def decontam():
         s = StageStats("decontaminate")
         extra = [Path(f).read_text(encoding="utf-8", errors="replace") for f in (p["eval_files"] or [])]
-        return dedup.decontaminate(docs, s, extra, p["decontam_ngram"], p["decontam_min_fraction"],
-                                   progress), s
+        keep = dedup.decontaminate(docs, s, extra, p["decontam_ngram"], p["decontam_min_fraction"], progress)
+        ids = {id(d) for d in keep}
+        return np.array([i for i, d in enumerate(docs) if id(d) in ids], dtype=np.int64), s
 
-    docs, s_decon = stage("decontaminate", decontam, p["decontam_ngram"], p["decontam_min_fraction"],
+    rows, s_decon = stage("decontaminate", decontam, p["decontam_ngram"], p["decontam_min_fraction"],
                           p["eval_files"])
+    docs = [docs[i] for i in rows.tolist()]
     all_stats = [*st, s_exact, s_near, s_split, s_decon]
-    for s in all_stats[3:]:
+    for s in all_stats[len(st):]:
         s.check()
         log(f"[{s.name}] {s.docs_in:,} in, {s.docs_kept:,} kept, removed {s.removed} {s.counters}")
     by_split = {sp: [d for d in docs if d["split"] == sp] for sp in ("train", "val")}
@@ -343,20 +399,23 @@ def _finish(out: Path, cache: Path, kept: list[dict], st: list[StageStats], leng
     if meta_path.exists():
         meta_path.unlink()  # from here on the data dir changes: it is not whole until the new meta.json lands
 
-    # Stage 9: the tokenizer, trained on the training split only
-    tok_key = _hash(key, "tokenizer", vocab_size, p["min_frequency"])
+    # Stage 9: the tokenizer, trained on the training split only (a sample of it when it is large)
+    tok_key = _hash(key, "tokenizer", vocab_size, p["min_frequency"], p["tokenizer_sample_chars"])
     tok_cache = cache / f"tokenizer-{tok_key}.json"
+    used.add(tok_cache)
     t = time.time()
+    texts = tokenizer_sample(by_split["train"], p["tokenizer_sample_chars"])
+    tok_chars = sum(map(len, texts))
     if not tok_cache.is_file():
-        texts = [d["text"] for d in by_split["train"]]
+        log(f"[tokenizer] training on {len(texts):,} of {len(by_split['train']):,} train documents "
+            f"({tok_chars:,} chars)")
         tok = shards.train_tokenizer(texts, vocab_size, p["min_frequency"], length=len(texts), progress=progress)
-        tmp = tok_cache.with_name(tok_cache.name + ".tmp")
-        tok.save(str(tmp))
-        os.replace(tmp, tok_cache)
+        atomic_write(tok_cache, tok.to_str(pretty=True))
     else:
         log(f"  tokenizer: cached ({tok_cache.name})")
         os.utime(tok_cache)
-    _atomic_write_bytes(out / "tokenizer.json", tok_cache.read_bytes())
+    del texts
+    atomic_write(out / "tokenizer.json", tok_cache.read_bytes())
     timings["tokenizer"] = time.time() - t
     from tokenizers import Tokenizer
 
@@ -383,26 +442,42 @@ def _finish(out: Path, cache: Path, kept: list[dict], st: list[StageStats], leng
     if target_tokens is not None and tokens["train"] < target_tokens:
         note = (f"target_tokens={target_tokens:,} is larger than the data: the {recipe} corpus gives only "
                 f"{tokens['train']:,} training tokens after curation; all of it was used")
+        if manifest.get("max_chars") and manifest.get("files", 0) < sum(r["files"] for r in
+                                                                         manifest.get("distributions", [])):
+            note = (f"target_tokens={target_tokens:,} not reached ({tokens['train']:,} training tokens): reading "
+                    f"stopped at about {manifest['max_chars']:,} characters (target x chars_per_token "
+                    f"{p['chars_per_token']} x read_headroom {p['read_headroom']}); this corpus needs more per "
+                    "token: raise them with --set chars_per_token=... or --set read_headroom=...")
         warnings.warn(note, stacklevel=2)
         log(f"NOTE: {note}")
     n_bytes = {sp: sum(len(d["text"].encode("utf-8", "surrogatepass")) for d in ds) for sp, ds in by_split.items()}
 
     # Outputs: stats, samples, report, then meta.json last
     per_source: dict[str, dict] = {}
+    per_dist: dict[str, dict] = {}
     for sp in ("train", "val"):
         for d, c in zip(by_split[sp], counts[sp].tolist()):
-            src = per_source.setdefault(d["source"], {"documents": 0, "tokens": 0, "bytes": 0})
-            src["documents"] += 1
-            src["tokens"] += c
-            src["bytes"] += len(d["text"].encode("utf-8", "surrogatepass"))
+            for table, name in ((per_source, d["source"]), (per_dist, d.get("dist"))):
+                if name is None:
+                    continue
+                row = table.setdefault(name, {"documents": 0, "tokens": 0, "bytes": 0})
+                row["documents"] += 1
+                row["tokens"] += c
+                row["bytes"] += len(d["text"].encode("utf-8", "surrogatepass"))
     stats = {"stages": [s.to_dict() for s in all_stats],
              "near_duplicate_clusters": {"count": len(clusters), "sizes": sorted(map(len, clusters), reverse=True),
                                          "examples": clusters[:10]},
              "tokens": tokens, "documents": {sp: len(ds) for sp, ds in by_split.items()}, "bytes": n_bytes,
              "bytes_per_token": round(sum(n_bytes.values()) / max(sum(tokens.values()), 1), 4),
-             "per_source": per_source, "target_tokens": target_tokens, "note": note}
-    _atomic_json(out / "stats.json", stats)
-    _atomic_json(out / "removed_samples.json", {s.name: s.samples for s in all_stats if s.samples})
+             "per_source": per_source, "target_tokens": target_tokens, "note": note,
+             "tokenizer_trained_on_chars": tok_chars}
+    if "distributions" in manifest:
+        stats["distributions"] = [{**row, **{f"{k}_after_curation": v for k, v in
+                                             per_dist.get(row["name"], {"documents": 0, "tokens": 0,
+                                                                        "bytes": 0}).items()}}
+                                  for row in manifest["distributions"]]
+    atomic_json(out / "stats.json", stats)
+    atomic_json(out / "removed_samples.json", {s.name: s.samples for s in all_stats if s.samples})
     from dataset_curation import report
 
     t = time.time()
@@ -415,25 +490,36 @@ def _finish(out: Path, cache: Path, kept: list[dict], st: list[StageStats], leng
 
         own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
         timings["cpu_seconds_all_processes"] = own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+        # ru_maxrss is in KiB on Linux: the largest single process, and the largest child
+        timings["peak_rss_mb_main"] = own.ru_maxrss / 1024
+        timings["peak_rss_mb_largest_worker"] = kids.ru_maxrss / 1024
     except ImportError:
         pass
-    _atomic_json(out / "timings.json", {k: round(v, 2) for k, v in timings.items()})
+    atomic_json(out / "timings.json", {k: round(v, 2) for k, v in timings.items()})
     meta = {"vocab_size": n_vocab, "dtype": dtype, "eot_id": eot_id, "eot_token": shards.EOT,
             "tokenizer": "tokenizer.json", "tokens": tokens, "documents": stats["documents"], "bytes": n_bytes,
             "manifest": {**manifest, "vocab_size_requested": vocab_size, "target_tokens": target_tokens,
                          "params": {k: v for k, v in p.items() if v is not None}, "build_key": tok_key}}
-    _atomic_json(meta_path, meta)
-    _prune_cache(cache)
+    atomic_json(meta_path, meta)
+    _prune_cache(cache, used)
     log(f"[done] {out}: {tokens['train']:,} train + {tokens['val']:,} val tokens, "
         f"{stats['bytes_per_token']} bytes/token, {timings['total']:.1f}s")
     return out
 
 
-def _prune_cache(cache: Path) -> None:
-    """Drop cache files from older parameter sets (this run's own stay, so an identical re-run is instant)."""
-    # each stage's key is in its file name; this run wrote or touched its own, so keep the newest per stage
+def _prune_cache(cache: Path, used: set) -> None:
+    """Drop cache files this run did not use (older parameter sets, temp files of killed runs); this run's own
+    stay, so an identical re-run is instant. A merge (used empty) keeps the newest file per stage instead."""
+    if used:
+        for f in cache.iterdir():
+            if f not in used:
+                f.unlink(missing_ok=True)
+        return
     newest: dict[str, Path] = {}
     for f in sorted(cache.iterdir(), key=lambda f: f.stat().st_mtime):
+        if f.name.endswith(".tmp"):
+            f.unlink(missing_ok=True)
+            continue
         name = f.name.rsplit("-", 1)[0]
         if name in newest:
             newest[name].unlink(missing_ok=True)

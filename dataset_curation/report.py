@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-import os
+import io
 from pathlib import Path
 
 import numpy as np
 
+from dataset_curation.files import atomic_write
+
 
 def _save(fig, path: Path) -> None:
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=90, metadata={"Software": None})  # no version stamp: same inputs, same bytes
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, metadata={"Software": None})  # no version stamp: same inputs, same bytes
+    atomic_write(path, buf.getvalue())
 
 
 def write_plots(out: Path, stats: dict, lengths_in: list[int], lengths_out: list[int],
@@ -75,6 +77,29 @@ def write_plots(out: Path, stats: dict, lengths_in: list[int], lengths_out: list
     return made
 
 
+def licence_table(rows: list[dict]) -> list[str]:
+    """Markdown lines: distributions kept and removed by licence verdict, then one row per distribution."""
+    kept = [r for r in rows if r["kept"]]
+    lines = ["", "## Licences", "",
+             f"{len(kept)} of {len(rows)} distributions kept (permissive licence); removed: "
+             + (", ".join(f"`{r['name']}` ({r['licence'] or 'no licence declared'}: {r['verdict']})"
+                          for r in rows if not r["kept"]) or "none") + ".", "",
+             "| licence | distributions | .py files | MB |", "|---|---:|---:|---:|"]
+    by: dict[str, list] = {}
+    for r in rows:
+        by.setdefault(f"{r['licence'] or '(none)'}{'' if r['kept'] else ' (removed)'}", []).append(r)
+    for lic, rs in sorted(by.items(), key=lambda x: -sum(r["bytes"] for r in x[1])):
+        n_files, mb = sum(r["files"] for r in rs), sum(r["bytes"] for r in rs) / 1e6
+        lines.append(f"| {lic} | {len(rs)} | {n_files:,} | {mb:.1f} |")
+    lines += ["", "| distribution | version | licence | kept | .py files | MB | documents after curation | tokens |",
+              "|---|---|---|---|---:|---:|---:|---:|"]
+    for r in sorted(rows, key=lambda r: -r["bytes"]):
+        lines.append(f"| {r['name']} | {r['version']} | {r['licence'] or '-'} | {'yes' if r['kept'] else 'no'} | "
+                     f"{r['files']:,} | {r['bytes'] / 1e6:.2f} | {r.get('documents_after_curation', 0):,} | "
+                     f"{r.get('tokens_after_curation', 0):,} |")
+    return lines
+
+
 def render_markdown(stats: dict, meta_like: dict | None = None) -> str:
     lines = ["# Data report", ""]
     lines += ["## Stages", "", "Documents in = kept + removed at every stage (characters counted on the way in).", "",
@@ -98,6 +123,8 @@ def render_markdown(stats: dict, meta_like: dict | None = None) -> str:
     lines += ["", "| source | documents | tokens | bytes/token |", "|---|---:|---:|---:|"]
     for name, s in sorted(stats["per_source"].items()):
         lines.append(f"| {name} | {s['documents']:,} | {s['tokens']:,} | {s['bytes'] / max(s['tokens'], 1):.2f} |")
+    if stats.get("distributions"):
+        lines += licence_table(stats["distributions"])
     if stats.get("note"):
         lines += ["", f"**Note:** {stats['note']}"]
     lines += ["", "## Plots", ""]
@@ -112,6 +139,4 @@ def render_markdown(stats: dict, meta_like: dict | None = None) -> str:
 def write_report(out: Path, stats: dict, lengths_in: list[int], lengths_out: list[int],
                  doc_tokens: np.ndarray) -> None:
     write_plots(out, stats, lengths_in, lengths_out, doc_tokens)
-    tmp = out / "report.md.tmp"
-    tmp.write_text(render_markdown(stats))
-    os.replace(tmp, out / "report.md")
+    atomic_write(out / "report.md", render_markdown(stats))

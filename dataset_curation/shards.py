@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from dataset_curation.files import atomic_open
+
 EOT = "<|endoftext|>"
 
 
@@ -75,8 +77,6 @@ def write_split(texts: list[str], path: Path, tokenizer_path: Path, eot_id: int,
                 progress: bool = False, desc: str = "tokenize", max_tokens: int | None = None) -> np.ndarray:
     """Encode texts (EOT after each) into the flat token file `path`; returns tokens per written document
     (incl. its EOT). With max_tokens, stops after the document that reaches it (never inside a document)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
     counts: list[int] = []
     total = 0
     bar = tqdm(total=len(texts), desc=desc, unit="doc", disable=not progress, leave=False)
@@ -92,7 +92,7 @@ def write_split(texts: list[str], path: Path, tokenizer_path: Path, eot_id: int,
         else:
             _init_worker(str(tokenizer_path))
             encoded = map(_encode_chunk, _chunks(texts))
-        with open(tmp, "wb") as f:
+        with atomic_open(path) as f:  # a failure (e.g. an id too large for dtype) leaves neither file behind
             for ids in encoded:
                 flat: list[int] = []
                 for doc in ids:
@@ -114,5 +114,4 @@ def write_split(texts: list[str], path: Path, tokenizer_path: Path, eot_id: int,
         else:
             os.environ["TOKENIZERS_PARALLELISM"] = old
         bar.close()
-    os.replace(tmp, path)
     return np.array(counts, dtype=np.int64)

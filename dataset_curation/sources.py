@@ -1,4 +1,5 @@
-"""Where documents come from: the built-in corpus (this interpreter's standard library), local files, the Hub.
+"""Where documents come from: the built-in corpus (this interpreter's standard library), the installed corpus
+(the standard library plus every installed distribution's source, licence-checked), local files, the Hub.
 
 Each source returns (documents, manifest). A document is {"id", "text", "source", "path", "license", "kind"};
 the manifest records what was read and a hash of the inputs, so the cache and the data dir know when to rebuild.
@@ -178,6 +179,103 @@ def builtin_documents(include_tests: bool = True, max_files: int | None = None,
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# The installed corpus: the standard library plus every installed distribution's Python source, licence-checked
+
+VENDORED = frozenset({"_vendor", "vendor", "_vendored", "vendored", "extern", "_extern", "third_party",
+                      "_bundled"})
+
+
+def _is_vendored(rel: str) -> bool:
+    return any(p in VENDORED for p in rel.split("/")[:-1])
+
+
+def installed_distributions(paths: list[str] | None = None, include_tests: bool = True) -> list[dict]:
+    """One row per installed distribution (on `paths`, default sys.path): name, version, licence, verdict, its
+    .py files (relative paths, tests dropped unless include_tests), their bytes, and kept = permissive licence.
+    Sorted by name; a distribution found twice on the path counts once (the first, as imports would)."""
+    from importlib import metadata
+
+    from dataset_curation.licences import licence_of
+
+    rows, seen = [], set()
+    for dist in metadata.distributions(path=paths if paths is not None else sys.path):
+        name = dist.metadata["Name"] or ""
+        key = re.sub(r"[-_.]+", "-", name).lower()
+        if not name or key in seen:
+            continue
+        seen.add(key)
+        licence, verdict = licence_of(dist.metadata)
+        files, n_bytes = [], 0
+        for f in dist.files or []:
+            rel = f.as_posix()
+            if not rel.endswith(".py") or ".." in f.parts or "__pycache__" in f.parts or "__editable__" in rel:
+                continue
+            if not include_tests and _is_test(rel):
+                continue
+            full = Path(dist.locate_file(f))
+            if full.is_file():
+                files.append((rel, str(full)))
+                n_bytes += full.stat().st_size
+        rows.append({"name": name, "version": dist.metadata["Version"], "licence": licence, "verdict": verdict,
+                     "kept": verdict == "permissive", "files": len(files), "bytes": n_bytes, "_files": files})
+    rows.sort(key=lambda r: r["name"].lower())
+    return rows
+
+
+def installed_documents(paths: list[str] | None = None, include_tests: bool = True, include_prose: bool = True,
+                        max_chars: int | None = None, progress: bool = False,
+                        include_stdlib: bool = True) -> tuple[list[dict], dict]:
+    """The installed corpus: the standard library's and every installed distribution's .py files as code (and
+    their docstrings and comments as prose), each tagged with its distribution's licence and verdict; the licence
+    stage removes the files of distributions that are not permissive.
+
+    Files come in a fixed pseudo-random order (by a hash of distribution and path), so the corpus read up to
+    max_chars (--target_tokens) is a sample across all distributions; vendored copies (`_vendor/`, `extern/`, ...)
+    come last, so exact and near dedup keep the library's own copy.
+    """
+    from tqdm import tqdm
+
+    root = stdlib_root()
+    dists = []
+    if include_stdlib:
+        files = [(p.relative_to(root).as_posix(), str(p)) for p in stdlib_files(include_tests)]
+        dists.append({"name": "python-stdlib", "version": sys.version.split()[0], "licence": PSF,
+                      "verdict": "permissive", "kept": True, "files": len(files),
+                      "bytes": sum(Path(f).stat().st_size for _, f in files), "_files": files})
+    dists += installed_distributions(paths, include_tests)
+    order = sorted(((_is_vendored(rel), hashlib.sha1(f"{d['name']}/{rel}".encode()).digest(), i, rel, full)
+                    for i, d in enumerate(dists) for rel, full in d["_files"]))
+    digest = hashlib.sha256(f"python {sys.version}".encode())
+    docs: list[dict] = []
+    chars, n_bytes, read = 0, 0, [0] * len(dists)
+    for _, _, i, rel, full in tqdm(order, desc="read installed", unit="file", disable=not progress, leave=False):
+        if max_chars is not None and chars >= max_chars:
+            break
+        d = dists[i]
+        data = Path(full).read_bytes()
+        n_bytes += len(data)
+        digest.update(f"{d['name']}/{rel}".encode() + b"\0" + hashlib.sha256(data).digest())
+        text, _ = decode_source(data)
+        src = "stdlib" if d["name"] == "python-stdlib" else "installed"
+        extra = {"dist": d["name"], "licence_verdict": d["verdict"], "group": f"{d['name']}/{rel}"}
+        docs.append({**_doc(f"{d['name']}:{rel}", text, f"{src}-code", rel, "code", d["licence"]), **extra})
+        if include_prose:
+            prose = extract_prose(text)
+            if prose:
+                docs.append({**_doc(f"{d['name']}-prose:{rel}", prose, f"{src}-docstrings", rel, "prose",
+                                    d["licence"]), **extra})
+        chars += len(text) if d["kept"] else 0  # what the licence stage will remove does not fill the budget
+        read[i] += 1
+    table = [{k: v for k, v in d.items() if k != "_files"} | {"files_read": n} for d, n in zip(dists, read)]
+    manifest = {"recipe": "installed", "python": sys.version.split()[0], "stdlib": str(root), "site_paths": paths,
+                "files": sum(read), "bytes": n_bytes,
+                "include_tests": include_tests, "include_stdlib": include_stdlib, "max_chars": max_chars,
+                "distributions": table,
+                "license": "per distribution (see distributions)", "input_sha256": digest.hexdigest()}
+    return docs, manifest
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Local files
 
 FILE_EXTS = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "json", ".json": "json",
@@ -249,31 +347,55 @@ def hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> str | N
     return None
 
 
+LOCAL_BUILDERS = ("parquet", "json", "text", "csv", "arrow")  # dataset "names" that read local files
+
+
 def hub_documents(target_tokens: int = 100_000_000, chars_per_token: float = 4.0, code_share: float = 0.3,
-                  wiki: tuple = WIKI, code: tuple = CODE) -> Iterator[dict]:
+                  wiki: tuple = WIKI, code: tuple = CODE, seed: int = 0, buffer_size: int = 10_000) -> Iterator[dict]:
     """Stream English Wikipedia and permissively licensed code until about target_tokens worth of characters
-    (with 30% headroom for what the filters remove). Fails at once, naming the built-in recipe, when offline."""
-    why = hub_reachable()
-    if why:
-        raise SourceError(f"the wiki_code recipe needs the Hugging Face Hub, but {why}. Offline, use the built-in "
-                          "corpus: `python -m dataset_curation build --recipe builtin --out data/builtin-8k`")
+    (with 30% headroom for what the filters remove). Fails at once, naming the built-in recipe, when offline.
+
+    Documents are sampled across each dump, not its first rows: the stream's shard (file) order is shuffled and
+    rows pass through a shuffle buffer of buffer_size (datasets' IterableDataset.shuffle, seeded). `wiki` and
+    `code` may name a local builder ("parquet" with data_files) instead: the same path, without the Hub."""
+    if any(spec[0] not in LOCAL_BUILDERS for spec in (wiki, code)):
+        why = hub_reachable()
+        if why:
+            raise SourceError(f"the wiki_code recipe needs the Hugging Face Hub, but {why}. Offline, use the "
+                              "built-in corpus: `python -m dataset_curation build --recipe builtin --out "
+                              "data/builtin-8k`")
     from datasets import load_dataset
 
     budget = target_tokens * chars_per_token * 1.3
     for (name, kwargs, field, licence), kind, chars in [(wiki, "prose", budget * (1 - code_share)),
                                                        (code, "code", budget * code_share)]:
-        ds = load_dataset(name, split="train", streaming=True, **kwargs)
+        ds = load_dataset(name, split="train", streaming=True, **kwargs).shuffle(seed=seed, buffer_size=buffer_size)
         got = 0
         for i, row in enumerate(ds):
             text = row.get(field) or ""
             where = str(row.get("url") or "/".join(str(row.get(k, "")) for k in ("repo_name", "path")) or i)
-            yield _doc(f"{name}#{row.get('id', i)}", text, name, where, kind, str(row.get("license") or licence))
+            key = row.get("id") or where
+            source = f"{name}:{kind}" if name in LOCAL_BUILDERS else name
+            yield _doc(f"{name}#{key}", text, source, where, kind, str(row.get("license") or licence))
             got += len(text)
             if got >= chars:
                 break
 
 
-def hub_manifest(target_tokens: int, wiki: tuple = WIKI, code: tuple = CODE) -> dict:
-    spec = {"recipe": "wiki_code", "wiki": list(wiki), "code": list(code), "target_tokens": target_tokens}
-    spec["input_sha256"] = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+def hub_manifest(target_tokens: int, wiki: tuple = WIKI, code: tuple = CODE, seed: int = 0) -> dict:
+    spec = {"recipe": "wiki_code", "wiki": list(wiki), "code": list(code), "target_tokens": target_tokens,
+            "seed": seed}
+    local = [f for spec in (wiki, code) if spec[0] in LOCAL_BUILDERS for f in _data_files(spec[1])]
+    digest = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode())
+    for f in local:  # local files: their content decides the cache, not only their names
+        if Path(f).is_file():
+            digest.update(hashlib.sha256(Path(f).read_bytes()).digest())
+    spec["input_sha256"] = digest.hexdigest()
     return spec
+
+
+def _data_files(kwargs: dict) -> list[str]:
+    files = kwargs.get("data_files") or []
+    if isinstance(files, dict):
+        files = [f for v in files.values() for f in ([v] if isinstance(v, str) else v)]
+    return [files] if isinstance(files, str) else list(files)

@@ -87,6 +87,22 @@ class StageStats:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# 0. Licence
+
+def licence_filter(docs: Iterable[dict], stats: StageStats) -> Iterator[dict]:
+    """Stage 0. Drop documents whose distribution's licence is not permissive, or says nothing usable (the
+    verdict of dataset_curation.licences, set by the installed source); documents without a verdict pass."""
+    for doc in docs:
+        verdict = doc.get("licence_verdict", "permissive")
+        if verdict == "not permissive":
+            stats.remove(doc, "not_permissive", f"{doc.get('dist')}: {doc.get('license')}")
+        elif verdict == "unknown":
+            stats.remove(doc, "unknown_licence", f"{doc.get('dist')} declares no licence we can read")
+        else:
+            yield stats.keep(len(doc["text"]), doc)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # 1. Normalize
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b\u200c\u200d\u2060\ufeff]")
@@ -166,8 +182,11 @@ def normalize(docs: Iterable[dict], stats: StageStats, max_replacement_fraction:
 # Regexes anchored on a literal ("@", ".") are found quickly; the address is then checked around the anchor.
 _EMAIL_DOMAIN = re.compile(r"@((?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?\.)+[A-Za-z]{2,})\b")
 _EMAIL_LOCAL = re.compile(r"[A-Za-z0-9._%+-]{1,64}$")
-IPV4 = re.compile(r"(?<![\w.])\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}(?![\w.]|\.\d)")
-_IPV6_CANDIDATE = re.compile(r"(?<![\w:.])[0-9A-Fa-f]{0,4}(?::[0-9A-Fa-f]{0,4}){2,7}(?![\w:])")
+# Boundaries: an address may sit before a full stop, comma or colon ending a sentence ("at 192.0.2.1."), but not
+# inside a longer dotted or coloned run ("1.2.3.4.5" is a version, "a:b:c:d:e" a slice or a time).
+IPV4 = re.compile(r"(?<!\w)(?<!\d\.)\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}(?!\w|\.\d)")
+_IPV6_CANDIDATE = re.compile(r"(?<![\w.])(?<![0-9A-Fa-f:]:)[0-9A-Fa-f]{0,4}(?::[0-9A-Fa-f]{0,4}){2,7}"
+                             r"(?!\w|:[\w:])")
 _IPV4_HINT = re.compile(r"\.\d{1,3}\.\d{1,3}\.")
 _IPV6_HINT = re.compile(r"::|:[0-9A-Fa-f]{1,4}:")
 EMAIL_MASK = "<EMAIL>"
@@ -178,9 +197,13 @@ def _mask_emails(text: str) -> tuple[str, int]:
     out, last, n = [], 0, 0
     for m in _EMAIL_DOMAIN.finditer(text):
         local = _EMAIL_LOCAL.search(text, max(last, m.start() - 64), m.start())
-        if not local or not local.group(0)[0].isalnum():
+        if not local:
             continue
-        out.append(text[last : local.start()])
+        # the address starts at its first letter or digit: "...jo@x.org" and "-jo@x.org" mask "jo@x.org"
+        start = local.start() + len(local.group(0)) - len(local.group(0).lstrip("._%+-"))
+        if start == m.start():
+            continue
+        out.append(text[last:start])
         out.append(EMAIL_MASK)
         last = m.end()
         n += 1
@@ -192,15 +215,17 @@ def _ipv4(m: re.Match) -> str:
 
 
 def _ipv6(m: re.Match) -> str:
-    s = m.group(0)
+    s, tail = m.group(0), ""
+    if s.endswith(":") and not s.endswith("::"):  # a colon after the address ends the sentence, it is not a group
+        s, tail = s[:-1], ":"
     # "x[1::2]" is a slice, not an address: ask for enough hex digits and a real parse
     if sum(c in "0123456789abcdefABCDEF" for c in s) < 4:
-        return s
+        return m.group(0)
     try:
         ipaddress.IPv6Address(s)
     except ValueError:
-        return s
-    return IP_MASK
+        return m.group(0)
+    return IP_MASK + tail
 
 
 def mask_pii_text(text: str) -> tuple[str, int, int]:

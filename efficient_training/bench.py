@@ -1,7 +1,7 @@
 """Benchmark every technique alone and combined on a minilm preset; prints a markdown table and saves a plot.
 
-    python -m efficient_training.bench                      # tiny preset on this device, ~1-2 min on 2 CPU cores
-    python -m efficient_training.bench --preset small --steps 5 --out /tmp/bench
+    python -m efficient_training.bench                      # tiny preset on this device, ~3 min on 2 CPU cores
+    python -m efficient_training.bench --preset small --steps 5 --out /tmp/bench   # default --out: out/bench/
 
 Columns: time per optimizer step (the fastest of --steps timed steps after one warm-up: on a shared machine the
 minimum is the least disturbed estimate), tokens/s, memory and the
@@ -315,7 +315,8 @@ def main(argv: list[str] | None = None) -> str:
                    help="memory budget for the largest-batch search (default: 1024 MB of activations on CPU, "
                         "90%% of the GPU's memory on CUDA)")
     p.add_argument("--no-ddp", action="store_true", help="skip the 1 vs 2 process DDP rows")
-    p.add_argument("--out", default=str(Path(__file__).parent / "bench_results"), help="output directory")
+    p.add_argument("--out", default="out/bench", help="output directory (default out/bench, git-ignored; the "
+                   "committed efficient_training/bench_results/ is the recorded run the README shows)")
     args = p.parse_args(argv)
 
     if args.device == "auto":

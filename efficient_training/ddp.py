@@ -11,6 +11,11 @@ is flattened and its all-reduce is launched asynchronously while backward keeps 
 the last bucket is launched, the hook waits for all of them and copies the averaged values back into .grad, so
 gradients are synchronised by the time loss.backward() returns -- before clipping and the optimizer step.
 
+Collectives are matched by their order on each rank, not by name: if rank 0 launched bucket 1 first and rank 1
+bucket 0, the two would be summed together. Autograd need not produce gradients in the same order everywhere
+(independent branches, rank-dependent control flow), so buckets are launched in their fixed index order, as
+torch's reducer does: a ready bucket waits until every bucket before it has been launched.
+
     rank, local_rank, world, device = setup()            # reads torchrun's RANK / WORLD_SIZE / MASTER_ADDR ...
     model = DDP(GPT(cfg).to(device))
     x, y = shard(x_global, rank, world), shard(y_global, rank, world)
@@ -48,16 +53,10 @@ def setup(backend: str | None = None) -> tuple[int, int, int, torch.device]:
     if missing:
         raise RuntimeError(f"environment variables {missing} are not set: start the script with "
                            f"`torchrun --nproc_per_node=N script.py` (or set them yourself, see spawn_proof)")
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", rank))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    backend = backend or ("nccl" if device.type == "cuda" else "gloo")
-    if not dist.is_initialized():
-        dist.init_process_group(backend, rank=rank, world_size=world)
+    from minilm.device import setup_distributed  # the same set-up as minilm.train
+
+    rank, local_rank, world = setup_distributed(backend)
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     return rank, local_rank, world, device
 
 
@@ -113,6 +112,7 @@ class DDP(nn.Module):
         self.bucket_of = {id(p): i for i, b in enumerate(self.buckets) for p in b}
         self.require_sync = True
         self.n_allreduce = 0  # all-reduce calls launched so far (tests and the bench read it)
+        self.last_launch_order: list[int] = []  # bucket indices in the order the last backward launched them
         self._reset()
         for p in self.params:
             p.register_post_accumulate_grad_hook(self._grad_ready)
@@ -120,6 +120,7 @@ class DDP(nn.Module):
     def _reset(self) -> None:
         self.ready: list[set[int]] = [set() for _ in self.buckets]
         self.handles: list[tuple[int, torch.Tensor, object]] = []
+        self.next_bucket = 0  # buckets < next_bucket have been launched
 
     def _grad_ready(self, p: torch.Tensor) -> None:
         if not self.require_sync:
@@ -129,17 +130,23 @@ class DDP(nn.Module):
             raise RuntimeError("a parameter's gradient became ready twice in one backward pass; DDP expects one "
                                "backward per forward (use no_sync() for gradient accumulation)")
         self.ready[b].add(id(p))
-        if len(self.ready[b]) < len(self.buckets[b]):
-            return
+        # launch in index order: the complete buckets from next_bucket on, up to the first incomplete one
+        while self.next_bucket < len(self.buckets) and \
+                len(self.ready[self.next_bucket]) == len(self.buckets[self.next_bucket]):
+            self._launch(self.next_bucket)
+            self.next_bucket += 1
+        if self.next_bucket == len(self.buckets):
+            self._finish()
+
+    def _launch(self, b: int) -> None:
         flat = torch.cat([q.grad.reshape(-1) for q in self.buckets[b]])
         if self.average:
             flat.div_(self.world)  # divide before summing, as torch DDP does: keeps fp16 sums in range
         self.handles.append((b, flat, dist.all_reduce(flat, async_op=True)))
         self.n_allreduce += 1
-        if len(self.handles) == len(self.buckets):
-            self._finish()
 
     def _finish(self) -> None:
+        self.last_launch_order = [b for b, _, _ in self.handles]
         for b, flat, handle in self.handles:
             handle.wait()
             offset = 0
@@ -265,6 +272,29 @@ def _proof_model(seed: int, checkpointed: bool = False) -> nn.Module:
     return apply_checkpointing(model) if checkpointed else model
 
 
+class _TwoBranch(nn.Module):
+    """Two independent branches; autograd runs the one built last first, so `a_first` sets the gradient order."""
+
+    def __init__(self, seed: int, a_first: bool):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.a, self.b = nn.Linear(8, 8, bias=False), nn.Linear(8, 8, bias=False)  # equal sizes: a swap is silent
+        self.a_first = a_first
+
+    def forward(self, x, y):
+        if self.a_first:
+            ha, hb = torch.tanh(self.a(x)), torch.tanh(self.b(x))
+        else:
+            hb, ha = torch.tanh(self.b(x)), torch.tanh(self.a(x))
+        return None, ((ha * hb - y) ** 2).mean()
+
+
+def branch_batches(steps: int = 3, global_batch: int = 4, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randn(global_batch, 8, generator=gen), torch.randn(global_batch, 8, generator=gen))
+            for _ in range(steps)]
+
+
 def _sgd(params):
     return torch.optim.SGD(params, lr=0.1, momentum=0.9)
 
@@ -299,6 +329,9 @@ def reference_params(steps: int = 3, global_batch: int = 4) -> dict[str, dict[st
         model = _proof_model(0)
         _train(model, opt_fn(model.parameters()), batches)
         ref[name] = _params(model)
+    model = _TwoBranch(0, a_first=True)
+    _train(model, _sgd(model.parameters()), branch_batches(steps, global_batch))
+    ref["branches"] = _params(model)
     return ref
 
 
@@ -342,6 +375,17 @@ def _proof_worker(rank: int, world: int, port: int, out_dir: str, steps: int, gl
     out["zero1_state_bytes"] = zopt.state_bytes()
     out["adamw_state_bytes"] = sum(t.numel() * t.element_size() for s in full.state.values() for t in s.values())
     run("zero1_no_broadcast", DDP, opt_fn=zero, broadcast=False)
+    # The ranks' autograd produces gradients in opposite orders: launching buckets as they become ready would sum
+    # rank 0's gradient of b with rank 1's gradient of a (same size, so nothing complains).
+    two = _TwoBranch(rank, a_first=rank == 0)
+    ready = []
+    ddp_two = DDP(two, bucket_cap_mb=1e-4)  # 256-byte weights: one bucket each
+    for n, q in two.named_parameters():
+        q.register_post_accumulate_grad_hook(lambda _, n=n: ready.append(n))  # runs after DDP's own hook
+    _train(ddp_two, _sgd(ddp_two.parameters()), branch_batches(steps, global_batch), rank, world)
+    out["branches"] = _params(two)
+    out["branches_ready_order"] = ready[:2]
+    out["branches_launch_order"] = ddp_two.last_launch_order
     # A parameter outside the loss never gets a gradient: the next forward must say so, not hang or go on.
     net = DDP(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)))
     net.module[0](torch.ones(1, 2)).sum().backward()

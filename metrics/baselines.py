@@ -93,3 +93,21 @@ def fit_add_k(train_ids, vocab_size: int, order: int, grid=K_GRID, holdout: floa
         else:
             losses[k] = bigram_nll(fit, held[:-1], held[1:], vocab_size, k)
     return min(losses, key=losses.get)
+
+
+def greedy_next_tables(train_ids, vocab_size: int) -> tuple[int, np.ndarray]:
+    """Greedy decoding under the add-k models: (unigram's argmax, bigram's argmax after each token).
+
+    Add-k adds the same k to every count, so the most probable next token is the most counted one (the lowest
+    id on ties, as np.argmax); after a token never seen as a context every token is equally likely: id 0.
+    """
+    train = _ids(train_ids, "train_ids", vocab_size, 2)
+    uni = int(np.argmax(np.bincount(train, minlength=vocab_size)))
+    keys, counts = np.unique(train[:-1] * vocab_size + train[1:], return_counts=True)
+    prev, nxt = keys // vocab_size, keys % vocab_size
+    order = np.lexsort((nxt, -counts, prev))  # per context: highest count first, then lowest id
+    prev, nxt = prev[order], nxt[order]
+    first = np.r_[True, prev[1:] != prev[:-1]]
+    best = np.zeros(vocab_size, dtype=np.int64)
+    best[prev[first]] = nxt[first]
+    return uni, best

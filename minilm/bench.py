@@ -2,6 +2,7 @@
 
     python -m minilm.bench                 # all presets that fit, fp32/bf16, eager/compiled, generation
     python -m minilm.bench --quick         # fewer steps and configurations
+    python -m minilm.bench --only generate --quality_run out/mini_lm   # decode rows + val loss per weight format
 
 Training throughput is also measured for a plain nanoGPT-style model of the same shape (written here, in the
 simplest form), so the ratio shows what minilm's extra features cost per step.
@@ -14,12 +15,14 @@ import contextlib
 import math
 import time
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from minilm.config import ModelConfig, get_preset
 from minilm.model import GPT
+from minilm.quantize import WEIGHTS, use_weights, weight_bytes
 
 
 class PlainGPT(nn.Module):
@@ -103,18 +106,93 @@ def time_training(model: nn.Module, cfg: ModelConfig, batch: int, steps: int, de
 
 
 @torch.no_grad()
-def time_generation(model: GPT, prompt_len: int, new: int, device: str, use_cache: bool) -> float:
-    """Tokens/s for greedy generation of `new` tokens after a `prompt_len` prompt, batch 1."""
+def time_generation(model: GPT, prompt_len: int, new: int, device: str, use_cache: bool, repeats: int = 1) -> float:
+    """Tokens/s for greedy generation of `new` tokens after a `prompt_len` prompt, batch 1 (best of repeats)."""
     model = model.to(device).eval()
     idx = torch.randint(0, model.config.vocab_size, (1, prompt_len), device=device)
     model.generate(idx, 4, temperature=0, use_cache=use_cache)  # warm-up
-    t0 = time.perf_counter()
-    model.generate(idx, new, temperature=0, use_cache=use_cache)
-    return new / (time.perf_counter() - t0)
+    best = 0.0
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        model.generate(idx, new, temperature=0, use_cache=use_cache)
+        best = max(best, new / (time.perf_counter() - t0))
+    return best
+
+
+def read_bandwidth(nbytes: int, repeats: int = 5) -> float:
+    """Bytes/s of reading an nbytes buffer once (a sum over it), best of repeats: what one decode step's weight
+    reads can reach at most. Same size as the weights, so caches help it exactly as much as they help decoding."""
+    buf = torch.ones(max(1, nbytes // 4), dtype=torch.float32)
+    buf.sum()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        buf.sum()
+        best = min(best, time.perf_counter() - t0)
+    return buf.numel() * 4 / best
+
+
+def kv_bytes(cfg: ModelConfig, context: float) -> float:
+    """Bytes of keys and values one decode step reads at a given context length (fp32 cache)."""
+    return 2 * cfg.n_layer * context * cfg.n_embd * 4
+
+
+@torch.no_grad()
+def val_loss(model: GPT, tokens: np.ndarray, block_size: int, windows: int = 32, batch: int = 8) -> float:
+    """Mean next-token loss over the first `windows` non-overlapping windows of `tokens` (the same for every
+    model, so differences are the model's)."""
+    n = min(windows, (len(tokens) - 1) // block_size)
+    if n < 1:
+        raise ValueError(f"the validation split has {len(tokens)} tokens, fewer than one window of {block_size}")
+    losses = []
+    for start in range(0, n, batch):
+        rows = range(start, min(n, start + batch))
+        x = torch.from_numpy(np.stack([tokens[i * block_size : (i + 1) * block_size] for i in rows]).astype(np.int64))
+        y = torch.from_numpy(np.stack([tokens[i * block_size + 1 : (i + 1) * block_size + 1] for i in rows])
+                             .astype(np.int64))
+        _, loss = model(x, y)
+        losses.append(loss.item() * len(rows))
+    return sum(losses) / n
+
+
+def decode_rows(cfg: ModelConfig, weights: list[str], prompt_len: int, new: int, dev: str) -> list[dict]:
+    """Batch-1 greedy decode speed of a randomly initialised model of this shape in each weight format, with the
+    memory-bandwidth ceiling: bandwidth / bytes read per token (weights + the KV cache at the mean context)."""
+    rows = []
+    for w in weights:
+        torch.manual_seed(0)
+        model = use_weights(GPT(cfg).eval(), w)
+        nbytes = weight_bytes(model) + kv_bytes(cfg, prompt_len + new / 2)
+        rate = time_generation(model, prompt_len, new, dev, True, repeats=2)
+        bw = read_bandwidth(weight_bytes(model)) if dev == "cpu" else None
+        ceiling = bw / nbytes if bw else None
+        rows.append({"weights": w, "tokens_per_s": rate, "mb_per_token": nbytes / 1e6,
+                     "bandwidth_gb_s": bw and bw / 1e9, "ceiling_tokens_per_s": ceiling,
+                     "of_ceiling": ceiling and rate / ceiling})
+        del model
+    return rows
+
+
+def quality_rows(run: str, weights: list[str], windows: int) -> list[dict]:
+    """Validation loss of a trained run in each weight format, and how often greedy argmax agrees with fp32."""
+    from minilm.data import TokenData
+    from minilm.sample import load_run
+
+    rows, ref = [], None
+    for w in weights:
+        model, _, ckpt = load_run(run, "cpu", weights=w)
+        tokens = TokenData(ckpt["config"]["train"]["data_dir"], "val").tokens
+        loss = val_loss(model, tokens, model.config.block_size, windows)
+        ref = loss if ref is None else ref
+        rows.append({"weights": w, "val_loss": loss, "delta": loss - ref})
+    return rows
 
 
 def fmt(v, spec=",.0f", none="n/a") -> str:
     return none if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+
+
+SECTIONS = ("train", "plain", "generate")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -122,13 +200,43 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="fewer steps and configurations")
     p.add_argument("--gen_tokens", type=int, default=512, help="new tokens for the KV-cache comparison")
+    p.add_argument("--decode_tokens", type=int, default=128, help="new tokens for the decode rows")
+    p.add_argument("--decode_preset", default="mini_lm", help="model shape of the decode rows")
+    p.add_argument("--kv_preset", default="small", help="model shape of the KV cache vs recompute comparison")
+    p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections of {', '.join(SECTIONS)}")
+    p.add_argument("--weights", default=",".join(WEIGHTS), help="weight formats for the decode rows")
+    p.add_argument("--threads", default=None,
+                   help="comma-separated torch thread counts for the generation sections (default: 1 and all)")
+    p.add_argument("--quality_run", default=None,
+                   help="a trained run dir: also compare its validation loss in each weight format")
+    p.add_argument("--quality_windows", type=int, default=64, help="validation windows of block_size tokens")
     a = p.parse_args(argv)
+    sections = [x for x in a.only.split(",") if x]
+    weights = [w for w in a.weights.split(",") if w]
+    bad = [x for x in sections if x not in SECTIONS] + [w for w in weights if w not in WEIGHTS]
+    if bad:
+        p.error(f"unknown section or weight format {bad}; sections: {', '.join(SECTIONS)}; weights: "
+                f"{', '.join(WEIGHTS)}")
     dev = a.device
     cpu = dev == "cpu"
     name = device_name(dev)
     print(f"device: {name}, torch {torch.__version__}, threads: {torch.get_num_threads()}\n")
+    if "train" in sections:
+        train_section(a, dev, cpu, name)
+    if "plain" in sections:
+        plain_section(a, dev)
+    if "generate" in sections:
+        threads = sorted({1, torch.get_num_threads()}) if a.threads is None else [int(t) for t in a.threads.split(",")]
+        generate_section(a, dev, weights, threads)
+    if a.quality_run:
+        print(f"\n## Quality of the weight formats: {a.quality_run}, first {a.quality_windows} validation windows\n")
+        print("| weights | val loss | vs fp32 |")
+        print("|---|---|---|")
+        for r in quality_rows(a.quality_run, ["fp32"] + [w for w in weights if w != "fp32"], a.quality_windows):
+            print(f"| {r['weights']} | {r['val_loss']:.4f} | {r['delta']:+.4f} |")
 
-    # ---- training throughput
+
+def train_section(a, dev: str, cpu: bool, name: str) -> None:
     rows = []
     presets = {"tiny": 16, "small": 8, "mini_lm": 4 if cpu else 16}
     dtypes = ["float32", "bfloat16"] if (not dev.startswith("cuda") or torch.cuda.is_bf16_supported()) else \
@@ -155,7 +263,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| {preset} | {dtype} | {mode} | {batch} x {block} | {tps:,.0f} | {fmt(mfu, '.1%')} | "
               f"{fmt(mem, ',.0f', 'n/a (CPU)')} |")
 
-    # ---- minilm vs a plain nanoGPT-style model, same config
+
+def plain_section(a, dev: str) -> None:
+    """minilm vs a plain nanoGPT-style model, same config."""
     cfg = get_preset("tiny").model
     steps = 10 if a.quick else 30
     ours, plain = [], []
@@ -168,24 +278,46 @@ def main(argv: list[str] | None = None) -> None:
     print(f"| plain nanoGPT-style | {max(plain):,.0f} | 1.00 |")
     print(f"| minilm | {max(ours):,.0f} | {max(ours) / max(plain):.2f} |")
 
-    # ---- generation
-    print("\n## Generation, batch 1, greedy\n")
-    print("| model | prompt + new tokens | KV cache | tokens/s | speed-up |")
-    print("|---|---|---|---|---|")
-    gen_cfg = get_preset("small").model
-    gen_cfg.block_size = 1024  # room for the prompt and all new tokens, so the cache is never refilled
+
+def generate_section(a, dev: str, weights: list[str], threads: list[int]) -> None:
+    """KV cache vs recompute, then decode speed by weight format, at each thread count.
+
+    Decoding one token is little work per op, so a second thread helps it less than it helps recomputing a long
+    context: both are shown, and the speed-up is taken at equal thread counts.
+    """
+    before = torch.get_num_threads()
     new = a.gen_tokens if not a.quick else 128
+    gen_cfg = get_preset(a.kv_preset).model
+    gen_cfg.block_size = max(1024, 16 + new)  # room for the prompt and all new tokens: the cache is never refilled
+    label = f"{a.kv_preset} (block {gen_cfg.block_size})"
+    print("\n## Generation, batch 1, greedy: KV cache vs recomputing the whole context (fp32)\n")
+    print("| model | threads | prompt + new tokens | KV cache | tokens/s | speed-up |")
+    print("|---|---|---|---|---|---|")
     torch.manual_seed(0)
     model = GPT(gen_cfg)
-    with_cache = time_generation(model, 16, new, dev, True)
-    without = time_generation(model, 16, new, dev, False)
-    print(f"| small (block 1024) | 16 + {new} | no | {without:,.1f} | 1.00 |")
-    print(f"| small (block 1024) | 16 + {new} | yes | {with_cache:,.1f} | {with_cache / without:.1f}x |")
-    torch.manual_seed(0)
-    big = GPT(get_preset("mini_lm").model)
-    n_big = 128 if not a.quick else 32
-    big_rate = time_generation(big, 16, n_big, dev, True)
-    print(f"| mini_lm ({big.num_params() / 1e6:.1f}M) | 16 + {n_big} | yes | {big_rate:,.1f} | |")
+    for n in threads:
+        torch.set_num_threads(n)
+        with_cache = time_generation(model, 16, new, dev, True, repeats=2)
+        without = time_generation(model, 16, new, dev, False)
+        print(f"| {label} | {n} | 16 + {new} | no | {without:,.1f} | 1.00 |")
+        print(f"| {label} | {n} | 16 + {new} | yes | {with_cache:,.1f} | {with_cache / without:.1f}x |", flush=True)
+
+    cfg = get_preset(a.decode_preset).model
+    n_big = a.decode_tokens if not a.quick else 32
+    params = GPT(cfg).num_params() / 1e6
+    print(f"\n## {a.decode_preset} ({params:.1f}M) decode, batch 1, greedy, 16 + {n_big} tokens, by weight format\n")
+    print("The ceiling is the measured read bandwidth (a buffer the size of the weights) over the bytes one step "
+          "reads (weights + KV cache at the mean context).\n")
+    print("| weights | threads | MB read / token | read bandwidth (GB/s) | ceiling (tokens/s) | tokens/s "
+          "| of ceiling |")
+    print("|---|---|---|---|---|---|---|")
+    for n in threads:
+        torch.set_num_threads(n)
+        for r in decode_rows(cfg, weights, 16, n_big, dev):
+            print(f"| {r['weights']} | {n} | {r['mb_per_token']:.1f} | {fmt(r['bandwidth_gb_s'], '.1f')} | "
+                  f"{fmt(r['ceiling_tokens_per_s'], ',.0f')} | {r['tokens_per_s']:,.1f} | "
+                  f"{fmt(r['of_ceiling'], '.0%')} |", flush=True)
+    torch.set_num_threads(before)
 
 
 if __name__ == "__main__":

@@ -84,18 +84,30 @@ def atomic_write(data: bytes | str, path: str | Path) -> None:
 
 def save_checkpoint(path: str | Path, *, model: torch.nn.Module, optimizer=None, scaler=None, step: int = 0,
                     best_val_loss: float = float("inf"), config: dict | None = None, data_state: dict | None = None,
-                    meta: dict | None = None, ema: dict | None = None, extra: dict | None = None) -> None:
-    """Write a checkpoint per the contract: model, optimizer, scaler, step, best val loss, config, RNG, data, meta."""
+                    meta: dict | None = None, ema: dict | None = None, extra: dict | None = None,
+                    model_state: dict | None = None, rng: list[dict] | None = None) -> None:
+    """Write a checkpoint per the contract: model, optimizer, scaler, step, best val loss, config, RNG, data, meta.
+
+    optimizer: an optimizer, or a list of optimizers / their state dicts (stored as a list). model_state replaces
+    the model's own state dict (ckpt_best.pt stores the EMA weights that way). ema: {parameter name: tensor}.
+    rng: every rank's RNG state (rank 0's is also "rng"); default this process's.
+    """
     raw = getattr(model, "module", model)  # unwrap DDP
     raw = getattr(raw, "_orig_mod", raw)  # unwrap torch.compile
+    if isinstance(optimizer, (list, tuple)):
+        optimizer = [o if isinstance(o, dict) else o.state_dict() for o in optimizer]
+    elif optimizer is not None:
+        optimizer = optimizer.state_dict()
+    rng = rng or [rng_state()]
     ckpt = {
-        "model": raw.state_dict(),
-        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "model": raw.state_dict() if model_state is None else model_state,
+        "optimizer": optimizer,
         "scaler": scaler.state_dict() if scaler is not None else None,
         "step": step,
         "best_val_loss": float(best_val_loss),
         "config": config or {},
-        "rng": rng_state(),
+        "rng": rng[0],
+        "rng_ranks": rng,
         "data": data_state or {},
         "meta": meta or {},
         "ema": ema,
@@ -123,15 +135,25 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return ckpt
 
 
-def model_from_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
-    """Rebuild the GPT a checkpoint holds, in eval mode; returns (model, checkpoint dict)."""
+def model_from_checkpoint(path: str | Path, device: str | torch.device = "cpu", ema: bool = True):
+    """Rebuild the GPT a checkpoint holds, in eval mode; returns (model, checkpoint dict).
+
+    The weights are the ones training scored: with EMA on, ckpt.pt's EMA weights (ema=False gives the live
+    ones, which resume training); ckpt_best.pt stores the scored weights as its model already.
+    """
     from minilm.config import ModelConfig
     from minilm.model import GPT
 
     ckpt = load_checkpoint(path, map_location=device)
     try:
-        model = GPT(ModelConfig(**ckpt["config"]["model"]))
+        model = GPT(ModelConfig.from_dict(ckpt["config"]["model"]))
         model.load_state_dict(ckpt["model"])
-    except (KeyError, TypeError, RuntimeError) as e:
+        if ema and ckpt.get("ema") is not None:
+            saved = ckpt["ema"]
+            with torch.no_grad():
+                for i, (name, p) in enumerate(model.named_parameters()):
+                    # {name: tensor} today; a list in parameter order in older checkpoints
+                    p.copy_(saved[name] if isinstance(saved, dict) else saved[i])
+    except (KeyError, TypeError, RuntimeError, IndexError) as e:
         raise CheckpointError(f"{path}: the weights do not match the stored config ({str(e)[:300]})") from None
     return model.to(device).eval(), ckpt

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 from pathlib import Path
 
@@ -119,3 +121,64 @@ def load_tokenizer(data_dir: str | Path):
     if not path.is_file():
         raise DataError(f"{path} is missing: the data dir has no tokenizer; {how_to_make()}")
     return Tokenizer.from_file(str(path))
+
+
+# ----------------------------------------------------------------------------- the final val loss and its baselines
+# One definition, shared by minilm.train (end of training) and minilm.evaluate: every position of the whole val
+# split is scored once, in non-overlapping block_size windows, and the count baselines score the same tokens.
+
+
+@torch.no_grad()
+def whole_split_loss(model: torch.nn.Module, tokens, block_size: int, device: str | torch.device = "cpu",
+                     batch_size: int = 16, ctx=None) -> float:
+    """Mean next-token loss (nats/token) of `model` over all of `tokens` (e.g. TokenData(d, "val").tokens).
+
+    The stream is cut into non-overlapping block_size windows (metrics.perplexity with window = stride =
+    block_size), so every token after the first is scored exactly once. model(ids) must return logits first.
+    ctx: an autocast context to run the forward passes in (None: as the model is).
+    """
+    from metrics.perplexity import perplexity
+
+    was_training = model.training
+    model.eval()
+    try:
+        with ctx or contextlib.nullcontext():
+            r = perplexity(lambda ids: model(ids)[0], np.asarray(tokens), window=block_size, stride=block_size,
+                           batch_size=batch_size, device=device)
+    finally:
+        model.train(was_training)
+    return r.nll
+
+
+def baseline_losses(data_dir: str | Path, vocab_size: int | None = None) -> dict:
+    """Add-k unigram and bigram losses (nats/token) counted on the whole train split, scored on the whole val split.
+
+    k is tuned on held-out training text (metrics.baselines.fit_add_k). The numbers are cached in
+    data_dir/baselines.json, keyed by meta.json, so a rebuilt data dir is counted again.
+    Returns {"unigram": {"val_loss", "k"}, "bigram": {"val_loss", "k"}}.
+    """
+    from metrics.baselines import bigram_perplexity, fit_add_k, unigram_perplexity
+
+    d = Path(data_dir)
+    meta_text = (d / "meta.json").read_text()
+    key = hashlib.sha256(f"{meta_text}|{vocab_size}".encode()).hexdigest()
+    cache = d / "baselines.json"
+    try:
+        cached = json.loads(cache.read_text())
+        if cached.get("key") == key:
+            return {name: cached[name] for name in ("unigram", "bigram")}
+    except (OSError, ValueError, KeyError):
+        pass
+    vocab = vocab_size or json.loads(meta_text)["vocab_size"]
+    train = np.asarray(TokenData(d, "train").tokens, dtype=np.int64)
+    val = np.asarray(TokenData(d, "val").tokens, dtype=np.int64)
+    k1, k2 = fit_add_k(train, vocab, 1), fit_add_k(train, vocab, 2)
+    out = {"unigram": {"val_loss": unigram_perplexity(train, val, vocab, k=k1).nll, "k": k1},
+           "bigram": {"val_loss": bigram_perplexity(train, val, vocab, k=k2).nll, "k": k2}}
+    from minilm.checkpoint import atomic_write
+
+    try:
+        atomic_write(json.dumps({"key": key, **out}, indent=1), cache)
+    except OSError:
+        pass  # a read-only data dir: count again next time
+    return out

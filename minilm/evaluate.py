@@ -1,20 +1,28 @@
-"""Evaluate a trained run: perplexity, baselines, a continuation task, generation metrics and speed.
+"""Evaluate a trained run: bits per byte against counting baselines, a code-completion task, generation, speed.
 
     python -m minilm.evaluate --out_dir out/tiny
-    python -m minilm.evaluate --out_dir out/tiny --max_tokens 5000 --num_prompts 4     # quicker
+    python -m minilm.evaluate --out_dir out/tiny --max_tokens 20000 --num_prompts 40 --max_train_tokens 1000000  # quick
 
-Writes out_dir/eval.json (every number), out_dir/eval.md (a readable report) and out_dir/eval_dashboard.png.
+Writes out_dir/eval.json (every number), eval_examples.jsonl (every task example: prompt, reference, each
+system's completion and scores), eval.md (the report) and eval_dashboard.png.
 From Python: `from minilm.evaluate import evaluate; results = evaluate("out/tiny")`.
 
-What it measures, all on the validation split (text the model never trained on):
-  - perplexity with sliding windows (stride = half the context) and with non-overlapping windows, plus
-    bits per byte, which compares runs whose tokenizers differ;
-  - unigram and bigram add-k baselines on the same tokens: what counting alone achieves;
-  - continuation: the start of a held-out document is the prompt, what follows is the reference; the
-    greedy continuation is scored with BLEU and ROUGE;
-  - generation metrics for greedy and sampled continuations next to the same metrics of the references:
-    distinct-n, repetition, self-BLEU and the share of continuations copying 16+ training tokens verbatim;
-  - generation speed with the KV cache: time to first token, tokens per second, latency per token.
+Everything is measured on the validation split, on the same tokens for every system:
+  - perplexity and bits per byte (the headline: it compares tokenizers) of the model on the whole split cut
+    into non-overlapping block_size windows: the definition of training's final val loss, so the two agree.
+    A sliding window (stride block_size // 2) is reported beside it: every token but the first window's
+    then sees at least half a window of context, so it is lower; it is the better estimate of the model, the
+    non-overlapping one the comparable one;
+  - baselines on those tokens: unigram and bigram add-k, and interpolated Kneser-Ney (order 5) counted on the
+    training tokens the model saw (the first steps x tokens-per-step of train.bin: as many tokens as the model
+    trained on, from the same split; the sampler's random windows themselves are not replayed) and on the
+    whole training split;
+  - a completion task (metrics.completion): >= 300 prompts from validation files whose prompts never occur in
+    a training file: signature + docstring -> body, and 8 lines -> the next line. Greedy decoding for the
+    model and for the counting baselines, the same stop rules and token caps, scored with exact match, edit
+    similarity, BLEU over code tokens, chrF, ROUGE-L and ast validity, each with a bootstrap 95% interval;
+  - generation metrics of the model's completions next to the references' (distinct-n, repetition, copies of
+    16+ training tokens), and decoding speed with the KV cache.
 """
 
 from __future__ import annotations
@@ -29,28 +37,51 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from metrics.baselines import bigram_perplexity, fit_add_k, unigram_perplexity
-from metrics.bleu import corpus_bleu
+from metrics.baselines import bigram_perplexity, fit_add_k, greedy_next_tables, unigram_perplexity
+from metrics.completion import (
+    TrainIndex,
+    aggregate,
+    build_task,
+    corpus_bleu_code,
+    cut_completion,
+    is_finished,
+    score_examples,
+)
 from metrics.generation import NgramIndex, distinct_n, repetition_rate, self_bleu
+from metrics.kneser_ney import KneserNey
 from metrics.perplexity import perplexity, token_nll
-from metrics.rouge import bootstrap_aggregate, rouge_scores
 from minilm.checkpoint import CheckpointError, atomic_write, model_from_checkpoint
 from minilm.data import DataError, TokenData, load_tokenizer, read_meta
 from minilm.sample import pick_device
 
+SYSTEMS = ("model", "kn_full", "kn_seen", "bigram", "unigram")
+SYSTEM_NAMES = {"model": "model (greedy)", "kn_full": "Kneser-Ney, whole train split",
+                "kn_seen": "Kneser-Ney, tokens seen", "bigram": "bigram add-k", "unigram": "unigram add-k"}
+CHECK_EVERY = 8  # decode and test the stop rule every this many generated tokens
 
-def eval_stream(val: np.ndarray, eot: int, max_tokens: int | None) -> np.ndarray:
-    """The validation tokens to score: whole documents up to max_tokens, after one end-of-text token.
 
-    The leading end-of-text makes the first document's first token a scored "start of document" prediction,
-    as every other document's is; cutting at a document end keeps the decoded byte count exact.
-    """
+def split_documents(ids: np.ndarray, eot: int) -> list[np.ndarray]:
+    ends = np.flatnonzero(ids == eot)
+    starts = np.concatenate([[0], ends + 1])
+    return [ids[s:e] for s, e in zip(starts, np.concatenate([ends, [len(ids)]])) if e > s]
+
+
+def val_tokens(val: np.ndarray, eot: int, max_tokens: int | None) -> np.ndarray:
+    """The whole validation split, or its first max_tokens cut back to a document end."""
     ids = np.asarray(val[:max_tokens] if max_tokens else val, dtype=np.int64)
     if max_tokens and len(val) > max_tokens:
         ends = np.flatnonzero(ids == eot)
         if len(ends) and ends[-1] > 0:
             ids = ids[: ends[-1] + 1]
-    return np.concatenate([[eot], ids])
+    return ids
+
+
+def tokens_seen(ckpt: dict) -> int:
+    """Training tokens the run consumed: steps x batch_size x grad_accum x block_size."""
+    c = ckpt["config"]
+    t, m = c.get("train", {}), c.get("model", {})
+    return int(ckpt.get("step") or 0) * int(t.get("batch_size", 0)) * int(t.get("grad_accum", 1)) * \
+        int(m.get("block_size", 0))
 
 
 @torch.no_grad()
@@ -68,33 +99,65 @@ def loss_by_position(model, ids: np.ndarray, window: int, max_windows: int = 128
     return torch.cat(losses).mean(0).tolist()
 
 
-def split_documents(ids: np.ndarray, eot: int) -> list[np.ndarray]:
-    ends = np.flatnonzero(ids == eot)
-    starts = np.concatenate([[0], ends + 1])
-    return [ids[s:e] for s, e in zip(starts, np.concatenate([ends, [len(ids)]])) if e > s]
+def decode_documents(tokenizer, ids: np.ndarray, eot: int) -> list[str]:
+    return tokenizer.decode_batch([d.tolist() for d in split_documents(np.asarray(ids, dtype=np.int64), eot)])
 
 
-def pick_prompts(val: np.ndarray, eot: int, num: int, prompt_tokens: int, cont_tokens: int):
-    """Up to num held-out documents, evenly spread, long enough for a prompt and a reference continuation."""
-    docs = [d for d in split_documents(np.asarray(val, dtype=np.int64), eot) if len(d) >= prompt_tokens + cont_tokens]
-    if not docs:
-        return []
-    picks = np.linspace(0, len(docs) - 1, min(num, len(docs))).round().astype(int)
-    return [(docs[i][:prompt_tokens], docs[i][prompt_tokens : prompt_tokens + cont_tokens]) for i in picks]
+def _finish(tokenizer, ids: list[int], eot: int) -> str:
+    return tokenizer.decode(ids[: ids.index(eot)] if eot in ids else ids)
 
 
-def continuation_ids(model, prompts: list[np.ndarray], eot: int, new_tokens: int, device, temperature: float = 0.0,
-                     seed: int = 0) -> tuple[list[list[int]], float]:
-    """Continue each prompt (prefixed with end-of-text) in one batch; cut each at end-of-text. Returns (ids, s)."""
-    idx = torch.tensor(np.stack([np.concatenate([[eot], p]) for p in prompts]), dtype=torch.long, device=device)
+@torch.no_grad()
+def model_completions(model, prompts: list[list[int]], kinds: list[str], caps: dict, tokenizer, eot: int,
+                      device, batch_size: int = 16) -> tuple[list[str], float]:
+    """Greedy continuations, batched by kind and length with left padding, each stopped by its kind's rule.
+
+    Stopping a row early changes nothing: greedy decoding is deterministic and the answer is cut by the same
+    rule afterwards; it only saves the steps. Returns (raw continuation texts, seconds).
+    """
+    texts = [""] * len(prompts)
     t0 = time.perf_counter()
-    out = model.generate(idx, new_tokens, temperature=temperature, top_k=50 if temperature > 0 else None,
-                         eos_id=eot, seed=seed)
-    dt = time.perf_counter() - t0
-    conts = []
-    for row in out[:, idx.size(1) :].tolist():
-        conts.append(row[: row.index(eot)] if eot in row else row)
-    return conts, dt
+    for kind in ("function", "line"):
+        rows = sorted((i for i, k in enumerate(kinds) if k == kind), key=lambda i: len(prompts[i]))
+        for b in range(0, len(rows), batch_size):
+            group = rows[b : b + batch_size]
+            width = max(len(prompts[i]) for i in group)
+            idx = torch.full((len(group), width), eot, dtype=torch.long)
+            mask = torch.zeros((len(group), width), dtype=torch.long)
+            for r, i in enumerate(group):
+                idx[r, width - len(prompts[i]) :] = torch.tensor(prompts[i])
+                mask[r, width - len(prompts[i]) :] = 1
+            new: list[list[int]] = [[] for _ in group]
+            done = [False] * len(group)
+            stream = model.generate_stream(idx.to(device), caps[kind], temperature=0.0, eos_id=eot,
+                                           attention_mask=mask.to(device))
+            for step, col in enumerate(stream, 1):
+                for r, t in enumerate(col.tolist()):
+                    new[r].append(t)
+                if step % CHECK_EVERY == 0:
+                    for r in range(len(group)):
+                        done[r] = done[r] or eot in new[r] or is_finished(kind, tokenizer.decode(new[r]))
+                    if all(done):
+                        break
+            for r, i in enumerate(group):
+                texts[i] = _finish(tokenizer, new[r], eot)
+    return texts, time.perf_counter() - t0
+
+
+def count_completions(next_token, prompts: list[list[int]], kinds: list[str], caps: dict, tokenizer,
+                      eot: int) -> list[str]:
+    """Greedy continuations of a counting model, next_token(sequence) -> id, with the same stop rules."""
+    texts = []
+    for prompt, kind in zip(prompts, kinds):
+        seq, new = list(prompt), []
+        for step in range(1, caps[kind] + 1):
+            t = next_token(seq)
+            seq.append(t)
+            new.append(t)
+            if t == eot or (step % CHECK_EVERY == 0 and is_finished(kind, tokenizer.decode(new))):
+                break
+        texts.append(_finish(tokenizer, new, eot))
+    return texts
 
 
 def generation_metrics(seqs: list[list[int]], texts: list[str], index: NgramIndex | None) -> dict:
@@ -126,20 +189,46 @@ def generation_speed(model, eot: int, new_tokens: int, device) -> dict:
             "ms_per_token": 1000 * (total - first) / max(n - 1, 1)}
 
 
+def last_training_eval(out_dir: Path) -> dict:
+    """The latest val-loss fields training wrote to metrics.jsonl (val_*, final_val_loss, ...; empty if none)."""
+    path = out_dir / "metrics.jsonl"
+    last: dict = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            fields = {k: v for k, v in row.items() if k.startswith("val_") or k.endswith("val_loss")}
+            if fields:
+                last.update({"step": row.get("step"), **fields})
+    return last
+
+
 def evaluate(out_dir: str | Path, *, data_dir: str | Path | None = None, device: str = "auto",
-             max_tokens: int | None = 50_000, window: int | None = None, stride: int | None = None,
-             batch_size: int = 8, num_prompts: int = 16, prompt_tokens: int = 32, continuation_tokens: int = 32,
-             copy_n: int = 16, max_train_tokens: int | None = 20_000_000, speed_tokens: int = 64, seed: int = 0,
-             best: bool = False, progress: bool = True, write: bool = True) -> dict:
+             max_tokens: int | None = None, window: int | None = None, stride: int | None = None,
+             batch_size: int = 8, num_prompts: int = 360, function_prompts: int = 160, function_tokens: int = 128,
+             line_tokens: int = 48, kn_order: int = 5, copy_n: int = 16, max_train_tokens: int | None = None,
+             speed_tokens: int = 64, seed: int = 0, bootstrap_samples: int = 1000, best: bool = False,
+             progress: bool = True, write: bool = True) -> dict:
     """Evaluate the run in out_dir (its ckpt.pt, or ckpt_best.pt with best=True); returns the eval.json dict.
 
-    max_tokens caps the validation tokens scored, num_prompts the continuation task, max_train_tokens the
-    training tokens used for baselines and copy detection (None = all). write=False skips the files.
+    max_tokens caps the validation tokens scored (None = the whole split, as training's final val loss),
+    num_prompts the task (function_prompts of them functions), max_train_tokens the training tokens the
+    baselines count (None = all; decontamination always reads the whole training split). write=False
+    skips the files.
     """
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
         raise CheckpointError(f"run dir {out_dir} does not exist; train first: python -m minilm.train "
                               f"--out_dir {out_dir}")
+    if num_prompts < 1 or function_prompts < 0:
+        raise ValueError(f"num_prompts={num_prompts} must be >= 1 and function_prompts={function_prompts} >= 0")
+    if function_tokens < 8 or line_tokens < 8:
+        raise ValueError(f"function_tokens={function_tokens} and line_tokens={line_tokens} must be >= 8 "
+                         "(the caps on generated tokens per example)")
+    if not isinstance(kn_order, int) or not 1 <= kn_order <= 6:
+        raise ValueError(f"kn_order={kn_order!r} must be an integer from 1 to 6 (3 to 5 is usual)")
     device = pick_device(device)
     t_start = time.perf_counter()
     model, ckpt = model_from_checkpoint(out_dir / ("ckpt_best.pt" if best else "ckpt.pt"), device)
@@ -161,220 +250,388 @@ def evaluate(out_dir: str | Path, *, data_dir: str | Path | None = None, device:
         eot = tokenizer.token_to_id(meta.get("eot_token", "<|endoftext|>"))
     if eot is None:
         raise DataError(f"{data_dir}/meta.json has no eot_id and the tokenizer has no <|endoftext|> token")
-    val = TokenData(data_dir, "val").tokens
-    train = TokenData(data_dir, "train").tokens
-    train = np.asarray(train[:max_train_tokens] if max_train_tokens else train, dtype=np.int64)
     window = window or cfg.block_size
     if window > cfg.block_size:
         raise ValueError(f"window={window} is longer than the model's context (block_size={cfg.block_size})")
     stride = stride or max(1, window // 2)
+    if stride > window:
+        raise ValueError(f"stride={stride} is larger than window={window}; use stride <= window")
     say = print if progress else (lambda *a, **k: None)
+    val_all = TokenData(data_dir, "val").tokens
+    train_all = np.asarray(TokenData(data_dir, "train").tokens, dtype=np.int64)
+    train = train_all[:max_train_tokens] if max_train_tokens else train_all
+    V = cfg.vocab_size
+    timings = {}
 
-    # 1. Perplexity on whole validation documents, and the same tokens under counting baselines.
-    stream = eval_stream(val, eot, max_tokens)
-    n_bytes = len(tokenizer.decode(stream.tolist()).encode("utf-8")) or None
-    say(f"evaluating {out_dir} (step {ckpt.get('step')}) on {len(stream) - 1:,} validation tokens, "
+    # 1. Perplexity: every token of the split after the first, scored once, by every system.
+    val = val_tokens(val_all, eot, max_tokens)
+    if len(val) < 2:
+        raise DataError(f"{data_dir}/val.bin holds {len(val)} token(s); rebuild the data dir with more text")
+    n_bytes = len(tokenizer.decode(val[1:].tolist()).encode("utf-8")) or None
+    say(f"evaluating {out_dir} (step {ckpt.get('step')}) on {len(val) - 1:,} validation tokens, "
         f"{n_bytes or 0:,} bytes, device {device}")
+    t0 = time.perf_counter()
     fn = lambda ids: model(ids)[0]
-    sliding = perplexity(fn, stream, window, stride, byte_count=n_bytes, batch_size=batch_size, device=device,
-                         progress=progress)
-    chunks = perplexity(fn, stream, window, window, byte_count=n_bytes, batch_size=batch_size, device=device,
+    chunks = perplexity(fn, val, window, window, byte_count=n_bytes, batch_size=batch_size, device=device,
                         progress=progress)
-    k1, k2 = fit_add_k(train, cfg.vocab_size, 1), fit_add_k(train, cfg.vocab_size, 2)
-    uni = unigram_perplexity(train, stream, cfg.vocab_size, k=k1, byte_count=n_bytes)
-    bi = bigram_perplexity(train, stream, cfg.vocab_size, k=k2, byte_count=n_bytes)
-    by_pos = loss_by_position(model, stream, window)
-    say(f"perplexity {sliding.perplexity:.2f} (sliding, stride {stride}), {chunks.perplexity:.2f} (non-overlapping); "
-        f"bigram {bi.perplexity:.2f}, unigram {uni.perplexity:.2f}")
+    sliding = perplexity(fn, val, window, stride, byte_count=n_bytes, batch_size=batch_size, device=device,
+                         progress=progress) if stride < window else chunks
+    by_pos = loss_by_position(model, val, window)
+    timings["model_perplexity"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    k1, k2 = fit_add_k(train, V, 1), fit_add_k(train, V, 2)
+    uni = unigram_perplexity(train, val, V, k=k1, byte_count=n_bytes)
+    bi = bigram_perplexity(train, val, V, k=k2, byte_count=n_bytes)
+    seen = min(tokens_seen(ckpt), len(train))
+    kn_full = KneserNey(train, V, order=kn_order)
+    kn_seen = kn_full if seen >= len(train) else KneserNey(train[: max(seen, kn_order + 1)], V, order=kn_order)
+    knf, kns = kn_full.perplexity(val, n_bytes), kn_seen.perplexity(val, n_bytes)
+    timings["baselines"] = time.perf_counter() - t0
+    say(f"bits per byte: model {chunks.bits_per_byte or float('nan'):.3f} (non-overlapping {window}), "
+        f"{sliding.bits_per_byte or float('nan'):.3f} (sliding, stride {stride}); KN-{kn_order} "
+        f"{knf.bits_per_byte or float('nan'):.3f} (whole train), {kns.bits_per_byte or float('nan'):.3f} "
+        f"(tokens seen); bigram {bi.bits_per_byte or float('nan'):.3f}, unigram {uni.bits_per_byte or 0:.3f}")
 
-    # 2. Continuation task on held-out documents, greedy and sampled, scored against the true text.
-    pairs = pick_prompts(val, eot, num_prompts, prompt_tokens, continuation_tokens)
-    task: dict = {"prompts": len(pairs), "prompt_tokens": prompt_tokens, "continuation_tokens": continuation_tokens}
-    examples = []
-    if pairs:
-        index = NgramIndex(train, copy_n) if len(train) >= copy_n else None
-        prompts, refs = [p for p, _ in pairs], [r.tolist() for _, r in pairs]
-        greedy, dt = continuation_ids(model, prompts, eot, continuation_tokens, device)
-        sampled, _ = continuation_ids(model, prompts, eot, continuation_tokens, device, temperature=0.8, seed=seed)
-        ref_texts = [tokenizer.decode(r) for r in refs]
-        greedy_texts = [tokenizer.decode(g) for g in greedy]
-        sampled_texts = [tokenizer.decode(s) for s in sampled]
-        bleu = corpus_bleu(greedy_texts, [ref_texts])
-        rouge = rouge_scores(greedy_texts, ref_texts, ["rouge1", "rouge2", "rougeL", "rougeLsum"])
-        agg = bootstrap_aggregate(rouge, n_samples=1000, seed=seed)
-        task.update({
-            "bleu": bleu.score, "bleu_precisions": bleu.precisions, "bleu_bp": bleu.bp,
-            "bleu_signature": bleu.signature,
-            # the mean over prompts, with the bootstrap's 95% interval around it
-            "rouge": {k: {"f": float(np.mean([s[k].fmeasure for s in rouge])), "f_low": v.low.fmeasure,
-                          "f_high": v.high.fmeasure, "precision": float(np.mean([s[k].precision for s in rouge])),
-                          "recall": float(np.mean([s[k].recall for s in rouge]))} for k, v in agg.items()},
-            "batch_tokens_per_s": sum(map(len, greedy)) / dt if dt > 0 else None,
-        })
-        gen = {"greedy": generation_metrics(greedy, greedy_texts, index),
-               "sampled_t0.8_top50": generation_metrics(sampled, sampled_texts, index),
-               "reference": generation_metrics(refs, ref_texts, index)}
-        examples = [{"prompt": tokenizer.decode(p.tolist()), "reference": r, "greedy": g, "sampled": s}
-                    for p, r, g, s in zip(prompts, ref_texts, greedy_texts, sampled_texts)]
+    # 2. The completion task, from validation files, decontaminated against every training file.
+    t0 = time.perf_counter()
+    caps = {"function": function_tokens, "line": line_tokens}
+    prompt_cap = max(8, cfg.block_size - 16)
+    fits = lambda ex: len(tokenizer.encode("\n" + ex["reference"]).ids) <= caps[ex["kind"]] - 2
+    index = TrainIndex(decode_documents(tokenizer, train_all, eot))
+    task = build_task(decode_documents(tokenizer, val_all, eot), index, n_total=num_prompts,
+                      n_function=min(function_prompts, num_prompts), seed=seed, fits=fits)
+    del index
+    examples = task["examples"]
+    timings["task_build"] = time.perf_counter() - t0
+    task_out: dict = {"prompts": len(examples), "counts": task["counts"], "caps": caps, "prompt_token_cap": prompt_cap,
+                      "val_documents": task["val_documents"], "train_documents": task["train_documents"],
+                      "bleu_tokenize": "code tokens (identifiers, numbers, single punctuation), sacrebleu "
+                                       "tokenize='none' over them", "systems": {}}
+    rows: dict[str, list[dict]] = {}
+    preds: dict[str, list[str]] = {}
+    if examples:
+        kinds = [ex["kind"] for ex in examples]
+        prompts = [tokenizer.encode(ex["prompt"]).ids[-prompt_cap:] or [eot] for ex in examples]
+        raw, gen_s = model_completions(model, prompts, kinds, caps, tokenizer, eot, device)
+        timings["model_generation"] = gen_s
+        raws = {"model": raw}
+        t0 = time.perf_counter()
+        uni_next, bi_next = greedy_next_tables(train, V)
+        counters = {"kn_full": lambda s: int(np.argmax(kn_full.next_probs(s))),
+                    "bigram": lambda s: int(bi_next[s[-1]]), "unigram": lambda s: uni_next}
+        if kn_seen is not kn_full:
+            counters["kn_seen"] = lambda s: int(np.argmax(kn_seen.next_probs(s)))
+        for name, nxt in counters.items():
+            raws[name] = count_completions(nxt, prompts, kinds, caps, tokenizer, eot)
+        if "kn_seen" not in raws:
+            raws["kn_seen"] = raws["kn_full"]
+        timings["baseline_generation"] = time.perf_counter() - t0
+        for name in SYSTEMS:
+            preds[name] = [cut_completion(k, r) for k, r in zip(kinds, raws[name])]
+            rows[name] = score_examples(examples, preds[name])
+            task_out["systems"][name] = aggregate(examples, rows[name], bootstrap_samples, seed)
+        task_out["prompt_tokens_mean"] = float(np.mean([len(p) for p in prompts]))
+        m = task_out["systems"]["model"]["all"]
+        say(f"task ({len(examples)} prompts): model exact {m['exact']['value']:.3f}, edit sim "
+            f"{m['edit_sim']['value']:.3f}, BLEU {m['bleu']['value']:.2f}, chrF {m['chrf']['value']:.2f}; KN "
+            f"edit sim {task_out['systems']['kn_full']['all']['edit_sim']['value']:.3f}")
     else:
-        task["skipped"] = (f"no validation document has {prompt_tokens + continuation_tokens} tokens; "
-                           "lower --prompt_tokens/--continuation_tokens")
-        gen = {}
-    say(f"continuation: BLEU {task.get('bleu', float('nan')):.2f}, "
-        f"ROUGE-L F {task.get('rouge', {}).get('rougeL', {}).get('f', float('nan')):.3f} on {len(pairs)} prompts")
+        task_out["skipped"] = "no usable example in the validation split (too few Python files that parse)"
+        say(f"task skipped: {task_out['skipped']}")
 
-    # 3. Speed.
+    # 3. Generation metrics of the model's completions next to the references, and the old continuation keys.
+    gen: dict = {"copy_n": copy_n}
+    continuation: dict = {"prompts": len(examples)}
+    if examples:
+        ngrams = NgramIndex(train, copy_n) if len(train) >= copy_n else None
+        p_ids = [tokenizer.encode(p).ids for p in preds["model"]]
+        r_ids = [tokenizer.encode(ex["reference"]).ids for ex in examples]
+        gen["greedy"] = generation_metrics(p_ids, preds["model"], ngrams)
+        gen["reference"] = generation_metrics(r_ids, [ex["reference"] for ex in examples], ngrams)
+        bleu = corpus_bleu_code(preds["model"], [ex["reference"] for ex in examples])
+        rl = task_out["systems"]["model"]["all"]["rougeL"]
+        continuation.update({"prompt_tokens": round(task_out["prompt_tokens_mean"]),
+                             "continuation_tokens": function_tokens, "bleu": bleu.score,
+                             "bleu_precisions": bleu.precisions, "bleu_bp": bleu.bp, "bleu_signature": bleu.signature,
+                             "rouge": {"rougeL": {"f": rl["value"], "f_low": rl["low"], "f_high": rl["high"]}}})
+
+    # 4. Speed.
     speed = generation_speed(model, eot, speed_tokens, device)
     say(f"speed: {speed['tokens_per_s']:.1f} tokens/s, {speed['ms_per_token']:.2f} ms/token (batch 1, KV cache)")
 
+    whole = len(val) == len(val_all)
     results = {
         "run": {"out_dir": str(out_dir), "checkpoint": "ckpt_best.pt" if best else "ckpt.pt",
                 "step": ckpt.get("step"), "params": model.num_params(), "model": ckpt["config"].get("model"),
                 "data_dir": str(data_dir), "device": device},
-        "perplexity": {"window": window, "stride": stride, "tokens": sliding.tokens, "bytes": n_bytes,
-                       "sliding": sliding.as_dict(), "non_overlapping": chunks.as_dict()},
+        "perplexity": {"window": window, "stride": stride, "tokens": chunks.tokens, "bytes": n_bytes,
+                       "whole_split": whole, "non_overlapping": chunks.as_dict(), "sliding": sliding.as_dict(),
+                       "definition": f"val.bin{'' if whole else ' (first documents)'} scored from its 2nd token; "
+                                     f"non_overlapping = windows of {window} (training's final val loss); "
+                                     f"sliding = stride {stride}"},
+        "training_log": last_training_eval(out_dir),
         "baselines": {"unigram": {**uni.as_dict(), "k": k1}, "bigram": {**bi.as_dict(), "k": k2},
-                      "train_tokens": len(train)},
+                      "kn_full": {**knf.as_dict(), "order": kn_order, "train_tokens": kn_full.train_tokens,
+                                  "discounts": kn_full.discount},
+                      "kn_seen": {**kns.as_dict(), "order": kn_order, "train_tokens": kn_seen.train_tokens,
+                                  "same_as_full": kn_seen is kn_full},
+                      "train_tokens": len(train), "seen_tokens": tokens_seen(ckpt)},
         "loss_by_position": by_pos,
-        "continuation": task,
-        "generation": {**gen, "copy_n": copy_n},
+        "task": task_out,
+        "continuation": continuation,
+        "generation": gen,
         "speed": speed,
-        "examples": examples[:4],
+        "examples": [{"prompt": ex["prompt"], "reference": ex["reference"], "greedy": preds["model"][i]}
+                     for i, ex in enumerate(examples[:4])],
+        "timings_s": timings,
         "seconds": time.perf_counter() - t_start,
     }
     if write:
+        lines = []
+        for i, ex in enumerate(examples):
+            row = {k: ex[k] for k in ("id", "kind", "doc", "line", "prompt", "reference") if k in ex}
+            for name in SYSTEMS:
+                scores = {k: v for k, v in rows[name][i].items() if not k.endswith("_stats")}
+                row[name] = {"prediction": preds[name][i], **scores}
+            lines.append(json.dumps(row, ensure_ascii=False))
+        atomic_write("\n".join(lines) + ("\n" if lines else ""), out_dir / "eval_examples.jsonl")
         atomic_write(json.dumps(results, indent=2), out_dir / "eval.json")
-        plot_dashboard(results, out_dir / "eval_dashboard.png")
-        atomic_write(report_markdown(results), out_dir / "eval.md")
-        say(f"wrote {out_dir / 'eval.json'}, {out_dir / 'eval.md'}, {out_dir / 'eval_dashboard.png'}")
+        edit_sims = {n: [x["edit_sim"] for x in rows[n]] for n in ("model", "kn_full", "bigram") if n in rows}
+        plot_dashboard(results, out_dir / "eval_dashboard.png", edit_sims)
+        atomic_write(report_markdown(results, examples, rows, preds), out_dir / "eval.md")
+        say(f"wrote {out_dir / 'eval.json'}, eval_examples.jsonl, eval.md, eval_dashboard.png")
     return results
 
 
-def plot_dashboard(r: dict, path: Path) -> None:
-    """Four panels: perplexities vs baselines, loss by context position, continuation scores, generation metrics."""
+# ---------------------------------------------------------------------------------------------------------------
+# Report and dashboard.
+
+TASK_METRICS = (("exact", "exact match", 100), ("edit_sim", "edit similarity", 100), ("bleu", "BLEU", 1),
+                ("chrf", "chrF", 1), ("rougeL", "ROUGE-L F", 100), ("ast_valid", "parses (ast)", 100))
+
+
+def _bpb_rows(r: dict) -> list[tuple[str, str, dict]]:
+    """(report name, dashboard label, result) for every system scored on the validation tokens."""
+    p, b = r["perplexity"], r["baselines"]
+    kn = b["kn_full"]["order"]
+    rows = [("unigram, add-k", "unigram add-k", b["unigram"]), ("bigram, add-k", "bigram add-k", b["bigram"]),
+            (f"Kneser-Ney {kn}-gram, {b['kn_seen']['train_tokens']:,} tokens seen",
+             f"KN-{kn}, {b['kn_seen']['train_tokens'] / 1e6:.2g}M\ntokens seen", b["kn_seen"]),
+            (f"Kneser-Ney {kn}-gram, whole train split ({b['kn_full']['train_tokens']:,})",
+             f"KN-{kn}, whole train\n({b['kn_full']['train_tokens'] / 1e6:.3g}M tokens)", b["kn_full"]),
+            (f"model, non-overlapping windows of {p['window']}", "model, non-\noverlapping", p["non_overlapping"])]
+    if p["stride"] < p["window"]:
+        rows.append((f"model, sliding window {p['window']}, stride {p['stride']}",
+                     f"model, sliding\nstride {p['stride']}", p["sliding"]))
+    return rows
+
+
+def plot_dashboard(r: dict, path: Path, edit_sims: dict[str, list[float]] | None = None) -> None:
+    """Six panels: bits per byte, loss by position, task metrics per system, per kind, edit similarity, generation."""
     from matplotlib.figure import Figure  # not pyplot: no global backend switch, so notebooks keep inline plots
 
-    fig = Figure(figsize=(12, 8))
-    ax = fig.subplots(2, 2)
-    p, b = r["perplexity"], r["baselines"]
-    names = ["unigram", "bigram", "model\n(non-overlap)", "model\n(sliding)"]
-    vals = [b["unigram"]["perplexity"], b["bigram"]["perplexity"], p["non_overlapping"]["perplexity"],
-            p["sliding"]["perplexity"]]
-    ax[0, 0].bar(names, vals, color=["#bbb", "#999", "#6a9fd4", "#1f5fa8"])
-    ax[0, 0].set_yscale("log")
-    ax[0, 0].set_title("validation perplexity (lower is better)")
+    fig = Figure(figsize=(16, 9))
+    ax = fig.subplots(2, 3)
+    rows = _bpb_rows(r)
+    vals = [x["bits_per_byte"] or 0 for _, _, x in rows]
+    names = [label for _, label, _ in rows]
+    colors = ["#bbb", "#999", "#d9a066", "#b5651d", "#6a9fd4", "#1f5fa8"][: len(rows)]
+    ax[0, 0].barh(names, vals, color=colors)
     for i, v in enumerate(vals):
-        ax[0, 0].text(i, v, f"{v:.1f}", ha="center", va="bottom")
+        ax[0, 0].text(v, i, f" {v:.3f}", va="center", fontsize=8)
+    ax[0, 0].invert_yaxis()
+    ax[0, 0].tick_params(axis="y", labelsize=7)
+    ax[0, 0].set_title("bits per byte on the validation split (lower is better)")
     if r["loss_by_position"]:
         ax[0, 1].plot(range(1, len(r["loss_by_position"]) + 1), r["loss_by_position"], label="model")
-        ax[0, 1].axhline(b["bigram"]["nll"], color="#999", ls="--", label="bigram baseline")
-        ax[0, 1].legend()
+        ax[0, 1].axhline(r["baselines"]["kn_full"]["nll"], color="#b5651d", ls="--", label="Kneser-Ney (whole)")
+        ax[0, 1].axhline(r["baselines"]["bigram"]["nll"], color="#999", ls="--", label="bigram")
+        ax[0, 1].legend(fontsize=8)
     ax[0, 1].set(title="loss by position in the context window", xlabel="tokens of context", ylabel="NLL (nats)")
-    c = r["continuation"]
-    if "bleu" in c:
-        keys = ["rouge1", "rouge2", "rougeL", "rougeLsum"]
-        vals = [c["bleu"]] + [100 * c["rouge"][k]["f"] for k in keys]
-        err = [[0] + [100 * (c["rouge"][k]["f"] - c["rouge"][k]["f_low"]) for k in keys],
-               [0] + [100 * (c["rouge"][k]["f_high"] - c["rouge"][k]["f"]) for k in keys]]
-        ax[1, 0].bar(["BLEU"] + [k.replace("rouge", "ROUGE-") for k in keys], vals, yerr=err, capsize=4,
-                     color="#4c9a5f")
-        ax[1, 0].set_ylim(0, max(10.0, 1.15 * max(vals)))
-        ax[1, 0].set_ylabel("score (0-100)")
-    ax[1, 0].set_title(f"greedy continuation vs reference ({c['prompts']} prompts, 95% CI)")
+    t = r["task"]
+    if t["systems"]:
+        shown = ["model", "kn_full", "kn_seen", "bigram"]
+        width = 0.8 / len(shown)
+        for j, name in enumerate(shown):
+            agg = t["systems"][name]["all"]
+            ms = [(k, s) for k, _, s in TASK_METRICS if agg.get(k)]
+            v = [agg[k]["value"] * s for k, s in ms]
+            err = [[agg[k]["value"] * s - agg[k]["low"] * s for k, s in ms],
+                   [agg[k]["high"] * s - agg[k]["value"] * s for k, s in ms]]
+            ax[0, 2].bar(np.arange(len(ms)) + (j - 1.5) * width, v, width, yerr=err, capsize=2,
+                         label=SYSTEM_NAMES[name])
+        ax[0, 2].set_xticks(range(len(ms)), [dict((k, n) for k, n, _ in TASK_METRICS)[k] for k, _ in ms],
+                            fontsize=7, rotation=20)
+        ax[0, 2].legend(fontsize=7)
+        ax[0, 2].set_ylabel("score (0-100)")
+        for j, kind in enumerate(["function", "line"]):
+            agg = t["systems"]["model"].get(kind)
+            if not agg:
+                continue
+            ms = [(k, s) for k, _, s in TASK_METRICS if agg.get(k)]
+            v = [agg[k]["value"] * s for k, s in ms]
+            err = [[agg[k]["value"] * s - agg[k]["low"] * s for k, s in ms],
+                   [agg[k]["high"] * s - agg[k]["value"] * s for k, s in ms]]
+            ax[1, 0].bar(np.arange(len(ms)) + (j - 0.5) * 0.4, v, 0.4, yerr=err, capsize=3,
+                         label=f"{kind} ({agg['n']})")
+            ax[1, 0].set_xticks(range(len(ms)), [dict((k, n) for k, n, _ in TASK_METRICS)[k] for k, _ in ms],
+                                fontsize=7, rotation=20)
+        ax[1, 0].legend(fontsize=8)
+    ax[0, 2].set_title(f"completion task, all {t['prompts']} prompts (95% bootstrap CI)")
+    ax[1, 0].set_title("model by task kind (95% bootstrap CI)")
+    hist = edit_sims or {}
+    for name, values in hist.items():
+        ax[1, 1].hist(values, bins=20, range=(0, 1), histtype="step", label=SYSTEM_NAMES[name])
+    if hist:
+        ax[1, 1].legend(fontsize=8)
+    ax[1, 1].set(title="edit similarity per example", xlabel="edit similarity", ylabel="examples")
     g = r["generation"]
-    kinds = [k for k in ("greedy", "sampled_t0.8_top50", "reference") if k in g]
+    kinds = [k for k in ("greedy", "reference") if k in g]
     metrics = ["distinct_1", "distinct_2", "repetition_4", "copy_rate"]
     for i, kind in enumerate(kinds):
-        ax[1, 1].bar(np.arange(len(metrics)) + (i - 1) * 0.27, [g[kind].get(m) or 0 for m in metrics], 0.27,
-                     label=kind)
-    ax[1, 1].set_xticks(range(len(metrics)), [m if m != "copy_rate" else f"copy ({g['copy_n']}-gram)"
-                                              for m in metrics])
-    ax[1, 1].set_title("generated text vs human reference")
+        ax[1, 2].bar(np.arange(len(metrics)) + (i - 0.5) * 0.4, [g[kind].get(m) or 0 for m in metrics], 0.4,
+                     label="model" if kind == "greedy" else kind)
+    ax[1, 2].set_xticks(range(len(metrics)), [m if m != "copy_rate" else f"copy ({g['copy_n']}-gram)"
+                                              for m in metrics], fontsize=8)
+    ax[1, 2].set_title("model completions vs references")
     if kinds:
-        ax[1, 1].legend(fontsize=8)
+        ax[1, 2].legend(fontsize=8)
     run = r["run"]
     fig.suptitle(f"{run['out_dir']} - step {run['step']}, {run['params'] / 1e6:.2f}M params")
     fig.tight_layout()
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
+    fig.savefig(buf, format="png", dpi=80)
     atomic_write(buf.getvalue(), path)
 
 
 def _fence(text: str) -> str:
-    return "~~~text\n" + text.replace("~~~", "~ ~ ~") + "\n~~~"
+    return "~~~python\n" + text.replace("~~~", "~ ~ ~") + "\n~~~"
 
 
-def report_markdown(r: dict) -> str:
-    p, b, c, g, s, run = r["perplexity"], r["baselines"], r["continuation"], r["generation"], r["speed"], r["run"]
-    bpb = lambda x: f"{x['bits_per_byte']:.3f}" if x.get("bits_per_byte") else "-"
+def _ci(v: dict | None, scale: float) -> str:
+    if not v:
+        return "-"
+    return f"{scale * v['value']:.1f} [{scale * v['low']:.1f}, {scale * v['high']:.1f}]"
+
+
+def report_markdown(r: dict, examples: list[dict] | None = None, rows: dict | None = None,
+                    preds: dict | None = None) -> str:
+    p, b, t, g, s, run = r["perplexity"], r["baselines"], r["task"], r["generation"], r["speed"], r["run"]
+    f3 = lambda x: f"{x:.3f}" if x is not None else "-"
     lines = [
         f"# Evaluation of `{run['out_dir']}`", "",
         f"Checkpoint `{run['checkpoint']}` at step {run['step']}, {run['params']:,} parameters, "
         f"data `{run['data_dir']}`, device {run['device']}. Took {r['seconds']:.1f} s.", "",
         "![dashboard](eval_dashboard.png)", "",
-        f"## Perplexity ({p['tokens']:,} validation tokens, {p['bytes'] or 0:,} bytes)", "",
-        "| model | perplexity | NLL (nats/token) | bits per byte |", "|---|---:|---:|---:|",
-        f"| unigram, add-{b['unigram']['k']:g} | {b['unigram']['perplexity']:.2f} | {b['unigram']['nll']:.4f} | "
-        f"{bpb(b['unigram'])} |",
-        f"| bigram, add-{b['bigram']['k']:g} | {b['bigram']['perplexity']:.2f} | {b['bigram']['nll']:.4f} | "
-        f"{bpb(b['bigram'])} |",
-        f"| model, non-overlapping windows of {p['window']} | {p['non_overlapping']['perplexity']:.2f} | "
-        f"{p['non_overlapping']['nll']:.4f} | {bpb(p['non_overlapping'])} |",
-        f"| model, sliding window {p['window']}, stride {p['stride']} | {p['sliding']['perplexity']:.2f} | "
-        f"{p['sliding']['nll']:.4f} | {bpb(p['sliding'])} |", "",
-        f"Baselines count {b['train_tokens']:,} training tokens; k was chosen on held-out training text.", "",
+        f"## Bits per byte ({p['tokens']:,} validation tokens, {p['bytes'] or 0:,} bytes"
+        f"{', the whole split' if p['whole_split'] else ', the first documents of the split'})", "",
+        "| model | bits per byte | perplexity | NLL (nats/token) |", "|---|---:|---:|---:|",
     ]
-    if "bleu" in c:
+    for name, _, x in _bpb_rows(r):
+        lines.append(f"| {name} | **{f3(x['bits_per_byte'])}** | {x['perplexity']:.2f} | {x['nll']:.4f} |")
+    log = r.get("training_log") or {}
+    lines += [
+        "",
+        "Every row scores the same tokens (each after the first, once). The non-overlapping row is the definition "
+        "training uses for its final val loss over the whole split; the sliding row gives every token at least "
+        f"{p['window'] - p['stride']} tokens of context, so it is lower, and is the better estimate of the model. "
+        f"Add-k smoothing: k = {b['unigram']['k']:g} (unigram), {b['bigram']['k']:g} (bigram), chosen on held-out "
+        f"training text. Kneser-Ney \"tokens seen\" counts the first {b['kn_seen']['train_tokens']:,} training "
+        f"tokens (the run consumed {b['seen_tokens']:,}: steps x batch x accumulation x block)"
+        + (", which covers the whole split" if b["kn_seen"]["same_as_full"] else "") + ".",
+    ]
+    if "final_val_loss" in log:
+        diff = p["non_overlapping"]["nll"] - log["final_val_loss"]
+        lines += ["", f"Training's final val loss (metrics.jsonl, step {log.get('step')}): "
+                  f"{log['final_val_loss']:.4f}; the non-overlapping NLL here: {p['non_overlapping']['nll']:.4f} "
+                  f"(difference {diff:+.2e}"
+                  + ("" if p["whole_split"] else "; this run scored only part of the split") + ")."]
+    if "val_loss" in log:
+        lines += ["", f"The last `val_loss` logged during training, {log['val_loss']:.4f}, is a mean over "
+                  "random windows: a noisier estimate of the same quantity."]
+    lines.append("")
+    if t["systems"]:
+        c = t["counts"]
         lines += [
-            f"## Continuation task ({c['prompts']} held-out documents: {c['prompt_tokens']}-token prompt, "
-            f"{c['continuation_tokens']}-token greedy continuation)", "",
-            "| metric | score | 95% bootstrap CI |", "|---|---:|---:|",
-            f"| BLEU (`{c['bleu_signature'].replace('|', ', ')}`) | {c['bleu']:.2f} | |",
+            f"## Completion task ({t['prompts']} prompts from {t['val_documents']} validation files)", "",
+            f"{c['function']['chosen']} functions (signature + docstring -> body, up to {t['caps']['function']} "
+            f"tokens, stop when a line returns to column 0) and {c['line']['chosen']} lines (8 lines of context -> "
+            f"the next line, up to {t['caps']['line']} tokens, stop at the end of the line). Greedy decoding for "
+            f"every system; prompts cut to their last {t['prompt_token_cap']} tokens. Decontamination against "
+            f"{t['train_documents']} training files: of {c['function']['candidates']} function and "
+            f"{c['line']['candidates']} line candidates, {c['function']['prompt_in_train']} and "
+            f"{c['line']['prompt_in_train']} had a prompt that occurs in a training file, "
+            f"{c['function']['body_in_train']} functions a body that does; {c['function']['too_long']} + "
+            f"{c['line']['too_long']} had references longer than the token cap.", "",
+            "Value [95% bootstrap interval] over prompts; all on a 0-100 scale. BLEU and chrF are corpus scores "
+            "(from summed statistics, as sacrebleu); BLEU is over code tokens (identifiers, numbers, single "
+            "punctuation marks) because 13a splits identifiers at `_` and `char` rewards fragments. "
+            "\"parses\" counts only examples whose reference parses with its prompt.", "",
+            "| system | " + " | ".join(n for _, n, _ in TASK_METRICS) + " |",
+            "|---|" + "---:|" * len(TASK_METRICS),
         ]
-        for k, v in c["rouge"].items():
-            lines.append(f"| {k} F | {100 * v['f']:.2f} | {100 * v['f_low']:.2f} - {100 * v['f_high']:.2f} |")
-        lines += ["", "| text | distinct-1 | distinct-2 | repetition-4 | self-BLEU | "
-                  f"copies {g['copy_n']}+ training tokens |", "|---|---:|---:|---:|---:|---:|"]
-        for kind in ("greedy", "sampled_t0.8_top50", "reference"):
-            m = g[kind]
-            sb = f"{m['self_bleu']:.2f}" if m["self_bleu"] is not None else "-"
-            cr = f"{100 * m['copy_rate']:.0f}%" if "copy_rate" in m else "-"
-            lines.append(f"| {kind} | {m['distinct_1']:.3f} | {m['distinct_2']:.3f} | {m['repetition_4']:.3f} | "
-                         f"{sb} | {cr} |")
+        for name in SYSTEMS:
+            agg = t["systems"][name]["all"]
+            lines.append(f"| {SYSTEM_NAMES[name]} | " + " | ".join(_ci(agg.get(k), sc) for k, _, sc in TASK_METRICS)
+                         + " |")
+        lines += ["", "By kind:", "", "| system | kind | n | " + " | ".join(n for _, n, _ in TASK_METRICS) + " |",
+                  "|---|---|---:|" + "---:|" * len(TASK_METRICS)]
+        for name in ("model", "kn_full"):
+            for kind in ("function", "line"):
+                agg = t["systems"][name].get(kind)
+                if agg:
+                    lines.append(f"| {SYSTEM_NAMES[name]} | {kind} | {agg['n']} | "
+                                 + " | ".join(_ci(agg.get(k), sc) for k, _, sc in TASK_METRICS) + " |")
         lines.append("")
     else:
-        lines += ["## Continuation task", "", f"Skipped: {c['skipped']}", ""]
-    lines += [
-        "## Speed (batch 1, greedy, KV cache)", "",
-        f"{s['tokens_per_s']:.1f} tokens/s; {s['ms_per_token']:.2f} ms per token after the first; "
-        f"time to first token {s['time_to_first_token_ms']:.1f} ms ({s['tokens']} tokens)."
-        + (f" Batched continuation: {c['batch_tokens_per_s']:.0f} tokens/s." if c.get("batch_tokens_per_s") else ""),
-        "",
-    ]
-    for i, ex in enumerate(r["examples"][:3]):
-        lines += [f"## Example {i + 1}", "", "Prompt:", "", _fence(ex["prompt"]), "", "Reference:", "",
-                  _fence(ex["reference"]), "", "Greedy:", "", _fence(ex["greedy"]), "", "Sampled:", "",
-                  _fence(ex["sampled"]), ""]
+        lines += ["## Completion task", "", f"Skipped: {t.get('skipped')}", ""]
+    if "greedy" in g:
+        lines += ["## Generated text", "", "| text | distinct-1 | distinct-2 | repetition-4 | self-BLEU | "
+                  f"copies {g['copy_n']}+ training tokens |", "|---|---:|---:|---:|---:|---:|"]
+        for kind in ("greedy", "reference"):
+            m = g[kind]
+            cr = f"{100 * m['copy_rate']:.0f}%" if "copy_rate" in m else "-"
+            lines.append(f"| {'model' if kind == 'greedy' else kind} | {m['distinct_1']:.3f} | {m['distinct_2']:.3f} | "
+                         f"{m['repetition_4']:.3f} | {f3(m['self_bleu'])} | {cr} |")
+        lines.append("")
+    lines += ["## Speed (batch 1, greedy, KV cache)", "",
+              f"{s['tokens_per_s']:.1f} tokens/s; {s['ms_per_token']:.2f} ms per token after the first; "
+              f"time to first token {s['time_to_first_token_ms']:.1f} ms ({s['tokens']} tokens).", ""]
+    if examples and rows and preds:
+        order = sorted(range(len(examples)), key=lambda i: (rows["model"][i]["edit_sim"], i))
+        picks = [("Best", i) for i in order[::-1][:2]] + [("Worst", i) for i in order[:2]]
+        lines += ["## Best and worst model completions (by edit similarity; all in eval_examples.jsonl)", ""]
+        for label, i in picks:
+            ex = examples[i]
+            lines += [f"### {label}: example {ex['id']} ({ex['kind']}), edit similarity "
+                      f"{rows['model'][i]['edit_sim']:.2f}", "", "Prompt:", "", _fence(ex["prompt"]), "",
+                      "Reference:", "", _fence(ex["reference"]), "", "Model:", "", _fence(preds["model"][i]), "",
+                      "Kneser-Ney (whole train split):", "", _fence(preds["kn_full"][i]), ""]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="Evaluate a minilm run; writes eval.json, eval.md, eval_dashboard.png")
+    ap = argparse.ArgumentParser(description="Evaluate a minilm run; writes eval.json, eval_examples.jsonl, "
+                                 "eval.md, eval_dashboard.png")
     ap.add_argument("--out_dir", required=True, help="run directory holding ckpt.pt")
     ap.add_argument("--data_dir", default=None, help="override the data dir stored in the checkpoint")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--best", action="store_true", help="evaluate ckpt_best.pt instead of ckpt.pt")
-    ap.add_argument("--max_tokens", type=int, default=50_000, help="validation tokens to score (0 = all)")
+    ap.add_argument("--max_tokens", type=int, default=0, help="validation tokens to score (0 = the whole split, "
+                    "the same tokens as training's final val loss)")
     ap.add_argument("--window", type=int, default=None, help="context per window (default: block_size)")
     ap.add_argument("--stride", type=int, default=None, help="sliding-window stride (default: window // 2)")
     ap.add_argument("--batch_size", type=int, default=8)
-    ap.add_argument("--num_prompts", type=int, default=16)
-    ap.add_argument("--prompt_tokens", type=int, default=32)
-    ap.add_argument("--continuation_tokens", type=int, default=32)
+    ap.add_argument("--num_prompts", type=int, default=360, help="completion-task prompts (300+ for the report)")
+    ap.add_argument("--function_prompts", type=int, default=160, help="of which function bodies (the rest lines)")
+    ap.add_argument("--function_tokens", type=int, default=128, help="token cap for a function body")
+    ap.add_argument("--line_tokens", type=int, default=48, help="token cap for a next line")
+    ap.add_argument("--kn_order", type=int, default=5, help="Kneser-Ney order (3 to 5 is usual)")
     ap.add_argument("--copy_n", type=int, default=16, help="n-gram length that counts as copying training data")
-    ap.add_argument("--max_train_tokens", type=int, default=20_000_000, help="training tokens for baselines and "
-                    "copy detection (0 = all)")
+    ap.add_argument("--max_train_tokens", type=int, default=0, help="training tokens the baselines count "
+                    "(0 = all)")
     ap.add_argument("--speed_tokens", type=int, default=64)
+    ap.add_argument("--bootstrap_samples", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default); 1 is "
                     "often fastest for tiny models on a busy machine")
@@ -385,9 +642,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         evaluate(a.out_dir, data_dir=a.data_dir, device=a.device, max_tokens=a.max_tokens or None,
                  window=a.window, stride=a.stride, batch_size=a.batch_size, num_prompts=a.num_prompts,
-                 prompt_tokens=a.prompt_tokens, continuation_tokens=a.continuation_tokens, copy_n=a.copy_n,
-                 max_train_tokens=a.max_train_tokens or None, speed_tokens=a.speed_tokens, seed=a.seed,
-                 best=a.best, progress=not a.quiet)
+                 function_prompts=a.function_prompts, function_tokens=a.function_tokens, line_tokens=a.line_tokens,
+                 kn_order=a.kn_order, copy_n=a.copy_n, max_train_tokens=a.max_train_tokens or None,
+                 speed_tokens=a.speed_tokens, bootstrap_samples=a.bootstrap_samples, seed=a.seed, best=a.best,
+                 progress=not a.quiet)
     except (CheckpointError, DataError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

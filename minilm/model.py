@@ -264,15 +264,6 @@ class GPT(nn.Module):
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
-    def configure_optimizer(self, weight_decay: float, lr: float, betas: tuple[float, float], device_type: str):
-        """AdamW; weight decay on matrices (embeddings, Linear weights) only, fused kernels on CUDA."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        groups = [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-        ]
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type == "cuda")
-
     def flops_per_token(self, seq_len: int | None = None) -> float:
         """Training FLOPs per token, forward and backward: 6N + 12·L·C·T (PaLM appendix B)."""
         c = self.config

@@ -67,7 +67,9 @@ def tiny_run_config(data_dir: Path, out_dir: Path, **overrides):
     apply_overrides(cfg, {"data_dir": str(data_dir), "out_dir": str(out_dir), "n_layer": 2, "n_head": 2,
                           "n_embd": 64, "block_size": 64, "batch_size": 8, "max_iters": 40, "lr_decay_iters": 40,
                           "warmup_iters": 5, "lr": 3e-3, "eval_interval": 20, "eval_iters": 4, "log_interval": 5,
-                          "sample_tokens": 16, "progress": False, "tensorboard": False, **overrides})
+                          "sample_tokens": 16, "progress": False, "tensorboard": False,
+                          "dtype": "float32",  # auto picks bf16 on CPUs with native bf16; tests compare exact numbers
+                          **overrides})
     return cfg
 
 

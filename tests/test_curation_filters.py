@@ -75,6 +75,21 @@ def test_code_rules_keep_code_that_prose_rules_would_drop():
     assert code_quality("pass\n") == "code_too_short"
 
 
+def test_generated_and_data_table_code():
+    # a lookup table like idna's uts46data or pygments' _mapping: mostly literals, not code to learn from
+    table = "TABLE = [\n" + "".join(f"    (0x{i:04X}, 'M', '{chr(97 + i % 26)}'),\n" for i in range(200)) + "]\n"
+    assert filters.literal_fraction(table) > 0.6 and code_quality(table) == "code_data_table"
+    real = "\n".join(f"def f{i}(values, scale=2):\n    total = sum(v * scale for v in values)\n"
+                      f"    return total / len(values) if values else 0.0\n" for i in range(40))
+    assert len(real) > 2000 and filters.literal_fraction(real) < 0.1 and code_quality(real) is None
+    assert code_quality(table[:1500]) is None  # short files are not judged by this rule
+    assert code_quality(real, path="pkg/proto/service_pb2.py") == "code_generated"  # protoc output, by name
+    st = StageStats("quality")
+    kept = list(quality_filter([doc(real, "code", "a"), {**doc(real, "code", "b"), "path": "x/api_pb2_grpc.py"}],
+                               st))
+    assert [d["id"] for d in kept] == ["a"] and st.removed == {"code_generated": 1}
+
+
 def test_quality_filter_routes_by_kind_and_conserves_counts():
     docs = [doc(GOOD_PROSE, id="p1"), doc("tiny text", id="p2"), doc("def f(x):\n    return x * 2\n", "code", "c1"),
             doc("x" * 2000, "code", "c2")]
@@ -129,6 +144,20 @@ def test_pii_masking():
     kept = list(mask_pii([doc(text), doc("nothing here")], st))
     st.check()
     assert len(kept) == 2 and st.counters["emails_masked"] == 2 and st.counters["docs_with_pii"] == 1
+
+
+@pytest.mark.parametrize("text, masked, n_email, n_ip", [
+    ("The server at 192.0.2.146.", "The server at <IP_ADDRESS>.", 0, 1),  # a full stop ends the sentence
+    ("Hosts 192.0.2.1, 192.0.2.2: down", "Hosts <IP_ADDRESS>, <IP_ADDRESS>: down", 0, 2),
+    ("See ...192.0.2.7 and version 1.2.3.4.5.", "See ...<IP_ADDRESS> and version 1.2.3.4.5.", 0, 1),
+    ("Mail jo@example.com.", "Mail <EMAIL>.", 1, 0),
+    ("Mail ...jo@example.com or -ann@example.org", "Mail ...<EMAIL> or -<EMAIL>", 2, 0),  # punctuation before
+    ("The host 2001:db8::1: unreachable", "The host <IP_ADDRESS>: unreachable", 0, 1),  # colon after
+    ("addr:2001:db8::7 and 2001:db8::8.", "addr:<IP_ADDRESS> and <IP_ADDRESS>.", 0, 2),
+    ("Slices a[1::2], times 12:30:45, dict {1:2:3}", "Slices a[1::2], times 12:30:45, dict {1:2:3}", 0, 0),
+])
+def test_pii_at_sentence_boundaries(text, masked, n_email, n_ip):
+    assert mask_pii_text(text) == (masked, n_email, n_ip)
 
 
 def test_filter_defaults_are_published_values():

@@ -143,3 +143,30 @@ def test_agrees_with_datasketch_on_the_same_pairs():
     ours = minhash_signatures([sa, sb], num_perm=256, seed=1)
     exact = jaccard(sa, sb)
     assert abs(ma.jaccard(mb) - exact) < 0.12 and abs(float(np.mean(ours[0] == ours[1])) - exact) < 0.12
+
+
+def test_a_chain_of_near_duplicates_keeps_the_far_end():
+    # Shingle sets shifted along a line: A~B and B~C (Jaccard 0.74) but A and C are far apart (0.54). Union-find
+    # over the pairs would drop C with A; only documents close to the one kept may go.
+    from dataset_curation.dedup import near_dedup
+    from dataset_curation.stages import StageStats
+
+    sets = [range(0, 1000), range(150, 1150), range(300, 1300), range(5000, 6000)]  # A, B, C, unrelated D
+    assert jaccard(sets[0], sets[1]) > 0.73 and jaccard(sets[1], sets[2]) > 0.73 and jaccard(sets[0], sets[2]) < 0.55
+    sig = minhash_signatures([list(s) for s in sets], num_perm=512, seed=0)
+    cand = {tuple(p) for p in lsh_candidate_pairs(sig, 32, 4).tolist()}
+    assert {(0, 1), (1, 2)} <= cand  # the chain is there for union-find to follow
+    assert near_duplicate_clusters(sig, 32, 4, threshold=0.65) == [[0, 1]]
+    docs = [{"id": n, "text": n * 10} for n in "ABCD"]
+    st = StageStats("near_dedup")
+    kept, clusters = near_dedup(docs, st, bands=32, rows=4, threshold=0.65, signatures=sig)
+    st.check()
+    assert [d["id"] for d in kept] == ["A", "C", "D"] and clusters == [["A", "B"]]
+    note = st.samples["near_duplicate"][0]["note"]
+    assert note.startswith("cluster of A") and float(note.split("Jaccard ")[1].rstrip(")")) >= 0.65
+
+
+def test_many_copies_form_one_cluster_around_the_first():
+    # more copies than lsh_candidate_pairs' max_bucket (a star of pairs instead of all pairs): still one cluster
+    sig = minhash_signatures([list(range(100, 400))] * 250 + [list(range(1000, 1300))], num_perm=112)
+    assert near_duplicate_clusters(sig, 14, 8, threshold=0.7) == [list(range(250))]

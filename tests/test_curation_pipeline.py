@@ -252,7 +252,7 @@ def test_dtype_choice_and_wide_ids(tmp_path):
     assert counts.tolist() == [3, 2]
     with pytest.raises(OverflowError):
         write_split(["w1"], tmp_path / "y.bin", tmp_path / "t.json", 70_010, "uint16")
-    assert not (tmp_path / "y.bin").exists()
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["t.json", "x.bin"]  # no y.bin, and no temp file left
 
 
 def test_split_is_by_whole_document_and_deterministic():
@@ -292,6 +292,23 @@ def test_decontamination(tmp_path):
     assert [d["id"] for d in kept] == ["c"] and st.removed == {"contaminated_eval": 1}
 
 
+def test_decontamination_checks_punctuation_dense_code():
+    # Three whitespace-separated "words" but ~90 normalized ones (the words the n-grams are made of): the train
+    # copy of a val file must be checked like any other document, and found.
+    from dataset_curation.dedup import decontaminate
+
+    code = "\n".join(";".join(f"x{i}{j}=alpha[{i}].beta({j},gamma)" for j in range(6)) for i in range(3))
+    assert len(code.split()) == 3
+    docs = [{"id": "v", "text": code, "split": "val"}, {"id": "t", "text": code + ";y=1", "split": "train"}]
+    st = StageStats("decontaminate")
+    kept = decontaminate(docs, st, ngram=13)
+    st.check()
+    assert [d["id"] for d in kept] == ["v"] and st.removed == {"overlaps_val": 1}
+    st = StageStats("decontaminate")
+    assert decontaminate([docs[1]], st, eval_texts=[code], ngram=13) == []
+    assert st.removed == {"contaminated_eval": 1}
+
+
 def test_hub_recipe_fails_fast_offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(SourceError, match="--recipe builtin"):
@@ -307,3 +324,50 @@ def test_cli(corpus_dir, tmp_path, capsys):
                 "--vocab_size", "300", "--num_proc", "1", "--set", "val_fraction=0.1", "--set", "threshold=0.9"]) == 0
     meta = json.loads((tmp_path / "o" / "meta.json").read_text())
     assert meta["manifest"]["params"]["threshold"] == 0.9 and meta["vocab_size"] <= 300
+
+
+def test_caches_and_shard_outputs_are_plain_data(built, corpus_dir, tmp_path):
+    # Nothing the pipeline reads back may be a pickle (a shared data folder must not be able to run code).
+    folder, _ = corpus_dir
+    build("files", tmp_path / "s", vocab_size=600, num_proc=1, progress=False, input=str(folder), val_fraction=0.1,
+          shard="0/2")
+    files = [f for f in [*built.rglob("*"), *(tmp_path / "s").rglob("*")] if f.is_file()]
+    assert any(f.parent.name == "shards" for f in files) and any(f.parent.name == ".cache" for f in files)
+    for f in files:
+        assert not f.read_bytes().startswith(b"\x80"), f"{f} is a pickle"
+        if f.suffix == ".npz":
+            with np.load(f, allow_pickle=False) as z:
+                [z[k] for k in z.files]  # every member is a plain array
+
+
+def test_outputs_are_fsynced_and_temp_names_are_unique(corpus_dir, tmp_path, monkeypatch):
+    import os
+
+    folder, _ = corpus_dir
+    out = tmp_path / "d"
+    out.mkdir()
+    (out / "meta.json.tmp").write_text("another writer's temp file")  # a fixed temp name would take this over
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}") if os.path.exists("/proc/self/fd") else str(fd))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    build("files", out, vocab_size=400, num_proc=1, progress=False, input=str(folder), val_fraction=0.1)
+    assert (out / "meta.json.tmp").read_text() == "another writer's temp file"
+    assert json.loads((out / "meta.json").read_text())["vocab_size"] <= 400
+    if os.path.exists("/proc/self/fd"):
+        names = {Path(p).name.split(".tmp")[0] for p in synced}
+        for name in ("meta.json", "stats.json", "train.bin", "val.bin", "tokenizer.json", "report.md"):
+            assert any(n.startswith(f".{name}.") for n in names), name
+    assert not [f for f in out.rglob("*.tmp") if f.name != "meta.json.tmp"]
+
+
+def test_one_atomic_write_per_package():
+    # dataset_curation has its own (it must not import minilm); efficient_training and metrics reuse minilm's.
+    root = Path(__file__).resolve().parents[1]
+    count = lambda pkg: sum(f.read_text().count("os.replace(") for f in (root / pkg).rglob("*.py"))
+    assert count("dataset_curation") == 1
+    assert count("efficient_training") == 0 and count("metrics") == 0

@@ -1,6 +1,9 @@
 """The benchmark's memory helpers and table (no timings are asserted)."""
 
 import math
+import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -36,3 +39,19 @@ def test_markdown_ratios_and_missing_memory():
 def test_bad_arguments_say_what_to_do():
     with pytest.raises(SystemExit, match="multiple of 4"):
         main(["--batch", "6", "--no-ddp"])
+
+
+def test_a_run_leaves_tracked_files_alone(monkeypatch):
+    # The smallest real run (tiny preset, batch 4, one timed step, small memory search) from the repository root,
+    # where `python -m efficient_training.bench` is documented to run: it writes to out/bench/, git-ignored.
+    root = Path(__file__).resolve().parents[1]
+    if shutil.which("git") is None or subprocess.run(["git", "-C", str(root), "rev-parse"],
+                                                     capture_output=True).returncode:
+        pytest.skip("not a git checkout")
+    status = lambda: subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=all"],
+                                    capture_output=True, text=True, check=True).stdout
+    before = status()
+    monkeypatch.chdir(root)
+    main(["--batch", "4", "--steps", "1", "--no-ddp", "--mem-budget-mb", "8"])
+    assert status() == before  # no tracked file changed, nothing new that git would pick up
+    assert (root / "out" / "bench" / "bench_tiny_cpu.md").is_file()

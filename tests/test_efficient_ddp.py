@@ -82,6 +82,16 @@ def test_zero1_without_parameter_broadcast_diverges(proof):
     assert _diff(r0["zero1_no_broadcast"], r1["zero1_no_broadcast"]) > 1e-3
 
 
+def test_buckets_launch_in_index_order_when_ranks_differ_in_gradient_order(proof):
+    r0, r1 = proof["ranks"]
+    # the scenario is real: autograd made the two ranks' gradients ready in opposite orders
+    assert r0["branches_ready_order"] == ["b.weight", "a.weight"]
+    assert r1["branches_ready_order"] == ["a.weight", "b.weight"]
+    for r in (r0, r1):
+        assert _diff(r["branches"], proof["reference"]["branches"]) <= 1e-6
+    assert r0["branches_launch_order"] == r1["branches_launch_order"] == [0, 1]
+
+
 def test_buckets_shards_and_setup_errors(monkeypatch):
     params = [nn.Parameter(torch.zeros(n)) for n in (100, 200, 300, 50)]
     buckets = make_buckets(params, bucket_cap_mb=1200 / 2**20)  # 1200 bytes = 300 floats

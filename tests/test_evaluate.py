@@ -1,4 +1,4 @@
-"""minilm.evaluate on the session's tiny trained run: the files, the numbers' bookkeeping, and clear errors."""
+"""minilm.evaluate on the session's tiny trained run: files, one perplexity definition, a clean task, clear errors."""
 
 from __future__ import annotations
 
@@ -11,11 +11,14 @@ import pytest
 import torch
 from conftest import stdlib_documents
 
-from minilm.checkpoint import CheckpointError
+from metrics.completion import normalized_lines
+from metrics.perplexity import perplexity
+from minilm.checkpoint import CheckpointError, model_from_checkpoint
 from minilm.data import DataError, load_tokenizer
-from minilm.evaluate import evaluate, main
+from minilm.evaluate import SYSTEMS, evaluate, main, report_markdown
 
-SMALL = dict(num_prompts=3, speed_tokens=8, max_train_tokens=100_000, progress=False)
+SMALL = dict(num_prompts=40, function_prompts=10, function_tokens=48, line_tokens=24, kn_order=3, speed_tokens=8,
+             max_train_tokens=100_000, bootstrap_samples=200, progress=False)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -28,13 +31,14 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def small_val_dir(tiny_data_dir, tmp_path_factory):
-    """The tiny data dir with val.bin replaced by four short documents whose exact text we know."""
-    out = tmp_path_factory.mktemp("evaldata") / "tiny_small_val"
+def contaminated_val_dir(tiny_data_dir, tmp_path_factory):
+    """The tiny data dir with val.bin = three held-out files plus one training file copied in."""
+    out = tmp_path_factory.mktemp("evaldata") / "tiny_contaminated_val"
     shutil.copytree(tiny_data_dir, out)
     meta = json.loads((out / "meta.json").read_text())
     tok = load_tokenizer(out)
-    docs = [d[:700] for d in stdlib_documents()[1:40:10]]
+    all_docs = stdlib_documents()
+    docs = [all_docs[0], all_docs[10], all_docs[20], all_docs[11]]  # 11 is in the training split (i % 10 != 0)
     ids = []
     for d in docs:
         ids += tok.encode(d).ids + [meta["eot_id"]]
@@ -45,38 +49,81 @@ def small_val_dir(tiny_data_dir, tmp_path_factory):
     return out
 
 
-def test_evaluate_writes_report_with_consistent_numbers(tiny_run, small_val_dir):
-    r = evaluate(tiny_run, data_dir=small_val_dir, max_tokens=None, stride=48, **SMALL)
-    meta = json.loads((small_val_dir / "meta.json").read_text())
+def test_evaluate_report_numbers_and_task(tiny_run, contaminated_val_dir):
+    r = evaluate(tiny_run, data_dir=contaminated_val_dir, stride=48, **SMALL)
+    meta = json.loads((contaminated_val_dir / "meta.json").read_text())
     p = r["perplexity"]
-    # Whole validation split after one leading end-of-text: every val token is scored once.
-    assert p["tokens"] == meta["tokens"]["val"] == p["sliding"]["tokens"] == p["non_overlapping"]["tokens"]
-    assert p["bytes"] == meta["bytes"]["val"]  # decoded text has exactly the bytes of the source documents
-    s = p["sliding"]
-    assert s["bits_per_byte"] == pytest.approx(s["nll_sum"] / (math.log(2) * p["bytes"]))
-    assert s["perplexity"] == pytest.approx(math.exp(s["nll"]))
-    assert r["baselines"]["bigram"]["tokens"] == p["tokens"]
-    assert len(r["loss_by_position"]) == p["window"]
-    c = r["continuation"]
-    assert c["prompts"] == 3 and 0 <= c["bleu"] <= 100
-    assert all(0 <= v["f_low"] <= v["f"] <= v["f_high"] <= 1 for v in c["rouge"].values())
-    g = r["generation"]
-    assert set(g) >= {"greedy", "sampled_t0.8_top50", "reference"}
-    assert 0 < g["reference"]["distinct_1"] <= 1
-    assert r["speed"]["tokens"] == 8 and r["speed"]["tokens_per_s"] > 0
+    # The whole split, every token after the first, for the model and every baseline.
+    assert p["whole_split"] and p["tokens"] == meta["tokens"]["val"] - 1
+    for name in ("unigram", "bigram", "kn_full", "kn_seen"):
+        assert r["baselines"][name]["tokens"] == p["tokens"], name
+    # The headline is training's definition: non-overlapping block_size windows over the whole split.
+    model, ckpt = model_from_checkpoint(tiny_run / "ckpt.pt")
+    val = np.fromfile(contaminated_val_dir / "val.bin", dtype=np.uint16)
+    direct = perplexity(lambda x: model(x)[0], val, model.config.block_size, model.config.block_size)
+    assert p["non_overlapping"]["nll"] == pytest.approx(direct.nll, rel=1e-9)
+    assert p["sliding"]["nll"] < p["non_overlapping"]["nll"]  # more context per token
+    n = p["non_overlapping"]
+    assert n["bits_per_byte"] == pytest.approx(n["nll_sum"] / (math.log(2) * p["bytes"]))
+    assert abs(p["bytes"] - meta["bytes"]["val"]) < 8  # minus the first token's bytes
+    # Kneser-Ney on the same tokens: the tiny run saw 40 x 8 x 64 = 20,480 training tokens.
+    b = r["baselines"]
+    assert b["seen_tokens"] == 40 * 8 * 64 == b["kn_seen"]["train_tokens"] and not b["kn_seen"]["same_as_full"]
+    assert b["kn_full"]["train_tokens"] == 100_000 and b["kn_full"]["nll"] < b["bigram"]["nll"]
+
+    t = r["task"]
+    assert t["prompts"] == 40 and t["counts"]["function"]["chosen"] == 10
+    assert t["counts"]["line"]["prompt_in_train"] > 50  # the copied training file was caught
+    rows = [json.loads(line) for line in (tiny_run / "eval_examples.jsonl").read_text().splitlines()]
+    assert len(rows) == 40 and all(set(SYSTEMS) <= set(row) for row in rows)
+    tok = load_tokenizer(contaminated_val_dir)
+    train_ids = np.fromfile(contaminated_val_dir / "train.bin", dtype=np.uint16).astype(np.int64)
+    train_text = "\n".join(normalized_lines(tok.decode(train_ids.tolist())))
+    for row in rows:
+        assert "\n".join(normalized_lines(row["prompt"])) not in train_text  # never a training prompt
+        assert row["doc"] != 3  # nothing from the copied training file
+        assert 0 <= row["model"]["edit_sim"] <= 1 and row["model"]["exact"] in (0.0, 1.0)
+    for name in SYSTEMS:
+        agg = t["systems"][name]["all"]
+        for metric in ("exact", "edit_sim", "bleu", "chrf", "rougeL"):
+            assert agg[metric]["low"] <= agg[metric]["value"] <= agg[metric]["high"], (name, metric)
+        assert agg["n"] == 40
+    m = t["systems"]["model"]["all"]
+    assert m["exact"]["value"] == pytest.approx(np.mean([row["model"]["exact"] for row in rows]))
+    assert r["continuation"]["bleu"] == pytest.approx(m["bleu"]["value"])
+
     saved = json.loads((tiny_run / "eval.json").read_text())
-    assert saved["perplexity"]["sliding"]["nll"] == s["nll"]
+    assert saved["perplexity"]["non_overlapping"]["nll"] == n["nll"]
     md = (tiny_run / "eval.md").read_text()
-    assert "## Perplexity" in md and "eval_dashboard.png" in md and "ROUGE" not in md.split("## Perplexity")[0]
-    assert (tiny_run / "eval_dashboard.png").stat().st_size > 10_000
+    assert "## Bits per byte" in md and "## Completion task" in md and "Kneser-Ney" in md
+    assert "eval_dashboard.png" in md and (tiny_run / "eval_dashboard.png").stat().st_size > 10_000
     assert not list(tiny_run.glob(".eval*.tmp"))  # no temp files left behind
 
 
-def test_cli_runs_with_small_flags(tiny_run, capsys):
-    code = main(["--out_dir", str(tiny_run), "--max_tokens", "1500", "--num_prompts", "2", "--speed_tokens", "4",
-                 "--max_train_tokens", "50000", "--quiet"])
+def test_headline_equals_trainings_final_val_loss(tiny_run, tiny_data_dir):
+    # Training ends with the val loss over the whole split (metrics.jsonl: final_val_loss); evaluate's headline is
+    # the same number on the same tokens with the same weights.
+    r = evaluate(tiny_run, write=False, **{**SMALL, "num_prompts": 4, "function_prompts": 1})
+    final = r["training_log"]["final_val_loss"]
+    assert r["perplexity"]["whole_split"]
+    assert r["perplexity"]["non_overlapping"]["nll"] == pytest.approx(final, rel=1e-6)
+    assert "Training's final val loss" in report_markdown(r)
+
+
+def test_same_prompts_and_completions_every_run(tiny_run, contaminated_val_dir):
+    a = evaluate(tiny_run, data_dir=contaminated_val_dir, write=False, **{**SMALL, "num_prompts": 8})
+    b = evaluate(tiny_run, data_dir=contaminated_val_dir, write=False, **{**SMALL, "num_prompts": 8})
+    assert a["task"]["systems"] == b["task"]["systems"] and a["examples"] == b["examples"]
+
+
+def test_cli_runs_with_small_flags(tiny_run):
+    code = main(["--out_dir", str(tiny_run), "--max_tokens", "1500", "--num_prompts", "6", "--function_prompts", "2",
+                 "--speed_tokens", "4", "--max_train_tokens", "50000", "--kn_order", "3", "--function_tokens", "24",
+                 "--line_tokens", "16", "--bootstrap_samples", "50", "--quiet"])
     assert code == 0
-    assert json.loads((tiny_run / "eval.json").read_text())["continuation"]["prompts"] == 2
+    saved = json.loads((tiny_run / "eval.json").read_text())
+    assert saved["task"]["prompts"] == 6 and not saved["perplexity"]["whole_split"]
+    assert saved["perplexity"]["tokens"] < 1500
 
 
 def test_errors_are_clear(tiny_run, tmp_path, capsys):
@@ -89,3 +136,5 @@ def test_errors_are_clear(tiny_run, tmp_path, capsys):
         evaluate(tmp_path / "run", **SMALL)
     with pytest.raises(ValueError, match="longer than the model's context"):
         evaluate(tiny_run, window=10_000, **SMALL)
+    assert main(["--out_dir", str(tiny_run), "--kn_order", "9", "--max_tokens", "500", "--quiet"]) == 2
+    assert "order" in capsys.readouterr().err

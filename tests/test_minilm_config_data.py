@@ -24,7 +24,8 @@ def test_overrides_convert_types_and_route_to_model_or_train():
     cfg, _ = parse_args(["--preset=small", "--n_layer=3", "--lr", "1e-3", "--compile=true", "--max_iters=2e3",
                          "--resume"])
     assert cfg.model.n_layer == 3 and cfg.train.lr == 1e-3 and cfg.train.compile is True
-    assert cfg.train.max_iters == 2000 and cfg.train.lr_decay_iters == 2000 and cfg.train.resume is True
+    # lr_decay_iters 0 = "end the decay at max_iters" (on --resume: keep the checkpoint's), resolved by train()
+    assert cfg.train.max_iters == 2000 and cfg.train.lr_decay_iters == 0 and cfg.train.resume is True
 
 
 def test_yaml_config_with_sections(tmp_path):
@@ -75,9 +76,9 @@ def test_dtype_the_device_cannot_do_is_refused():
 
     with pytest.raises(ConfigError, match="cannot do bfloat16.*--dtype=float16"):
         resolve_dtype("bfloat16", "cuda", bf16_supported=False)  # e.g. a T4 or V100
-    assert resolve_dtype("auto", "cuda", bf16_supported=False) == "float16"
-    assert resolve_dtype("auto", "cuda", bf16_supported=True) == "bfloat16"
-    assert resolve_dtype("auto", "cpu") == "float32"
+    assert resolve_dtype("auto", "cuda", bf16_supported=False)[0] == "float16"
+    assert resolve_dtype("auto", "cuda", bf16_supported=True)[0] == "bfloat16"
+    assert resolve_dtype("auto", "cpu", flags={"avx2", "fma"})[0] == "float32"  # more in test_minilm_loop.py
 
 
 def test_bad_config_fails_before_any_work(tiny_data_dir, tmp_path):
@@ -173,7 +174,9 @@ def test_checkpoint_round_trip(tmp_path):
     cfg = get_preset("tiny")
     cfg.model.n_layer = 1
     model = GPT(cfg.model)
-    opt = model.configure_optimizer(0.1, 1e-3, (0.9, 0.95), "cpu")
+    from minilm.optim import build_optimizers
+
+    opt = build_optimizers(model, cfg.train, "cpu")[0]
     model(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long))[1].backward()
     opt.step()
     save_checkpoint(tmp_path / "ckpt.pt", model=model, optimizer=opt, step=7, best_val_loss=1.5,

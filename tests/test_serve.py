@@ -302,3 +302,59 @@ def test_create_app_rejects_bad_limits_and_missing_runs(run_dir, tmp_path):
         create_app(run_dir, max_concurrency=0)
     with pytest.raises(CheckpointError, match="no checkpoint"):
         create_app(tmp_path / "nowhere")
+
+
+def test_concurrent_requests_decode_together_and_each_matches_minilm_sample(run_dir, reference):
+    n = 600
+    seed = pick_long_seed(reference, n)
+    long = {"prompt": "def ", "max_new_tokens": n, "temperature": 1.0, "top_k": None, "seed": seed}
+    short = [dict(prompt="import ", max_new_tokens=24, temperature=0.9, top_k=50, seed=s) for s in range(3)]
+    short.append(dict(prompt="class ", max_new_tokens=20, temperature=0.0, top_k=None))
+    short.append(dict(prompt="x = ", max_new_tokens=30, temperature=1.0, top_k=None, top_p=0.7,
+                      repetition_penalty=1.2, seed=9, stop=["\n"]))
+    app = create_app(run_dir, max_concurrency=4, max_queue=8, max_new_tokens_cap=n)
+    with serve_in_thread(app) as base:
+        with httpx.stream("POST", f"{base}/v1/generate", json={**long, "stream": True}, timeout=60) as a:
+            assert next(line for line in a.iter_lines() if line.startswith("event: token"))  # A is decoding
+            with ThreadPoolExecutor(len(short)) as pool:  # these join A's batch (one waits for a free row)
+                got = list(pool.map(lambda b: httpx.post(f"{base}/v1/generate", json=b, timeout=60), short))
+        text = httpx.get(f"{base}/metrics").text
+    for body, r in zip(short, got):
+        assert r.status_code == 200, r.text
+        params = {k: v for k, v in body.items() if k != "prompt"}
+        assert r.json()["text"] == reference(body["prompt"], **params)["text"], body
+    steps = metric(text, "minilm_batch_steps_total")
+    assert metric(text, "minilm_batch_rows_total") > steps > 0  # some steps decoded several requests at once
+    assert metric(text, "minilm_prefills_total") >= 1 + len(short)
+
+
+def test_openai_completions_route(url, reference):
+    body = {"model": "tiny", "prompt": "def read(self, path):\n    ", "max_tokens": 24, "temperature": 0.9,
+            "top_p": 0.9, "seed": 5}
+    r = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["object"] == "text_completion" and out["id"].startswith("cmpl-") and out["model"] == "tiny"
+    (choice,) = out["choices"]
+    want = reference(body["prompt"], max_new_tokens=24, temperature=0.9, top_k=None, top_p=0.9, seed=5)
+    assert choice["text"] == want["text"] and choice["index"] == 0 and choice["logprobs"] is None
+    usage = out["usage"]
+    assert usage["prompt_tokens"] == want["prompt_tokens"]
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    assert choice["finish_reason"] == ("length" if usage["completion_tokens"] == 24 else "stop")
+
+    with httpx.stream("POST", f"{url}/v1/completions", json={**body, "stream": True}, timeout=60) as s:
+        data = [line[6:] for line in s.iter_lines() if line.startswith("data: ")]
+    assert data[-1] == "[DONE]"
+    chunks = [json.loads(d) for d in data[:-1]]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == choice["text"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == choice["finish_reason"]
+    assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
+
+    stopped = httpx.post(f"{url}/v1/completions", json={**body, "stop": "\n", "max_tokens": 60}).json()
+    assert "\n" not in stopped["choices"][0]["text"]
+    for bad, fragment in [({"n": 2}, "n"), ({"max_tokens": 10_000}, "max_tokens: 10000 is above"),
+                          ({"logprobs": 3}, "valid fields are model, prompt, max_tokens"),
+                          ({"prompt": ["a", "b"]}, "one string")]:
+        r = httpx.post(f"{url}/v1/completions", json={**body, **bad})
+        assert r.status_code == 422 and fragment in r.json()["error"], (bad, r.text)

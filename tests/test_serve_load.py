@@ -84,6 +84,24 @@ def test_200_requests_from_8_clients_no_errors_none_lost(server_url, capsys):
     assert proc.poll() is None  # still serving
 
 
+def test_baseline_run_reports_the_batching_gain(server_url, capsys):
+    url, _ = server_url
+    count = lambda text, name: float(re.search(rf"^{name} (\S+)$", text, re.M).group(1))
+    before = httpx.get(f"{url}/metrics").text
+    code = loadtest.main(["--url", url, "--concurrency", "8", "--requests", "32", "--max_new_tokens", "8",
+                          "--baseline", "--baseline_requests", "4", "--json"])
+    out = capsys.readouterr().out
+    result = json.loads(out.strip().splitlines()[-1])
+    assert code == 0 and result["errors"] == 0 and result["lost"] == 0
+    assert result["baseline_tokens_per_s"] > 0
+    assert result["scaling"] == result["tokens_per_s"] / result["baseline_tokens_per_s"]
+    assert "with 8 clients vs" in out and "with 1 client" in out
+    after = httpx.get(f"{url}/metrics").text
+    steps = count(after, "minilm_batch_steps_total") - count(before, "minilm_batch_steps_total")
+    rows = count(after, "minilm_batch_rows_total") - count(before, "minilm_batch_rows_total")
+    assert rows > steps > 0  # the 8 clients' requests shared decode steps
+
+
 def test_comparison_with_in_process_sampling(server_url, tiny_run):
     url, _ = server_url
     payload = {"prompt": "def ", "max_new_tokens": 8, "temperature": 0.8, "top_k": 50}

@@ -1,13 +1,15 @@
 """Run the inference server.
 
     python -m minilm.serve --out_dir out/tiny                  # http://127.0.0.1:8000/ (loopback only)
-    python -m minilm.serve --out_dir out/tiny --port 8080 --max_concurrency 2 --max_queue 32
+    python -m minilm.serve --out_dir out/tiny --port 8080 --max_concurrency 8 --max_queue 32 --weights int8
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+
+from minilm.quantize import WEIGHTS
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,10 +20,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu", help="cpu | cuda | mps | auto")
     p.add_argument("--best", action="store_true", help="serve ckpt_best.pt instead of the last checkpoint")
     p.add_argument("--data_dir", default=None, help="override the data dir (tokenizer) the run was trained on")
-    p.add_argument("--max_concurrency", type=int, default=2, help="generations running at once (worker threads)")
+    p.add_argument("--max_concurrency", type=int, default=8, help="generations decoding together in one batch")
     p.add_argument("--max_queue", type=int, default=32, help="requests that may wait for a worker before 503")
     p.add_argument("--max_new_tokens_cap", type=int, default=512, help="largest max_new_tokens a request may ask")
-    p.add_argument("--threads_per_worker", type=int, default=1, help="torch intra-op threads per worker thread")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads of the batching thread")
+    p.add_argument("--weights", default="fp32", choices=WEIGHTS, help="weight format (bf16/int8: faster decoding)")
     p.add_argument("--log_level", default="info")
     a = p.parse_args(argv)
     if not 0 <= a.port <= 65535:
@@ -36,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         app = create_app(a.out_dir, a.device, best=a.best, data_dir=a.data_dir, max_concurrency=a.max_concurrency,
                          max_queue=a.max_queue, max_new_tokens_cap=a.max_new_tokens_cap,
-                         threads_per_worker=a.threads_per_worker)
+                         threads=a.threads, weights=a.weights)
     except (CheckpointError, DataError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

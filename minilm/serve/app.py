@@ -3,14 +3,16 @@
     app = create_app("out/tiny")            # loads ckpt.pt + tokenizer once
     uvicorn.run(app, host="127.0.0.1", port=8000)
 
-Routes: POST /v1/generate (JSON, or server-sent events with "stream": true), GET /health, GET /v1/model,
-GET /metrics (Prometheus text format) and GET / (the playground page).
+Routes: POST /v1/generate (JSON, or server-sent events with "stream": true), POST /v1/completions (OpenAI's
+completions API: one choice, no logprobs; errors keep this server's {"error": "..."} shape), GET /health,
+GET /v1/model, GET /metrics (Prometheus text format) and GET / (the playground page).
 
-Generation is CPU-bound torch code, so it never runs on the event loop: each request's tokens are produced in a
-worker thread (at most `max_concurrency` at once) and handed to the loop through an asyncio.Queue. Requests beyond
-the limit wait, up to `max_queue` of them; past that the server answers 503 with Retry-After rather than letting
-latency grow without bound. A streaming client that disconnects sets its job's cancel flag, and the worker stops
-at the next token.
+Generation is CPU-bound torch code, so it never runs on the event loop: one engine thread decodes the running
+requests together, one forward pass per step for all of them (continuous batching, minilm.serve.batch), and hands
+each request's text to the loop through an asyncio.Queue. At most `max_concurrency` requests run in the batch;
+requests beyond that wait, up to `max_queue` of them, and join the batch as soon as a row frees up. Past that the
+server answers 503 with Retry-After rather than letting latency grow without bound. A streaming client that
+disconnects sets its job's cancel flag, and its row leaves the batch at the next step.
 """
 
 from __future__ import annotations
@@ -18,15 +20,14 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import secrets
 import socket
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -35,11 +36,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
 from minilm.model import check_sampling_args
-from minilm.sample import eos_of, load_run, pick_device, stream_text
+from minilm.quantize import WEIGHTS
+from minilm.sample import encode_prompt, eos_of, load_run, pick_device
+from minilm.serve.batch import Engine, Sequence
 
 PLAYGROUND = Path(__file__).with_name("playground.html")
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-KNOWN_PATHS = ("/", "/health", "/metrics", "/v1/generate", "/v1/model")
+KNOWN_PATHS = ("/", "/health", "/metrics", "/v1/generate", "/v1/completions", "/v1/model")
 
 
 class GenerateRequest(BaseModel):
@@ -61,11 +64,28 @@ class GenerateRequest(BaseModel):
     stream: bool = Field(False, strict=True, description="send tokens as server-sent events as they are generated")
 
 
+class CompletionRequest(BaseModel):
+    """The body of POST /v1/completions, OpenAI's fields and defaults (a subset: one choice, no logprobs)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(None, description="echoed back; this server has one model")
+    prompt: str | list[str] = Field(description="text to continue (or a list holding one string)")
+    max_tokens: int = Field(16, ge=1, strict=True)
+    temperature: float = Field(1.0, ge=0.0, le=2.0, strict=True, allow_inf_nan=False)
+    top_p: float = Field(1.0, gt=0.0, le=1.0, strict=True, allow_inf_nan=False)
+    stop: str | list[str] | None = Field(None, max_length=4)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, strict=True)
+    stream: bool = Field(False, strict=True)
+    n: int = Field(1, ge=1, le=1, strict=True, description="only 1 choice per request")
+    user: str | None = None
+
+
 class Overloaded(Exception):
-    """Every worker is busy and the queue is full."""
+    """The batch is full and so is the queue."""
 
 
-def format_validation_errors(errors) -> tuple[int, str]:
+def format_validation_errors(errors, fields=None) -> tuple[int, str]:
     """(status, one readable sentence) from pydantic/FastAPI validation errors."""
     if any(e.get("type") == "json_invalid" for e in errors):
         e = next(e for e in errors if e.get("type") == "json_invalid")
@@ -78,7 +98,7 @@ def format_validation_errors(errors) -> tuple[int, str]:
         where = ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "body"
         msg = e.get("msg", "invalid value")
         if e.get("type") == "extra_forbidden":
-            msg = f"unknown field; valid fields are {', '.join(GenerateRequest.model_fields)}"
+            msg = f"unknown field; valid fields are {', '.join(fields or GenerateRequest.model_fields)}"
         got = json.dumps(e.get("input"), default=repr)[:80]
         shown = "" if e.get("type") in ("missing", "extra_forbidden") else f" (got {got})"
         parts.append(f"{where}: {msg}{shown}")
@@ -123,7 +143,7 @@ class Stats:
             table[key] = table.get(key, 0) + 1
 
 
-def render_metrics(s: Stats) -> str:
+def render_metrics(s: Stats, engine: Engine | None = None) -> str:
     """Prometheus text exposition format 0.0.4."""
     out = []
 
@@ -159,9 +179,16 @@ def render_metrics(s: Stats) -> str:
         family("minilm_generated_tokens_total", "counter",
                "Tokens sampled (one forward pass each; a final end-of-text token included).",
                [("", s.tokens)])
-        family("minilm_inflight_generations", "gauge", "Generations running in worker threads now.",
+        family("minilm_inflight_generations", "gauge", "Generations running in the batch now.",
                [("", s.inflight)])
-        family("minilm_queued_requests", "gauge", "Requests waiting for a worker now.", [("", s.queued)])
+        family("minilm_queued_requests", "gauge", "Requests waiting for a row in the batch now.", [("", s.queued)])
+        if engine is not None:
+            family("minilm_batch_steps_total", "counter", "Batched decode steps (one forward pass each).",
+                   [("", engine.decode_steps)])
+            family("minilm_batch_rows_total", "counter",
+                   "Rows decoded in those steps; rows / steps is the mean batch size.", [("", engine.decode_rows)])
+            family("minilm_prefills_total", "counter", "Prompts prefilled (and full rows refilled), one at a time.",
+                   [("", engine.prefills)])
         hist("minilm_request_latency_seconds", "Generation requests: arrival to last token (queue included).",
              s.latency)
         hist("minilm_time_to_first_token_seconds", "Generation requests: arrival to first text piece.", s.ttft)
@@ -170,7 +197,7 @@ def render_metrics(s: Stats) -> str:
 
 @dataclass(eq=False)
 class Job:
-    """One generation: the worker thread fills `events`; the request handler drains it."""
+    """One generation: the engine thread fills `events` (a Job is its Sequence's sink); the handler drains it."""
 
     params: dict
     prompt_tokens: int
@@ -183,12 +210,31 @@ class Job:
     first: float | None = None
     finished: float | None = None
     completion_tokens: int = 0
+    finish_reason: str | None = None
+    on_done: object = None  # called with (job, outcome) in the engine thread when the generation is over
 
     def put(self, kind: str, value=None) -> None:
         try:
             self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
         except RuntimeError:  # the loop closed (server shutting down): nobody is listening any more
             self.cancel.set()
+
+    # ---- the sink the engine calls, in its thread
+    def on_start(self) -> None:
+        self.started = time.perf_counter()
+
+    def on_piece(self, piece: str) -> None:
+        self.first = self.first or time.perf_counter()
+        self.put("piece", piece)
+
+    def on_end(self, outcome: str, error: str | None, seq) -> None:
+        self.finished = time.perf_counter()
+        self.completion_tokens, self.finish_reason = seq.generated, seq.finish_reason
+        if outcome == "error":
+            self.put("error", error)
+        if self.on_done is not None:
+            self.on_done(self, outcome)
+        self.put("end")
 
     def timings(self) -> dict:
         gen_time = (self.finished or time.perf_counter()) - (self.started or self.arrived)
@@ -202,36 +248,18 @@ class Job:
         }
 
 
-def run_job(job: Job, model, tokenizer, eos_id: int | None, stats: Stats) -> None:
-    """Worker-thread body: sample tokens until done or cancelled, pass text pieces to the loop, record metrics."""
-    job.started = time.perf_counter()
-    pieces, outcome = [], "ok"
-    counts: dict = {}
-    try:
-        for piece in stream_text(model, tokenizer, eos_id=eos_id, stats=counts, **job.params):
-            if job.cancel.is_set():
-                outcome = "cancelled"
-                break
-            job.first = job.first or time.perf_counter()
-            pieces.append(piece)
-            job.put("piece", piece)
-    except Exception as e:  # reported to the client; the server stays up
-        outcome = "error"
-        job.put("error", f"generation failed: {type(e).__name__}: {e}")
-    finally:
-        job.finished = time.perf_counter()
-        job.completion_tokens = counts.get("completion_tokens", 0)
-        with stats.lock:
-            stats.tokens += job.completion_tokens
-            key = ("true" if job.stream else "false", outcome)
-            stats.generations[key] = stats.generations.get(key, 0) + 1
-            if outcome == "error":
-                stats.errors["generation"] = stats.errors.get("generation", 0) + 1
-            if outcome == "ok":
-                stats.latency.observe(job.finished - job.arrived)
-                if job.first is not None:
-                    stats.ttft.observe(job.first - job.arrived)
-        job.put("end")
+def record_outcome(job: Job, outcome: str, stats: Stats) -> None:
+    """Count a finished generation in /metrics."""
+    with stats.lock:
+        stats.tokens += job.completion_tokens
+        key = ("true" if job.stream else "false", outcome)
+        stats.generations[key] = stats.generations.get(key, 0) + 1
+        if outcome == "error":
+            stats.errors["generation"] = stats.errors.get("generation", 0) + 1
+        if outcome == "ok":
+            stats.latency.observe(job.finished - job.arrived)
+            if job.first is not None:
+                stats.ttft.observe(job.first - job.arrived)
 
 
 def last_val_loss(out_dir: Path, step: int | None) -> float | None:
@@ -269,30 +297,27 @@ def sse(event: str, data: dict) -> bytes:
 
 
 def create_app(out_dir: str | Path, device: str = "cpu", *, best: bool = False, data_dir: str | None = None,
-               max_concurrency: int = 2, max_queue: int = 32, max_new_tokens_cap: int = 512,
-               max_prompt_chars: int = 20_000, max_body_bytes: int = 1_000_000,
-               threads_per_worker: int = 1) -> FastAPI:
+               max_concurrency: int = 8, max_queue: int = 32, max_new_tokens_cap: int = 512,
+               max_prompt_chars: int = 20_000, max_body_bytes: int = 1_000_000, threads: int = 1,
+               weights: str = "fp32") -> FastAPI:
     """Load a run once and return the FastAPI app that serves it.
 
-    max_concurrency generations run at once (one worker thread each); up to max_queue more wait; beyond that
+    Up to max_concurrency generations decode together in one batch; up to max_queue more wait; beyond that
     requests get 503. Prompts longer than the model's block_size tokens are rejected (422), as are
-    max_new_tokens above max_new_tokens_cap. threads_per_worker is torch's intra-op thread count in each
-    worker thread: decoding one token of a small model is too little work to split, so 1 thread per worker and
-    parallelism across requests uses the cores better (on 2 cores, a 0.14M-parameter model decoded ~10x faster
-    with 1 thread than with 2).
+    max_new_tokens above max_new_tokens_cap. threads is torch's intra-op thread count in the engine thread (1
+    leaves a core to the event loop and the tokenizer). weights is fp32, bf16 or int8 (minilm.quantize).
     """
-    if max_concurrency < 1 or max_queue < 0 or max_new_tokens_cap < 1 or threads_per_worker < 1:
-        raise ValueError(f"need max_concurrency >= 1, max_queue >= 0, max_new_tokens_cap >= 1, "
-                         f"threads_per_worker >= 1; got {max_concurrency}, {max_queue}, {max_new_tokens_cap}, "
-                         f"{threads_per_worker}")
+    if max_concurrency < 1 or max_queue < 0 or max_new_tokens_cap < 1 or threads < 1:
+        raise ValueError(f"need max_concurrency >= 1, max_queue >= 0, max_new_tokens_cap >= 1, threads >= 1; "
+                         f"got {max_concurrency}, {max_queue}, {max_new_tokens_cap}, {threads}")
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights={weights!r}: choose one of {', '.join(WEIGHTS)}")
     device = pick_device(device)
-    model, tokenizer, ckpt = load_run(out_dir, device, data_dir, best)
+    model, tokenizer, ckpt = load_run(out_dir, device, data_dir, best, weights)
     eos_id = eos_of(tokenizer, ckpt)
     block_size = model.config.block_size
     stats = Stats()
-    # set_num_threads in the initializer applies to that worker thread only, not to the caller's process.
-    pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="minilm-gen",
-                              initializer=torch.set_num_threads, initargs=(threads_per_worker,))
+    engine = Engine(model, tokenizer, eos_id, max_batch=max_concurrency, threads=threads).start()
     slots = asyncio.Semaphore(max_concurrency)
     running: set[Job] = set()
     page = PLAYGROUND.read_text(encoding="utf-8")
@@ -303,6 +328,7 @@ def create_app(out_dir: str | Path, device: str = "cpu", *, best: bool = False, 
         "val_loss": finite_or_none(last_val_loss(Path(out_dir), ckpt.get("step"))),
         "best_val_loss": finite_or_none(ckpt.get("best_val_loss")),  # inf when the run never evaluated
         "num_params": model.num_params(),
+        "weights": weights,
         "config": ckpt["config"].get("model", {}),
         "train_config": ckpt["config"].get("train", {}),
         "vocab_size": model.config.vocab_size,
@@ -318,9 +344,9 @@ def create_app(out_dir: str | Path, device: str = "cpu", *, best: bool = False, 
         yield
         with stats.lock:
             jobs = list(running)
-        for job in jobs:  # let workers notice and stop instead of finishing long generations
+        for job in jobs:  # their rows leave the batch instead of finishing long generations
             job.cancel.set()
-        pool.shutdown(wait=False, cancel_futures=True)
+        engine.stop()
 
     app = FastAPI(title="minilm inference API", version="0.1.0", lifespan=lifespan)
 
@@ -330,7 +356,8 @@ def create_app(out_dir: str | Path, device: str = "cpu", *, best: bool = False, 
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(request: Request, exc: RequestValidationError):
-        status, message = format_validation_errors(exc.errors())
+        fields = CompletionRequest.model_fields if request.url.path == "/v1/completions" else None
+        status, message = format_validation_errors(exc.errors(), fields)
         return error_response(status, message)
 
     @app.get("/", response_class=HTMLResponse)
@@ -347,15 +374,15 @@ def create_app(out_dir: str | Path, device: str = "cpu", *, best: bool = False, 
 
     @app.get("/metrics")
     async def metrics():
-        return PlainTextResponse(render_metrics(stats), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(render_metrics(stats, engine), media_type="text/plain; version=0.0.4")
 
     def retry_after() -> str:
         # A rough wait: one average request per queued request per worker, at least a second.
         mean = stats.latency.total / stats.latency.n if stats.latency.n else 1.0
         return str(max(1, min(60, math.ceil(mean * (stats.queued + 1) / max_concurrency))))
 
-    async def start(params: dict, prompt_tokens: int, stream: bool, arrived: float) -> Job:
-        """Wait for a worker slot (or raise Overloaded) and submit the job to the thread pool."""
+    async def start(params: dict, ids: list[int], stream: bool, arrived: float) -> Job:
+        """Wait for a row in the batch (or raise Overloaded) and submit the job to the engine."""
         with stats.lock:
             if stats.inflight + stats.queued >= max_concurrency + max_queue:
                 raise Overloaded
@@ -365,14 +392,15 @@ def create_app(out_dir: str | Path, device: str = "cpu", *, best: bool = False, 
         finally:
             with stats.lock:
                 stats.queued -= 1
-        job = Job(params, prompt_tokens, stream, arrived, asyncio.get_running_loop())
+        job = Job(params, len(ids), stream, arrived, asyncio.get_running_loop())
         with stats.lock:
             stats.inflight += 1
-            stats.prompt_tokens += prompt_tokens
+            stats.prompt_tokens += len(ids)
             running.add(job)
         loop = job.loop
 
-        def release(_future) -> None:  # runs in the worker thread once the job is over
+        def release(job: Job, outcome: str) -> None:  # runs in the engine thread once the job is over
+            record_outcome(job, outcome, stats)
             with stats.lock:
                 stats.inflight -= 1
                 running.discard(job)
@@ -381,11 +409,16 @@ def create_app(out_dir: str | Path, device: str = "cpu", *, best: bool = False, 
             except RuntimeError:
                 pass  # loop closed: shutting down
 
-        pool.submit(run_job, job, model, tokenizer, eos_id, stats).add_done_callback(release)
+        job.on_done = release
+        try:
+            engine.submit(Sequence(ids, params, job))
+        except RuntimeError:  # the engine stopped: the server is shutting down
+            release(job, "cancelled")
+            raise Overloaded from None
         return job
 
     async def events(job: Job):
-        """(kind, value) from the worker until its "end"; sets the cancel flag if our consumer goes away."""
+        """(kind, value) from the engine until "end"; sets the cancel flag if our consumer goes away."""
         try:
             while True:
                 kind, value = await job.events.get()
@@ -393,42 +426,53 @@ def create_app(out_dir: str | Path, device: str = "cpu", *, best: bool = False, 
                     return
                 yield kind, value
         finally:
-            job.cancel.set()  # no-op when finished; stops the worker when the client disconnected
+            job.cancel.set()  # no-op when finished; takes the row out of the batch when the client disconnected
 
-    @app.post("/v1/generate")
-    async def generate(req: GenerateRequest):
-        arrived = time.perf_counter()
-        if not req.prompt:
+    async def admit(prompt: str, stop: list[str] | None, params: dict, stream: bool, arrived: float,
+                    field: dict | None = None) -> Job | JSONResponse:
+        """Check a request against the model's and the server's limits, then queue it: a Job or an error answer.
+
+        `field` renames parameters in the messages for routes that call them differently (OpenAI's max_tokens).
+        """
+        name = lambda n: (field or {}).get(n, n)
+        if not prompt:
             return error_response(422, "prompt: is empty; send some text for the model to continue (e.g. \"def \")")
-        if not all(valid_unicode(t) for t in [req.prompt, *(req.stop or [])]):
+        if not all(valid_unicode(t) for t in [prompt, *(stop or [])]):
             return error_response(422, "prompt/stop: contains a lone UTF-16 surrogate (e.g. \\ud800), which is not "
                                        "text; send valid Unicode")
-        try:  # the model's own rules for sampling parameters, checked before the request takes a worker
-            check_sampling_args(req.max_new_tokens, req.temperature, req.top_k, req.top_p, req.repetition_penalty,
-                                model.config.vocab_size, eos_id)
+        try:  # the model's own rules for sampling parameters, checked before the request takes a row
+            check_sampling_args(params["max_new_tokens"], params["temperature"], params["top_k"], params["top_p"],
+                                params["repetition_penalty"], model.config.vocab_size, eos_id)
         except ValueError as e:
-            return error_response(422, str(e))
-        if len(req.prompt) > max_prompt_chars:
-            return error_response(422, f"prompt: {len(req.prompt)} characters is over this server's limit of "
+            return error_response(422, str(e).replace("max_new_tokens", name("max_new_tokens")))
+        if len(prompt) > max_prompt_chars:
+            return error_response(422, f"prompt: {len(prompt)} characters is over this server's limit of "
                                        f"{max_prompt_chars}; shorten it")
-        n_prompt = len(tokenizer.encode(req.prompt).ids)
+        n_prompt = len(tokenizer.encode(prompt).ids)  # before encode_prompt cuts it to block_size
         if n_prompt > block_size:
             return error_response(422, f"prompt: {n_prompt} tokens is longer than the model's context of "
                                        f"{block_size} tokens (block_size); shorten it")
-        if req.max_new_tokens > max_new_tokens_cap:
-            return error_response(422, f"max_new_tokens: {req.max_new_tokens} is above this server's cap of "
-                                       f"{max_new_tokens_cap}; ask for fewer (the cap is --max_new_tokens_cap)")
-        if req.stop is not None and any(not s or len(s) > 64 for s in req.stop):
+        if params["max_new_tokens"] > max_new_tokens_cap:
+            return error_response(422, f"{name('max_new_tokens')}: {params['max_new_tokens']} is above this "
+                                       f"server's cap of {max_new_tokens_cap}; ask for fewer (the cap is "
+                                       "--max_new_tokens_cap)")
+        if stop is not None and any(not s or len(s) > 64 for s in stop):
             return error_response(422, "stop: each stop string must be 1 to 64 characters long")
-        params = dict(prompt=req.prompt, max_new_tokens=req.max_new_tokens, temperature=req.temperature,
-                      top_k=req.top_k or None, top_p=req.top_p, repetition_penalty=req.repetition_penalty,
-                      seed=req.seed, stop=req.stop)
         try:
-            job = await start(params, n_prompt, req.stream, arrived)
+            return await start({**params, "stop": stop}, encode_prompt(tokenizer, prompt, model, eos_id), stream,
+                               arrived)
         except Overloaded:
             return error_response(503, f"server busy: {max_concurrency} generations running and {max_queue} "
                                        "queued; retry after the number of seconds in Retry-After",
                                   headers={"Retry-After": retry_after()})
+
+    @app.post("/v1/generate")
+    async def generate(req: GenerateRequest):
+        params = dict(max_new_tokens=req.max_new_tokens, temperature=req.temperature, top_k=req.top_k or None,
+                      top_p=req.top_p, repetition_penalty=req.repetition_penalty, seed=req.seed)
+        job = await admit(req.prompt, req.stop, params, req.stream, time.perf_counter())
+        if isinstance(job, JSONResponse):
+            return job
 
         if req.stream:
             async def body():
@@ -449,9 +493,49 @@ def create_app(out_dir: str | Path, device: str = "cpu", *, best: bool = False, 
             pieces.append(value)
         return {"text": "".join(pieces), **job.timings(), "seed": req.seed}
 
+    model_name = Path(out_dir).name or "minilm"
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest):
+        """OpenAI's legacy completions API (one choice, no logprobs), so OpenAI clients can talk to the model."""
+        prompt = req.prompt if isinstance(req.prompt, str) else (req.prompt[0] if len(req.prompt) == 1 else None)
+        if prompt is None:
+            return error_response(422, "prompt: send one string (a list of several prompts is not supported)")
+        stop = [req.stop] if isinstance(req.stop, str) else req.stop
+        params = dict(max_new_tokens=req.max_tokens, temperature=req.temperature, top_k=None, top_p=req.top_p,
+                      repetition_penalty=1.0, seed=req.seed)
+        job = await admit(prompt, stop, params, req.stream, time.perf_counter(), {"max_new_tokens": "max_tokens"})
+        if isinstance(job, JSONResponse):
+            return job
+        head = {"id": f"cmpl-{secrets.token_hex(12)}", "object": "text_completion", "created": int(time.time()),
+                "model": req.model or model_name}
+        choice = lambda text, reason: {"text": text, "index": 0, "logprobs": None, "finish_reason": reason}
+
+        if req.stream:
+            async def body():
+                async for kind, value in events(job):
+                    if kind == "error":
+                        yield f"data: {json.dumps({'error': {'message': value, 'type': 'server_error'}})}\n\n"
+                        return
+                    yield f"data: {json.dumps({**head, 'choices': [choice(value, None)]})}\n\n"
+                yield f"data: {json.dumps({**head, 'choices': [choice('', job.finish_reason)]})}\n\n"
+                yield "data: [DONE]\n\n"
+
+            return StreamingResponse(body(), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+        pieces = []
+        async for kind, value in events(job):
+            if kind == "error":
+                return error_response(500, value)
+            pieces.append(value)
+        usage = {"prompt_tokens": job.prompt_tokens, "completion_tokens": job.completion_tokens,
+                 "total_tokens": job.prompt_tokens + job.completion_tokens}
+        return {**head, "choices": [choice("".join(pieces), job.finish_reason)], "usage": usage}
+
     app.add_middleware(RequestCounter, stats=stats, max_body_bytes=max_body_bytes)
     app.state.stats = stats
-    app.state.pool = pool
+    app.state.engine = engine
     return app
 
 

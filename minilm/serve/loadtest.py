@@ -1,6 +1,7 @@
 """Load-test a running server: N concurrent clients send M generation requests; print latency percentiles.
 
     python -m minilm.serve.loadtest --url http://127.0.0.1:8000 --concurrency 8 --requests 200
+    python -m minilm.serve.loadtest --concurrency 8 --requests 200 --baseline   # also 1 client: the batching gain
 
 Latency is measured by the client (send to last byte), so it includes queueing in the server. Time to first
 token is measured by the client with --stream, and is the server's own figure otherwise. "errors" are
@@ -180,6 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stream", action="store_true", help="use server-sent events (measures time to first token)")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
     p.add_argument("--json", action="store_true", help="also print the raw results as one JSON line")
+    p.add_argument("--baseline", action="store_true",
+                   help="first run --baseline_requests with one client, and report the aggregate tokens/s ratio")
+    p.add_argument("--baseline_requests", type=int, default=0, help="requests of the 1-client run (0: requests/8)")
     p.add_argument("--compare_out_dir", default=None,
                    help="the served run dir: also time 20 sequential requests against in-process minilm.sample")
     a = p.parse_args(argv)
@@ -192,11 +196,24 @@ def main(argv: list[str] | None = None) -> int:
               "`python -m minilm.serve --out_dir RUN` first", file=sys.stderr)
         return 2
     try:
+        base = None
+        if a.baseline:
+            base = asyncio.run(run_load(a.url, 1, a.baseline_requests or max(4, a.requests // 8), payload, a.stream,
+                                        a.timeout, progress=True))
+            print(format_report(base, payload))
+            print()
         r = asyncio.run(run_load(a.url, a.concurrency, a.requests, payload, a.stream, a.timeout, progress=True))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_report(r, payload))
+    if base is not None:
+        r["baseline_tokens_per_s"] = base["tokens_per_s"]
+        r["scaling"] = r["tokens_per_s"] / base["tokens_per_s"] if base["tokens_per_s"] else None
+        r["errors"] += base["errors"]
+        r["lost"] += base["lost"]
+        print(f"\naggregate tokens/s: {r['tokens_per_s']:.1f} with {a.concurrency} clients vs "
+              f"{base['tokens_per_s']:.1f} with 1 client = {r['scaling'] or 0:.2f}x")
     if a.compare_out_dir:
         print()
         print(format_comparison(compare_with_in_process(a.url, a.compare_out_dir, payload), payload))

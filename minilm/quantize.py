@@ -1,0 +1,110 @@
+"""Fewer bytes per generated token: bf16 weights, or int8 weights with one fp32 scale per output channel.
+
+    model = use_weights(model, "int8")     # in place; also "bf16" and "fp32" (unchanged)
+
+Decoding one token at batch 1 reads every weight once and does 2 FLOPs per weight read, so on a CPU it runs at
+memory speed: fp32 moves 4 bytes per weight, bf16 2, int8 1 (+ a scale per row). The model's forward() is not
+changed: each nn.Linear (the output head included) is swapped for an Int8Linear or a BF16Linear, which round
+their input to bf16 for the matmul and return fp32. Everything else stays fp32: the residual stream, norms,
+attention and the KV cache, and the embedding table (a lookup reads one row per token, not the whole table).
+
+Int8Linear uses PyTorch's fused CPU kernel aten._weight_int8pack_mm when it exists (int8 weights, bf16
+activations, fp32 accumulation; several times faster than dequantizing the weight on every call) and otherwise
+F.linear on the dequantized weight.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+WEIGHTS = ("fp32", "bf16", "int8")
+_HAS_INT8_KERNEL = hasattr(torch.ops.aten, "_weight_int8pack_mm")
+
+
+def quantize_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per output row: w ~= q * scale[:, None], q in [-127, 127] (int8), scale (out,) fp32."""
+    w = w.detach().float()
+    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0  # an all-zero row keeps a tiny scale, not 0/0
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+class Int8Linear(nn.Module):
+    """y = x @ (q * scale)^T + bias, with q int8 (out, in) and scale fp32 (out,); output in x's dtype."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        q, scale = quantize_per_channel(linear.weight)
+        self.register_buffer("weight", q)
+        self.register_buffer("scale", scale)
+        self.register_buffer("scale_bf16", scale.to(torch.bfloat16))  # the fused kernel wants x's dtype
+        bias = linear.bias.detach().float().clone() if linear.bias is not None else None
+        self.register_buffer("bias", bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _HAS_INT8_KERNEL and x.device.type == "cpu":
+            flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
+            y = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scale_bf16)
+            y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+        else:
+            y = F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
+
+
+class BF16Linear(nn.Module):
+    """y = x @ w^T + bias with w (and bias) stored in bf16; x is rounded to bf16 for the matmul, y is x's dtype."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_buffer("weight", linear.weight.detach().to(torch.bfloat16).clone())
+        bias = linear.bias.detach().to(torch.bfloat16).clone() if linear.bias is not None else None
+        self.register_buffer("bias", bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.to(torch.bfloat16), self.weight, self.bias).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bf16"
+
+
+def swap_linears(model: nn.Module, cls) -> nn.Module:
+    """Replace every nn.Linear (the tied lm_head included; embeddings stay) by cls(linear), in place."""
+    for name, child in list(model.named_children()):
+        if isinstance(child, nn.Linear):
+            setattr(model, name, cls(child))
+        else:
+            swap_linears(child, cls)
+    return model
+
+
+def use_weights(model: nn.Module, weights: str = "fp32") -> nn.Module:
+    """Convert a model for generation, in place: "fp32" (as is), "bf16" or "int8" (weight-only, see above)."""
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights={weights!r}: choose one of {', '.join(WEIGHTS)}")
+    model.eval()
+    if weights == "fp32":
+        return model
+    return swap_linears(model, BF16Linear if weights == "bf16" else Int8Linear)
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes one batch-1 decode step reads for weights: every Linear's weight (+ scales, biases), norms, one
+    embedding row per table. The memory-bandwidth ceiling is bandwidth / (this + the KV cache read)."""
+    total = 0
+    for mod in model.modules():
+        if isinstance(mod, nn.Embedding):
+            total += mod.weight[0].numel() * mod.weight.element_size()
+            continue
+        if isinstance(mod, (Int8Linear, BF16Linear)):
+            tensors = [t for t in (mod.weight, getattr(mod, "scale", None), mod.bias) if t is not None]
+        else:
+            tensors = list(mod.parameters(recurse=False))
+        total += sum(t.numel() * t.element_size() for t in tensors)
+    return total
