@@ -423,6 +423,8 @@ class MyGPT(nn.Module):
                 nn.init.zeros_(p)
             elif p.dim() == 1:
                 nn.init.ones_(p)
+            elif name.endswith("c_proj.weight") and config.zero_init:  # each block starts as the identity
+                nn.init.zeros_(p)
             else:
                 std = 0.02 / math.sqrt(2 * config.n_layer) if name.endswith("c_proj.weight") else 0.02
                 nn.init.normal_(p, 0.0, std)

@@ -323,6 +323,8 @@ class MyGPT(nn.Module):
                 nn.init.zeros_(p)
             elif p.dim() == 1:
                 nn.init.ones_(p)
+            elif name.endswith("c_proj.weight") and config.zero_init:  # each block starts as the identity
+                nn.init.zeros_(p)
             else:
                 std = 0.02 / math.sqrt(2 * config.n_layer) if name.endswith("c_proj.weight") else 0.02
                 nn.init.normal_(p, 0.0, std)
@@ -426,13 +428,11 @@ print("keys logged:", sorted({k for r in rows for k in r}))
 # `minilm.train.train(cfg, model=...)` runs any module with `forward(idx, targets) -> (logits, loss)` through
 # the same loop: schedule, clipping, evaluation, checkpoints. Here it trains `Model` (your `MyGPT` once its
 # check passed, else minilm's GPT) with the run's config for its first steps, and puts its curve next to the
-# reference run's. Same weights layout, same data order, same schedule: the two curves should overlap.
+# reference run's. Same layout and initialisation, same data order and schedule: the curves should nearly
+# overlap (only the random initial draws differ).
 
 # %%
-import inspect
-
 from minilm.config import apply_overrides
-from minilm.train import get_lr
 
 steps_mine = 100 if FAST else cfg.train.max_iters
 mine_cfg = apply_overrides(nb.run_config(FAST, data_dir, out_dir=str(run_dir.with_name(run_dir.name + "-mine"))),
@@ -441,26 +441,8 @@ mine_cfg = apply_overrides(nb.run_config(FAST, data_dir, out_dir=str(run_dir.wit
 shutil.rmtree(mine_cfg.train.out_dir, ignore_errors=True)
 torch.manual_seed(cfg.train.seed)
 my_model = Model(mine_cfg.model)
-if "model" in inspect.signature(train).parameters:
-    train(mine_cfg, why=f"{Model.__name__} in the real loop", model=my_model)
-    mine_rows = [json.loads(line) for line in (Path(mine_cfg.train.out_dir) / "metrics.jsonl").read_text().splitlines()]
-else:  # this minilm's train() does not take a model yet: the same schedule in a short loop of your pieces
-    from minilm.data import TokenData
-
-    data = TokenData(data_dir, "train", mine_cfg.model.vocab_size, mine_cfg.model.block_size, seed=mine_cfg.train.seed)
-    t = mine_cfg.train
-    opt = torch.optim.AdamW(my_model.parameters(), lr=t.lr, betas=(t.beta1, t.beta2), weight_decay=t.weight_decay)
-    mine_rows = []
-    for step in range(steps_mine):
-        for group in opt.param_groups:
-            group["lr"] = get_lr(step, t)
-        xb, yb = data.get_batch(t.batch_size, mine_cfg.model.block_size)
-        loss = my_model(xb, yb)[1]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(my_model.parameters(), t.grad_clip)
-        opt.step()
-        mine_rows.append({"step": step, "loss": loss.item()})
+train(mine_cfg, why=f"{Model.__name__} in the real loop", model=my_model)
+mine_rows = [json.loads(line) for line in (Path(mine_cfg.train.out_dir) / "metrics.jsonl").read_text().splitlines()]
 mine_steps = [r for r in mine_rows if r.get("loss") is not None]
 plt.figure(figsize=(6, 3))
 plt.plot([r["step"] for r in steps], [r["loss"] for r in steps], label="minilm GPT (reference run)", alpha=0.7)
@@ -531,10 +513,12 @@ plt.figure(figsize=(6, 3))
 for f in factors:
     out = run_dir.with_name(f"{run_dir.name}-lr{f:g}")
     shutil.rmtree(out, ignore_errors=True)
-    c = apply_overrides(nb.run_config(FAST, data_dir, out_dir=str(out)),
-                        {"lr": cfg.train.lr * f, "min_lr": cfg.train.min_lr * f, "max_iters": sweep_steps,
-                         "lr_decay_iters": sweep_steps, "eval_interval": sweep_steps, "log_interval": 5,
-                         "tensorboard": False, "sample_tokens": 0, "progress": False})
+    over = {"lr": cfg.train.lr * f, "min_lr": cfg.train.min_lr * f, "max_iters": sweep_steps,
+            "lr_decay_iters": sweep_steps, "eval_interval": sweep_steps, "log_interval": 5, "tensorboard": False,
+            "sample_tokens": 0, "progress": False}
+    if cfg.train.optimizer == "muon":  # the hidden matrices' rate scales with the rest
+        over["muon_lr"] = cfg.train.muon_lr * f
+    c = apply_overrides(nb.run_config(FAST, data_dir, out_dir=str(out)), over)
     try:
         end = f"val {train(c)['val_loss']:.2f}"
     except TrainingAborted:  # the loss went non-finite: that is what too high looks like
