@@ -41,8 +41,17 @@ lint: $(STAMP)
 test-py: $(STAMP)
 	$(BIN)/python -m pytest tests -q
 
+# Every notebook twice: as shipped (each exercise a stub, the checks say "not implemented yet"), then with each
+# exercise filled in from course/solutions.py under COURSE_STRICT=1 (a check that does not pass fails the run).
+# The verdicts go to a scratch log, so `python -m course status` still shows only the learner's own work.
+NBVAL := -m pytest --nbval-lax --nbval-cell-timeout=300 -p no:cacheprovider -q
 test-notebooks: $(STAMP)
-	$(BIN)/python -m pytest --nbval-lax --nbval-cell-timeout=300 -p no:cacheprovider notebooks -q
+	@start=$$(date +%s); \
+	COURSE_LOG=out/nb/checks-ci.jsonl $(BIN)/python $(NBVAL) notebooks || exit 1; \
+	mid=$$(date +%s); rm -rf out/nb-solved && $(BIN)/python notebooks/solve.py out/nb-solved >/dev/null && \
+	COURSE_STRICT=1 COURSE_LOG=out/nb/checks-ci.jsonl $(BIN)/python $(NBVAL) out/nb-solved || exit 1; \
+	end=$$(date +%s); \
+	echo "notebooks: as shipped $$((mid - start)) s, solved $$((end - mid)) s, total $$((end - start)) s"
 
 test: $(STAMP) browser lint test-py test-notebooks
 

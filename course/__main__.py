@@ -1,4 +1,4 @@
-"""python -m course status | checks"""
+"""python -m course status | checks | report"""
 
 from __future__ import annotations
 
@@ -8,10 +8,9 @@ import json
 import sys
 
 from course import check
-from course.status import format_status, status
+from course.status import TASKS, format_status, status
 
-CHECKS = ("minhash", "bpe", "perplexity", "bleu", "rouge", "loss_scaler", "attention", "causal_self_attention",
-          "sampling")
+CHECKS = tuple(c for _, checks in TASKS.values() for c in checks)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,12 +22,27 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--target_tokens", type=int, default=1_000_000,
                    help="tokens the data dir must hold (the GPU project's target is 100000000)")
     s.add_argument("--log", default=None, help="self-check log (default: $COURSE_LOG or out/course/checks.jsonl)")
+    s.add_argument("--config", default="configs/my_run.yaml", help="your week-18 config (task 3)")
+    s.add_argument("--bench_dir", default="efficient_training/bench_results",
+                   help="where `python -m efficient_training.bench` wrote bench_*.json (task 3)")
     s.add_argument("--json", action="store_true", help="print JSON instead of a table")
     sub.add_parser("checks", help="list the self-checks and what each expects of your function")
+    r = sub.add_parser("report", help="write RUN/report.md: curves, metrics vs baselines, samples, config")
+    r.add_argument("--out_dir", default="out/tiny", help="the run dir to report on")
     a = p.parse_args(argv)
     if a.cmd == "status":
-        rows = status(a.data_dir, a.out_dir, a.target_tokens, a.log)
+        rows = status(a.data_dir, a.out_dir, a.target_tokens, a.log, a.config, a.bench_dir)
         print(json.dumps(rows, indent=2) if a.json else format_status(rows, a.log))
+        return 0
+    if a.cmd == "report":
+        from course.report import ReportError, write_report
+        from course.status import _resolve
+
+        try:
+            print(f"wrote {write_report(_resolve(a.out_dir))}")
+        except ReportError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         return 0
     for name in CHECKS:
         fn = getattr(check, name, None)

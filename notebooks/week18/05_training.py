@@ -1,0 +1,592 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/llm-course/llm-training-from-scratch/blob/main/notebooks/week18/05_training.ipynb)
+#
+# # Week 18 · 05 — Training the mini LM
+#
+# The model in `minilm/model.py`, its configs, a training run with learning curves (matplotlib and TensorBoard),
+# and resuming. With `FAST = True` a tiny model trains for 500 steps on a subset of the built-in corpus;
+# with `FAST = False` this notebook trains the course project, the `mini_lm` preset (48M parameters), on a GPU.
+# Days 8–11 of the course ([week18.md](../../course/week18.md)).
+
+# %%
+# Setup. On Colab only: clone the course repository and install it (Colab's own torch is kept, never
+# replaced). Locally, install once with `pip install -e ".[dev]"` from the repository root (see README).
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+if "google.colab" in sys.modules:
+    if not Path("/content/llm-training-from-scratch").is_dir():
+        subprocess.run(["git", "clone", "--depth", "1", "https://github.com/llm-course/llm-training-from-scratch", "/content/llm-training-from-scratch"],
+                       check=True)
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", "/content/llm-training-from-scratch[metrics,serve]"],
+                       check=True)
+    os.chdir("/content/llm-training-from-scratch/notebooks/week18")
+ROOT = next(p for p in [Path.cwd(), *Path.cwd().parents] if (p / "pyproject.toml").is_file())
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # the packages import even without an editable install
+print("repository:", ROOT)
+
+# %%
+FAST = True  # True: small and quick on a 2-core CPU, downloads nothing. False: the full run (use a GPU).
+SEED = 0
+
+import random
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+
+random.seed(SEED)
+np.random.seed(SEED)
+torch.manual_seed(SEED)
+if FAST:  # the Hugging Face libraries fail at once instead of trying the network
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# %matplotlib inline
+
+
+def show():
+    """Display the current figure inline, even after a package switched matplotlib to Agg to save files."""
+    from IPython.display import display
+
+    fig = plt.gcf()
+    fig.tight_layout()
+    display(fig)
+    plt.close(fig)
+
+
+print(f"FAST={FAST}, device={DEVICE}, torch {torch.__version__}")
+
+# %% [markdown]
+# ## 1. The presets
+#
+# Three configurations share one code path. Parameter count (embeddings tied with the output layer, counted
+# once) and training FLOPs per token (6N + 12·L·C·T, the PaLM appendix formula) for each:
+
+# %%
+import math
+
+from course import check, nb
+from minilm.config import PRESETS
+from minilm.model import GPT
+
+print(f"{'preset':8s} {'params':>12s} {'layers':>6s} {'width':>6s} {'context':>7s} {'GFLOP/token':>12s}")
+for name, cfg in PRESETS.items():
+    with torch.device("meta"):  # shapes only: no memory, no time
+        m = GPT(cfg.model)
+    print(f"{name:8s} {m.num_params():12,d} {cfg.model.n_layer:6d} {cfg.model.n_embd:6d} "
+          f"{cfg.model.block_size:7d} {m.flops_per_token() / 1e9:12.3f}")
+
+# %% [markdown]
+# At initialisation every token should be about equally likely, so the loss should be close to ln(vocab_size).
+# A much larger value means a bad initialisation (this model uses GPT-2's: normal(0, 0.02), residual
+# projections scaled by 1/sqrt(2·n_layer)):
+
+# %%
+from minilm.config import ModelConfig
+
+cfg0 = ModelConfig(vocab_size=2048, block_size=64, n_layer=2, n_head=2, n_embd=64)
+m0 = GPT(cfg0)
+x, y = torch.randint(0, cfg0.vocab_size, (2, 8, 64))
+print(f"loss at init {m0(x, y)[1].item():.3f}   ln(vocab) = {math.log(cfg0.vocab_size):.3f}")
+
+# %% [markdown]
+# ## 2. Attention, by hand
+#
+# Each head projects the input to queries, keys and values, scores every earlier position with
+# $\mathrm{softmax}(QK^\top/\sqrt{d})$ (later positions masked out: the model must not see the future), and
+# mixes the values. `minilm` calls PyTorch's fused `scaled_dot_product_attention`.
+#
+# ### Exercise 1 — causal scaled dot-product attention
+#
+# Write `my_attention(q, k, v)` for tensors of shape (batch, heads, T, head_dim) without calling
+# `scaled_dot_product_attention`.
+
+# %%
+# YOUR CODE: my_attention
+def my_attention(q, k, v):
+    """Causal softmax(q k^T / sqrt(head_dim)) v for (B, n_head, T, head_dim) tensors."""
+    raise NotImplementedError("scores = q @ k.transpose(-2, -1) / sqrt(d); -inf above the diagonal; softmax; @ v")
+
+
+# %%
+result = check.attention(my_attention)
+my_attention = check.pick(result, my_attention)
+
+
+# %% [markdown]
+# ### Exercise 2 — the whole attention layer
+#
+# Write `my_causal_self_attention(x, attn)` for `x` of shape (B, T, n_embd), using a `minilm` layer's weights:
+# `attn.c_attn` (one linear layer producing q, k, v side by side), split into `attn.n_head` heads, attention,
+# heads merged back, then `attn.c_proj`. The check compares with the layer itself.
+
+# %%
+# YOUR CODE: my_causal_self_attention
+def my_causal_self_attention(x, attn):
+    """The attention layer on x (B, T, n_embd) with attn's weights: c_attn, split into n_head heads, c_proj."""
+    raise NotImplementedError("q, k, v = attn.c_attn(x).split(C, dim=2); heads: view(B, T, H, C // H).transpose(1, 2)")
+
+
+# %%
+result = check.causal_self_attention(my_causal_self_attention)
+my_causal_self_attention = check.pick(result, my_causal_self_attention)
+
+# %% [markdown]
+# ### Exercise 3 — LayerNorm and RMSNorm
+#
+# GPT-2 normalises each position's vector with LayerNorm: subtract the mean, divide by the standard deviation
+# (the biased one, `sqrt(mean((x - mean)^2) + eps)`, eps inside the root), then scale and shift by learned
+# `weight` and `bias`. Llama-style models use **RMSNorm**: no mean, no bias, just `x / sqrt(mean(x^2) + eps) *
+# weight`, computed in float32 and returned in x's dtype (bfloat16 squares lose too much precision).
+
+# %%
+# YOUR CODE: my_layer_norm
+def my_layer_norm(x, weight, bias, eps):
+    """LayerNorm over the last dim; bias may be None."""
+    raise NotImplementedError("mean and biased variance over dim=-1 (keepdim=True); eps inside the square root")
+
+
+# %%
+result = check.layer_norm(my_layer_norm)
+my_layer_norm = check.pick(result, my_layer_norm)
+
+# %%
+# YOUR CODE: my_rms_norm
+def my_rms_norm(x, weight, eps):
+    """RMSNorm over the last dim, in float32, returned in x.dtype."""
+    raise NotImplementedError("xf = x.float(); xf / sqrt(mean(xf^2, -1) + eps) * weight; .to(x.dtype)")
+
+
+# %%
+result = check.rms_norm(my_rms_norm)
+my_rms_norm = check.pick(result, my_rms_norm)
+
+# %% [markdown]
+# ### Exercise 4 — the MLP
+#
+# The feed-forward half of a block, with `mlp.c_fc` and `mlp.c_proj` (linear layers). `kind` is the config's
+# `mlp`: `"gelu"` is GPT-2's `c_proj(gelu(c_fc(x)))` with the exact GELU `x * Phi(x)` (`0.5 x (1 + erf(x /
+# sqrt 2))`); `"relu2"` squares a ReLU; `"swiglu"` (Llama) splits `c_fc(x)` into a gate and an up half and
+# returns `c_proj(silu(gate) * up)`, `silu(z) = z * sigmoid(z)`.
+
+# %%
+# YOUR CODE: my_mlp
+def my_mlp(x, mlp, kind="gelu"):
+    """The MLP with mlp.c_fc and mlp.c_proj; kind in gelu, relu2, swiglu."""
+    raise NotImplementedError("h = mlp.c_fc(x); the nonlinearity for this kind; mlp.c_proj(h)")
+
+
+# %%
+result = check.mlp(my_mlp, kinds=("gelu", "relu2", "swiglu"))
+my_mlp = check.pick(result, my_mlp)
+
+# %% [markdown]
+# ### Exercise 5 — a transformer block
+#
+# Pre-LayerNorm, as GPT-2: `x = x + attention(ln_1(x))`, then `x + mlp(ln_2(x))`. Normalising the branch
+# inputs (not the sum) keeps a clean residual path from the embeddings to the output. Write `my_block(x, block)`
+# with your three functions and a `minilm` block's weights (`block.ln_1.weight`, `.bias`, `.eps`, ...).
+
+# %%
+# YOUR CODE: my_block
+def my_block(x, block):
+    """One GPT-2 block with your layer norm, attention layer and MLP, and block's weights."""
+    raise NotImplementedError("x + my_causal_self_attention(my_layer_norm(x, ...ln_1...), block.attn); same for the MLP")
+
+
+# %%
+result = check.block(my_block)
+my_block = check.pick(result, my_block)
+
+# %% [markdown]
+# ### Exercise 6 — rotary position embeddings (RoPE)
+#
+# Instead of adding a learned position vector, RoPE rotates each query and key by an angle proportional to its
+# position, so `q·k` depends on the distance between them. Dim `i` pairs with dim `i + head_dim/2` and turns by
+# `pos * theta^(-2i/head_dim)`: `y = x * cos + rotate_half(x) * sin`, `rotate_half(x) = cat(-x2, x1)` for the
+# two halves `x1, x2` (the Llama/Hugging Face layout). Write `my_rope(x, theta)` for x (B, n_head, T, head_dim),
+# positions 0..T-1.
+
+# %%
+# YOUR CODE: my_rope
+def my_rope(x, theta):
+    """x rotated by its positions 0..T-1 (Llama layout)."""
+    raise NotImplementedError("inv_freq = 1 / theta ** (arange(0, hd, 2) / hd); angles = pos[:, None] * inv_freq; "
+                              "cat(angles, angles)")
+
+
+# %%
+result = check.rope(my_rope)
+my_rope = check.pick(result, my_rope)
+hd, T = 16, 12
+q, k = torch.randn(1, 1, 1, hd).expand(1, 1, T, hd), torch.randn(1, 1, 1, hd).expand(1, 1, T, hd)
+scores = my_rope(q, 10000.0)[0, 0] @ my_rope(k, 10000.0)[0, 0].T  # the same q and k at every position
+print("q·k depends only on the distance:", torch.allclose(scores.diagonal(2), scores.diagonal(2)[0].expand(T - 2),
+                                                         atol=1e-4))
+
+# %% [markdown]
+# ### Exercise 7 — a numerically stable cross-entropy
+#
+# The loss: `-log softmax(logits)[target]`, averaged over the positions whose target is not `ignore_index`.
+# `exp(1000.0)` is inf in float32, so subtract each row's maximum first (`log softmax(z) = z - max - log sum
+# exp(z - max)`); the check feeds logits around 1e4.
+
+# %%
+# YOUR CODE: my_cross_entropy
+def my_cross_entropy(logits, targets, ignore_index=-100):
+    """Mean cross-entropy of logits (N, V) against targets (N,), skipping targets equal to ignore_index."""
+    raise NotImplementedError("keep = targets != ignore_index; subtract the row max; log of the sum of exp; gather")
+
+
+# %%
+result = check.cross_entropy(my_cross_entropy)
+my_cross_entropy = check.pick(result, my_cross_entropy)
+
+# %% [markdown]
+# ### Exercise 8 — the whole GPT
+#
+# Now the model. The parameters are laid out below with `minilm`'s names (so `minilm`'s weights load into it and
+# the check can compare logits); `Weights` is a box of layers with no `forward` of its own. Write `forward`:
+# token embeddings (plus position embeddings when `config.pos == "learned"`), the blocks, the final norm, the
+# head, and your loss over targets that are not -1. The config's switches are the modern recipe: `norm`
+# ("layernorm" or "rmsnorm"), `mlp`, `qk_norm` (RMSNorm on each head's q and k, `attn.q_norm`/`attn.k_norm`)
+# and `pos == "rope"` (your `my_rope` on q and k, after the q/k norm). The check also runs those.
+
+# %%
+# YOUR CODE: Weights NormWeights MyGPT
+import torch.nn as nn
+
+
+class Weights(nn.Module):
+    """A named box of layers: holds parameters, your functions do the computing."""
+
+    def __init__(self, **layers):
+        super().__init__()
+        for name, layer in layers.items():
+            self.add_module(name, layer)
+
+
+class NormWeights(nn.Module):
+    """RMSNorm's one parameter, named as minilm names it."""
+
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+
+class MyGPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        c, bias, hd = config.n_embd, config.bias, config.n_embd // config.n_head
+        norm = (lambda: NormWeights(c)) if config.norm == "rmsnorm" else (lambda: nn.LayerNorm(c, bias=bias))
+        hidden = config.mlp_hidden or (64 * math.ceil(8 * c / 3 / 64) if config.mlp == "swiglu" else 4 * c)
+        blocks = []
+        for _ in range(config.n_layer):
+            attn = Weights(c_attn=nn.Linear(c, 3 * c, bias=bias), c_proj=nn.Linear(c, c, bias=bias))
+            if config.qk_norm:
+                attn.q_norm, attn.k_norm = NormWeights(hd), NormWeights(hd)
+            attn.n_head = config.n_head
+            up = nn.Linear(c, 2 * hidden if config.mlp == "swiglu" else hidden, bias=bias)
+            blocks.append(Weights(ln_1=norm(), attn=attn, ln_2=norm(),
+                                  mlp=Weights(c_fc=up, c_proj=nn.Linear(hidden, c, bias=bias))))
+        parts = dict(wte=nn.Embedding(config.vocab_size, c), h=nn.ModuleList(blocks), ln_f=norm())
+        if config.pos == "learned":
+            parts["wpe"] = nn.Embedding(config.block_size, c)
+        self.transformer = nn.ModuleDict(parts)
+        self.lm_head = nn.Linear(c, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.transformer.wte.weight = self.lm_head.weight
+        for name, p in self.named_parameters():  # GPT-2's initialisation
+            if name.endswith("bias"):
+                nn.init.zeros_(p)
+            elif p.dim() == 1:
+                nn.init.ones_(p)
+            elif name.endswith("c_proj.weight") and config.zero_init:  # each block starts as the identity
+                nn.init.zeros_(p)
+            else:
+                std = 0.02 / math.sqrt(2 * config.n_layer) if name.endswith("c_proj.weight") else 0.02
+                nn.init.normal_(p, 0.0, std)
+
+    def forward(self, idx, targets=None):
+        """(logits (B, T, vocab), mean loss over targets != -1, or None without targets)."""
+        raise NotImplementedError("embed; for blk in self.transformer.h: x + attention(norm(x)), x + mlp(norm(x)); "
+                                  "final norm; lm_head; my_cross_entropy(..., ignore_index=-1)")
+
+
+# %%
+from minilm.model import GPT
+
+result = check.gpt(MyGPT, modern=True)
+Model = check.pick(result, MyGPT)
+
+# %% [markdown]
+# ### Exercise 9 — overfit one batch
+#
+# Before a long run, prove the loop can learn: train on one fixed batch until the loss is near zero. If it will
+# not go down there, nothing will go right on real data. Write `my_overfit(model, x, y, steps)`: your choice of
+# optimizer and learning rate, a forward, `zero_grad`, `backward`, `step` each time; return the losses.
+
+# %%
+# YOUR CODE: my_overfit
+def my_overfit(model, x, y, steps):
+    """Train model on the batch (x, y) for `steps` steps; return the list of losses."""
+    raise NotImplementedError("opt = torch.optim.AdamW(model.parameters(), lr=1e-2); then the four lines per step")
+
+
+# %%
+result = check.overfit(my_overfit)
+overfit = check.pick(result, my_overfit)
+torch.manual_seed(SEED)
+tiny_cfg = ModelConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=32)
+xb, yb = torch.randint(0, 64, (2, 2, 16))
+plt.figure(figsize=(5, 2.5))
+plt.plot(overfit(Model(tiny_cfg), xb, yb, 150), label=f"{Model.__name__}")
+plt.axhline(math.log(64), color="grey", ls=":", label="ln(vocab)")
+plt.yscale("log"); plt.xlabel("step"); plt.ylabel("loss on the one batch"); plt.legend(); show()
+
+# %% [markdown]
+# ## 3. A training run
+#
+# `minilm.train.train(cfg)` is the same loop as `python -m minilm.train`: AdamW with warm-up and cosine decay,
+# gradient clipping, periodic evaluation on the validation split, a sample at each evaluation, atomic
+# checkpoints (`ckpt.pt`, `ckpt_best.pt`), `metrics.jsonl` and TensorBoard logs. The config (any field can be
+# overridden, as on the command line):
+
+# %%
+from minilm.config import get_preset
+
+data_dir = nb.data_dir(FAST)
+cfg = nb.run_config(FAST, data_dir)
+print(f"data: {data_dir}")
+print(f"model: {cfg.model}")
+print(f"train: max_iters={cfg.train.max_iters} batch_size={cfg.train.batch_size} lr={cfg.train.lr} "
+      f"out_dir={cfg.train.out_dir}")
+base = get_preset(cfg.train.preset).to_dict()
+changed = {k: v for part in ("model", "train") for k, v in cfg.to_dict()[part].items() if base[part][k] != v}
+print(f"the same from a shell: python -m minilm.train --preset={cfg.train.preset} "
+      + " ".join(f"--{k}={v}" for k, v in changed.items()))
+
+# %%
+import shutil
+
+from minilm.train import train
+
+run_dir = Path(cfg.train.out_dir)
+if FAST and run_dir.exists():
+    shutil.rmtree(run_dir)  # a fresh run, so the resume below starts from this one
+final = train(cfg)
+print({k: v for k, v in final.items() if k != "sample"})
+
+# %% [markdown]
+# ## 4. Learning curves
+#
+# `metrics.jsonl` holds one JSON line per logged step (training loss, learning rate, tokens/s) and per
+# evaluation (train and validation loss). Validation loss still falling: train longer. Flat from the start:
+# learning rate or data. Rising while training loss falls: overfitting.
+
+# %%
+import json
+
+rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+steps = [r for r in rows if r.get("loss") is not None]
+evals = [r for r in rows if r.get("val_loss") is not None]
+fig, ax = plt.subplots(1, 2, figsize=(10, 3))
+ax[0].plot([r["step"] for r in steps], [r["loss"] for r in steps], label="train (per step)", alpha=0.6)
+ax[0].plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label="validation")
+ax[0].axhline(math.log(cfg.model.vocab_size), color="grey", ls=":", label="ln(vocab): uniform guess")
+ax[0].set_xlabel("step"); ax[0].set_ylabel("loss"); ax[0].legend()
+lr_rows = [r for r in rows if r.get("lr") is not None]
+ax[1].plot([r["step"] for r in lr_rows], [r["lr"] for r in lr_rows]); ax[1].set_title("learning rate")
+ax[1].set_xlabel("step"); show()
+print("keys logged:", sorted({k for r in rows for k in r}))
+
+# %% [markdown]
+# ## 4b. Your model in the real loop
+#
+# `minilm.train.train(cfg, model=...)` runs any module with `forward(idx, targets) -> (logits, loss)` through
+# the same loop: schedule, clipping, evaluation, checkpoints. Here it trains `Model` (your `MyGPT` once its
+# check passed, else minilm's GPT) with the run's config for its first steps, and puts its curve next to the
+# reference run's. Same layout and initialisation, same data order and schedule: the curves should nearly
+# overlap (only the random initial draws differ).
+
+# %%
+from minilm.config import apply_overrides
+
+steps_mine = 100 if FAST else cfg.train.max_iters
+mine_cfg = apply_overrides(nb.run_config(FAST, data_dir, out_dir=str(run_dir.with_name(run_dir.name + "-mine"))),
+                           {"max_iters": steps_mine, "eval_interval": 50 if FAST else cfg.train.eval_interval,
+                            "tensorboard": False, "sample_tokens": 0})
+shutil.rmtree(mine_cfg.train.out_dir, ignore_errors=True)
+torch.manual_seed(cfg.train.seed)
+my_model = Model(mine_cfg.model)
+train(mine_cfg, why=f"{Model.__name__} in the real loop", model=my_model)
+mine_rows = [json.loads(line) for line in (Path(mine_cfg.train.out_dir) / "metrics.jsonl").read_text().splitlines()]
+mine_steps = [r for r in mine_rows if r.get("loss") is not None]
+plt.figure(figsize=(6, 3))
+plt.plot([r["step"] for r in steps], [r["loss"] for r in steps], label="minilm GPT (reference run)", alpha=0.7)
+plt.plot([r["step"] for r in mine_steps], [r["loss"] for r in mine_steps], label=f"{Model.__name__} (yours)", alpha=0.7)
+plt.xlabel("step"); plt.ylabel("training loss"); plt.legend(); show()
+
+# %% [markdown]
+# **TensorBoard** shows the same curves live while a run trains. In JupyterLab or Colab:
+#
+# ```
+# %load_ext tensorboard
+# %tensorboard --logdir ../../out
+# ```
+#
+# or from a shell: `tensorboard --logdir out/` and open http://127.0.0.1:6006. (Not run here, so the notebook
+# finishes on its own in CI.)
+#
+# ## 5. Resuming
+#
+# A checkpoint holds the model, the optimizer, the step, the RNG states and the data sampler's position, so a
+# resumed run continues exactly where it stopped (after a Colab disconnect, say). Train 20 more steps:
+
+# %%
+from minilm.checkpoint import load_checkpoint
+from minilm.config import apply_overrides
+
+# Resume a copy, so the finished run stays as it is for notebooks 06 and 07.
+resumed_dir = run_dir.with_name(run_dir.name + "-resumed")
+shutil.rmtree(resumed_dir, ignore_errors=True)
+shutil.copytree(run_dir, resumed_dir)
+before = load_checkpoint(resumed_dir)["step"]
+more = apply_overrides(nb.run_config(FAST, data_dir, out_dir=str(resumed_dir)),
+                       {"resume": True, "max_iters": before + 20, "lr_decay_iters": before + 20})
+resumed = train(more)
+print(f"step {before} -> {load_checkpoint(resumed_dir)['step']}; val loss {resumed['val_loss']:.4f}")
+
+# %% [markdown]
+# ## 6. Throughput and MFU
+#
+# Model FLOPs utilisation = achieved training FLOP/s / the device's peak. On a CPU there is no published peak,
+# so it says so; on a GPU it is the number to watch (40% is good for a model this size).
+
+# %%
+tok_s = [r["tokens_per_s"] for r in rows if r.get("tokens_per_s")]
+model = GPT(cfg.model)
+name = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+if tok_s:
+    mfu, msg = model.estimate_mfu(float(np.median(tok_s)), name, "bfloat16")
+    print(f"median {np.median(tok_s):,.0f} tokens/s; {msg}")
+with torch.device("meta"):
+    big = GPT(PRESETS["mini_lm"].model)
+print("mini_lm, if an A100 trained it at 150k tokens/s:",
+      big.estimate_mfu(150_000, "NVIDIA A100-SXM4-40GB", "bfloat16")[1])
+
+# %% [markdown]
+# ## 7. A learning-rate sweep
+#
+# The most important knob. Train the same model at the run's learning rate times 0.1, 1 and 10 (and 0.3 and 3
+# with `FAST = False`) and put the curves on one plot: too low crawls, too high is noisy or diverges, and the
+# best is usually a little below the largest rate that is still stable.
+
+# %%
+from minilm.train import TrainingAborted
+
+factors = (0.1, 1.0, 10.0) if FAST else (0.1, 0.3, 1.0, 3.0, 10.0)
+sweep_steps = 40 if FAST else 1000
+plt.figure(figsize=(6, 3))
+for f in factors:
+    out = run_dir.with_name(f"{run_dir.name}-lr{f:g}")
+    shutil.rmtree(out, ignore_errors=True)
+    over = {"lr": cfg.train.lr * f, "min_lr": cfg.train.min_lr * f, "max_iters": sweep_steps,
+            "lr_decay_iters": sweep_steps, "eval_interval": sweep_steps, "log_interval": 5, "tensorboard": False,
+            "sample_tokens": 0, "progress": False}
+    if cfg.train.optimizer == "muon":  # the hidden matrices' rate scales with the rest
+        over["muon_lr"] = cfg.train.muon_lr * f
+    c = apply_overrides(nb.run_config(FAST, data_dir, out_dir=str(out)), over)
+    try:
+        end = f"val {train(c)['val_loss']:.2f}"
+    except TrainingAborted:  # the loss went non-finite: that is what too high looks like
+        end = "diverged"
+    rows_f = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    pts = [r for r in rows_f if r.get("loss") is not None]
+    plt.plot([r["step"] for r in pts], [r["loss"] for r in pts], label=f"lr x{f:g} = {c.train.lr:.1e} ({end})")
+plt.xlabel("step"); plt.ylabel("training loss"); plt.legend(fontsize=8); show()
+
+# %% [markdown]
+# ## 8. An architecture ablation
+#
+# Which of the modern pieces pay for themselves at this size? `python -m minilm.ablate` trains one variant
+# per switch (RoPE, RMSNorm, SwiGLU, QK-norm, untied head, ...) on the same data and steps and writes a table.
+# The saved results are shown when they exist; otherwise a two-variant run here (GPT-2 block vs the modern
+# recipe) for a few steps: too short to conclude much, but the same comparison.
+
+# %%
+from IPython.display import Image, Markdown, display
+
+saved = sorted((ROOT / "out").glob("ablate*/*.md")) + sorted((ROOT / "out").glob("ablate*/*.png"))
+if saved:
+    for f in saved:
+        display(Markdown(f.read_text()) if f.suffix == ".md" else Image(filename=str(f)))
+else:
+    print("no saved ablation (run `python -m minilm.ablate` for the real one): a short run here")
+    variants = {"GPT-2 block": dict(pos="learned", norm="layernorm", mlp="gelu", qk_norm=False),
+                "modern (RoPE, RMSNorm, SwiGLU, QK-norm)": dict(pos="rope", norm="rmsnorm", mlp="swiglu",
+                                                                  qk_norm=True)}
+    abl_steps = 50 if FAST else 1000
+    results = {}
+    for name, switches in variants.items():
+        out = run_dir.with_name(f"{run_dir.name}-abl-{switches['pos']}")
+        shutil.rmtree(out, ignore_errors=True)
+        c = apply_overrides(nb.run_config(FAST, data_dir, out_dir=str(out)),
+                            {**switches, "max_iters": abl_steps, "lr_decay_iters": abl_steps,
+                             "eval_interval": abl_steps, "tensorboard": False, "sample_tokens": 0, "progress": False})
+        results[name] = train(c)["val_loss"]
+    for name, v in results.items():
+        print(f"{name:42s} val loss {v:.4f} after {abl_steps} steps")
+
+# %% [markdown]
+# ## 9. Tokens per parameter
+#
+# Hoffmann et al. (2022, "Chinchilla") found that for a fixed compute budget, loss is lowest when a model sees
+# about **20 training tokens per parameter**. A model trained on far fewer tokens than that is under-trained
+# (a smaller model would have done better on the same compute); far more is fine if inference cost matters
+# (Llama trains small models on 100+ tokens per parameter). Our presets:
+
+# %%
+print(f"{'preset':8s} {'params':>12s} {'tokens trained':>15s} {'tokens/param':>13s} {'Chinchilla tokens':>18s}")
+for name, pc in PRESETS.items():
+    with torch.device("meta"):
+        n = GPT(pc.model).num_params()
+    tokens = pc.train.max_iters * pc.train.batch_size * pc.train.grad_accum * pc.model.block_size
+    print(f"{name:8s} {n:12,d} {tokens:15,d} {tokens / n:13.1f} {20 * n:18,d}")
+ours_tokens = cfg.train.max_iters * cfg.train.batch_size * cfg.train.grad_accum * cfg.model.block_size
+print(f"this notebook's run: {GPT(cfg.model).num_params():,} parameters, {ours_tokens:,} tokens")
+
+# %% [markdown]
+# Read the table against the data: the built-in corpus holds a few million tokens, so the `mini_lm` preset's
+# budget of 20 tokens per parameter (about a billion tokens) needs the `wiki_code` recipe's 100M tokens seen
+# for several epochs, or more data. Repeating data up to about four epochs costs little (Muennighoff et al.,
+# 2023); beyond that, returns fall. Which of the presets is closest to compute-optimal, and what would you
+# change first: steps, batch size, or the model?
+#
+# **Task 4** ([course/README.md](../../course/README.md)): set `FAST = False` on a GPU to train `mini_lm`
+# (2–4 h on a T4, expected), or run `python -m minilm.train --preset mini_lm`; then
+# `python -m course status --out_dir out/mini_lm`.
+#
+# Next: [06_evaluation.ipynb](06_evaluation.ipynb).

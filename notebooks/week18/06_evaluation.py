@@ -1,0 +1,162 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/llm-course/llm-training-from-scratch/blob/main/notebooks/week18/06_evaluation.ipynb)
+#
+# # Week 18 · 06 — Evaluating the model
+#
+# `minilm.evaluate` turns a run into a report: validation perplexity (sliding window) and bits per byte, the
+# counting baselines, a continuation task scored with BLEU and ROUGE, generation metrics and generation speed.
+# Day 12 of the course ([week18.md](../../course/week18.md)).
+
+# %%
+# Setup. On Colab only: clone the course repository and install it (Colab's own torch is kept, never
+# replaced). Locally, install once with `pip install -e ".[dev]"` from the repository root (see README).
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+if "google.colab" in sys.modules:
+    if not Path("/content/llm-training-from-scratch").is_dir():
+        subprocess.run(["git", "clone", "--depth", "1", "https://github.com/llm-course/llm-training-from-scratch", "/content/llm-training-from-scratch"],
+                       check=True)
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", "/content/llm-training-from-scratch[metrics,serve]"],
+                       check=True)
+    os.chdir("/content/llm-training-from-scratch/notebooks/week18")
+ROOT = next(p for p in [Path.cwd(), *Path.cwd().parents] if (p / "pyproject.toml").is_file())
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # the packages import even without an editable install
+print("repository:", ROOT)
+
+# %%
+FAST = True  # True: small and quick on a 2-core CPU, downloads nothing. False: the full run (use a GPU).
+SEED = 0
+
+import random
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+
+random.seed(SEED)
+np.random.seed(SEED)
+torch.manual_seed(SEED)
+if FAST:  # the Hugging Face libraries fail at once instead of trying the network
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# %matplotlib inline
+
+
+def show():
+    """Display the current figure inline, even after a package switched matplotlib to Agg to save files."""
+    from IPython.display import display
+
+    fig = plt.gcf()
+    fig.tight_layout()
+    display(fig)
+    plt.close(fig)
+
+
+print(f"FAST={FAST}, device={DEVICE}, torch {torch.__version__}")
+
+# %%
+from course import nb
+from minilm.evaluate import evaluate
+
+run_dir = nb.trained_run(FAST)  # the run from notebook 05 (trained now if it is missing)
+kwargs = dict(max_tokens=4_000, num_prompts=6, max_train_tokens=400_000, speed_tokens=32) if FAST else {}
+results = evaluate(run_dir, **kwargs)
+print("wrote", sorted(p.name for p in run_dir.glob("eval*")), f"in {results['seconds']:.0f} s")
+print("sections:", list(results))
+
+# %% [markdown]
+# ## 1. Perplexity against the baselines
+#
+# The first question is whether the transformer beats counting. Bits per byte makes runs with different
+# tokenizers comparable. (In `FAST` mode the model has trained for half a minute: it beats the unigram
+# baseline and is near the bigram one; the `mini_lm` run should beat both by a wide margin — expected.)
+
+# %%
+ppl, base = results["perplexity"], results["baselines"]
+table = {"unigram (add-k)": base["unigram"], "bigram (add-k)": base["bigram"],
+         "GPT, non-overlapping": ppl["non_overlapping"], "GPT, sliding window": ppl["sliding"]}
+for name, r in table.items():
+    print(f"{name:22s} perplexity {r['perplexity']:9.2f}   bits/byte {r['bits_per_byte']:.3f}")
+fig, ax = plt.subplots(1, 2, figsize=(11, 3))
+ax[0].barh(list(table), [r["bits_per_byte"] for r in table.values()], color=["C0", "C1", "C2", "C3"])
+ax[0].set_xlabel("bits per byte (lower is better)")
+ax[1].plot(results["loss_by_position"])
+ax[1].set_xlabel("position in the context window"); ax[1].set_ylabel("mean loss")
+ax[1].set_title("loss by position: falls once the model uses its context")
+show()
+
+# %% [markdown]
+# ## 2. The continuation task
+#
+# Prompt = the start of a held-out document, reference = what follows. The greedy continuation is scored with
+# BLEU and ROUGE (with a bootstrap confidence interval). Absolute numbers are small for open-ended
+# continuation — there are many good continuations and only one reference — so compare runs, not to 100.
+
+# %%
+c = results["continuation"]
+print(f"{c['prompts']} prompts of {c['prompt_tokens']} tokens, {c['continuation_tokens']} tokens continued")
+print(f"BLEU {c['bleu']:.2f}  precisions {[round(p, 1) for p in c['bleu_precisions']]}  BP {c['bleu_bp']:.3f}")
+for k, v in c["rouge"].items():
+    print(f"{k:9s} F {v['f']:.4f}  (95% CI {v['f_low']:.4f} .. {v['f_high']:.4f})")
+for ex in results["examples"][:2]:
+    print("\n--- prompt ---\n" + ex["prompt"][-200:])
+    print("--- reference ---\n" + ex["reference"][:200])
+    print("--- greedy ---\n" + ex["greedy"][:200])
+
+# %% [markdown]
+# ## 3. Generated text: diversity, loops, copying
+#
+# The same generation metrics for greedy and sampled continuations, next to the human-written references.
+# `copy_rate` is the share of continuations that repeat 16+ training tokens verbatim (memorisation).
+
+# %%
+g = results["generation"]
+kinds = [k for k in g if isinstance(g[k], dict)]
+fields = ["distinct_1", "distinct_2", "repetition_4", "self_bleu", "copy_rate"]
+print(f"{'':24s}" + "".join(f"{f:>14s}" for f in fields))
+for k in kinds:
+    print(f"{k:24s}" + "".join(f"{g[k][f]:14.3f}" for f in fields))
+sp = results["speed"]
+print(f"\nspeed: {sp['tokens_per_s']:.0f} tokens/s, first token {sp['time_to_first_token_ms']:.0f} ms, "
+      f"{sp['ms_per_token']:.1f} ms/token")
+
+# %% [markdown]
+# ## 4. The report
+#
+# `eval.md` and its dashboard figure `eval_dashboard.png` put it all on one page:
+
+# %%
+from IPython.display import Image, Markdown, display
+
+png = run_dir / "eval_dashboard.png"
+if png.is_file():
+    display(Image(filename=str(png)))
+display(Markdown((run_dir / "eval.md").read_text()[:3000]))
+
+# %% [markdown]
+# **Task 5** (first half): run `python -m minilm.evaluate --out_dir out/<your run>` on your project run and
+# compare it with the tiny run and the baselines in a table of your own. `python -m course status` then finds
+# `eval.json`.
+#
+# Next: [07_serving.ipynb](07_serving.ipynb).

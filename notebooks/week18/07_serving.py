@@ -1,0 +1,240 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/llm-course/llm-training-from-scratch/blob/main/notebooks/week18/07_serving.ipynb)
+#
+# # Week 18 · 07 — Sampling and serving
+#
+# From a checkpoint to text: decoding strategies, the KV cache, the command line, and an HTTP API with
+# streaming and latency figures. Day 13 of the course ([week18.md](../../course/week18.md)).
+
+# %%
+# Setup. On Colab only: clone the course repository and install it (Colab's own torch is kept, never
+# replaced). Locally, install once with `pip install -e ".[dev]"` from the repository root (see README).
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+if "google.colab" in sys.modules:
+    if not Path("/content/llm-training-from-scratch").is_dir():
+        subprocess.run(["git", "clone", "--depth", "1", "https://github.com/llm-course/llm-training-from-scratch", "/content/llm-training-from-scratch"],
+                       check=True)
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", "/content/llm-training-from-scratch[metrics,serve]"],
+                       check=True)
+    os.chdir("/content/llm-training-from-scratch/notebooks/week18")
+ROOT = next(p for p in [Path.cwd(), *Path.cwd().parents] if (p / "pyproject.toml").is_file())
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # the packages import even without an editable install
+print("repository:", ROOT)
+
+# %%
+FAST = True  # True: small and quick on a 2-core CPU, downloads nothing. False: the full run (use a GPU).
+SEED = 0
+
+import random
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+
+random.seed(SEED)
+np.random.seed(SEED)
+torch.manual_seed(SEED)
+if FAST:  # the Hugging Face libraries fail at once instead of trying the network
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# %matplotlib inline
+
+
+def show():
+    """Display the current figure inline, even after a package switched matplotlib to Agg to save files."""
+    from IPython.display import display
+
+    fig = plt.gcf()
+    fig.tight_layout()
+    display(fig)
+    plt.close(fig)
+
+
+print(f"FAST={FAST}, device={DEVICE}, torch {torch.__version__}")
+
+# %%
+import time
+
+from course import check, nb
+from minilm.sample import eos_of, generate_text, load_run
+
+run_dir = nb.trained_run(FAST)
+model, tok, ckpt = load_run(run_dir, DEVICE)
+eos = eos_of(tok, ckpt)
+print(f"run {run_dir.name}: step {ckpt['step']}, {model.num_params():,} parameters")
+
+# %% [markdown]
+# ## 1. Decoding strategies
+#
+# Greedy decoding (temperature 0) always takes the most likely token and tends to loop. Temperature rescales
+# the logits (below 1: sharper; above 1: flatter); top-k keeps the k most likely tokens; top-p (nucleus) keeps
+# the smallest set whose probability reaches p. Same prompt, same seed:
+
+# %%
+prompt = "def "
+for kw in [dict(temperature=0.0), dict(temperature=0.8, top_k=50), dict(temperature=1.0, top_p=0.9),
+           dict(temperature=1.5, top_k=None)]:
+    r = generate_text(model, tok, prompt, max_new_tokens=40, seed=SEED, eos_id=eos, **kw)
+    print(f"{kw}\n  {prompt + r['text']!r}\n")
+
+# %% [markdown]
+# How the filters reshape one next-token distribution:
+
+# %%
+from minilm.model import sample_next
+
+ids = torch.tensor([tok.encode(prompt).ids], device=DEVICE)
+with torch.no_grad():
+    logits = model(ids)[0][0, -1].float().cpu()
+order = logits.argsort(descending=True)[:30]
+fig, ax = plt.subplots(1, 3, figsize=(11, 2.8), sharey=True)
+for a, (title, t, k, p) in zip(ax, [("T=1", 1.0, None, None), ("T=0.7, top-k=10", 0.7, 10, None),
+                                    ("T=1, top-p=0.8", 1.0, None, 0.8)]):
+    draws = sample_next(logits.repeat(4000, 1), torch.zeros(4000, 1, dtype=torch.long),
+                        torch.ones(4000, 1, dtype=torch.bool), t, k, p, 1.0, torch.Generator().manual_seed(0))
+    freq = torch.bincount(draws, minlength=logits.numel()).float() / 4000
+    a.bar(range(30), freq[order].numpy()); a.set_title(title); a.set_xlabel("token rank")
+ax[0].set_ylabel("share of 4,000 draws"); show()
+
+# %% [markdown]
+# ### Exercise — the filtered distribution
+#
+# Write `my_probs(logits, temperature, top_k, top_p)` returning the probabilities a sampler draws from, for
+# `logits` of shape (B, vocab): divide by the temperature, keep the `top_k` largest logits (if given), then
+# keep the smallest set of most likely tokens whose probability reaches `top_p` (if given; the token that
+# crosses the threshold stays), renormalise. The check draws from your distribution and from `minilm`'s
+# `sample_next` with the same random numbers: equal distributions pick the same tokens.
+
+# %%
+# YOUR CODE: my_probs
+def my_probs(logits, temperature, top_k, top_p):
+    """(B, vocab) probabilities after temperature, then top-k, then top-p; zero for the tokens filtered out."""
+    raise NotImplementedError("divide by temperature; -inf below the k-th largest; sort, and drop a token once the ones "
+                              "before it reach top_p")
+
+
+# %%
+check.sampling(my_probs)
+
+# %% [markdown]
+# ## 2. The KV cache
+#
+# Without a cache every new token recomputes attention over the whole context: the cost of a continuation
+# grows with the square of its length. With a cache, each step runs the model on one position and reuses the
+# stored keys and values. Same greedy output, different cost:
+
+# %%
+start = torch.tensor([tok.encode(prompt).ids], device=DEVICE)
+n_new = min(48, model.config.block_size - start.size(1))
+outs, secs = {}, {}
+for cache in (False, True):
+    t0 = time.perf_counter()
+    outs[cache] = model.generate(start, n_new, temperature=0.0, use_cache=cache)
+    secs[cache] = time.perf_counter() - t0
+print("same tokens:", torch.equal(outs[False], outs[True]))
+print(f"without cache {n_new / secs[False]:.0f} tokens/s, with cache {n_new / secs[True]:.0f} tokens/s "
+      f"({secs[False] / secs[True]:.1f}x; the gain grows with context length and model size)")
+
+# %% [markdown]
+# ## 3. From the command line
+
+# %%
+cmd = [sys.executable, "-m", "minilm.sample", "--out_dir", str(run_dir), "--prompt", "import ",
+       "--max_new_tokens", "30", "--temperature", "0.8", "--num_samples", "2"]
+print("$ python", " ".join(cmd[1:]))
+print(subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=True).stdout)
+
+# %% [markdown]
+# ## 4. An HTTP API
+#
+# `python -m minilm.serve --out_dir RUN` starts a FastAPI server on 127.0.0.1 (loopback only): `POST
+# /v1/generate` (JSON, or server-sent events with `"stream": true`), `GET /health`, `GET /v1/model`,
+# `GET /metrics` (Prometheus format) and a playground page at `/`. We start it in a subprocess on a free port,
+# call it, stream from it and put it under a little load.
+
+# %%
+import socket
+
+import httpx
+
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+url = f"http://127.0.0.1:{port}"
+server = subprocess.Popen([sys.executable, "-m", "minilm.serve", "--out_dir", str(run_dir), "--port", str(port),
+                           "--log_level", "warning"], cwd=ROOT)
+for _ in range(300):  # wait up to 60 s for the model to load
+    try:
+        if httpx.get(url + "/health", timeout=1).status_code == 200:
+            break
+    except httpx.HTTPError:
+        pass
+    if server.poll() is not None:
+        raise RuntimeError("the server exited; run the command above in a shell to see why")
+    time.sleep(0.2)
+print(httpx.get(url + "/health").json())
+print({k: v for k, v in httpx.get(url + "/v1/model").json().items() if k != "config"})
+
+# %%
+body = {"prompt": "def ", "max_new_tokens": 32, "temperature": 0.8, "top_k": 50, "seed": SEED}
+r = httpx.post(url + "/v1/generate", json=body, timeout=60).json()
+print(r)
+same = generate_text(model, tok, "def ", max_new_tokens=32, temperature=0.8, top_k=50, seed=SEED, eos_id=eos)
+print("same text as minilm.sample with the same seed:", r.get("text") == same["text"])
+
+# %%
+events = []
+with httpx.stream("POST", url + "/v1/generate", json=body | {"stream": True}, timeout=60) as resp:
+    for line in resp.iter_lines():
+        if line.startswith("data:"):
+            events.append(line)
+print(f"{len(events)} server-sent events; the first and the last:")
+for line in events[:4] + ["   ..."] + events[-1:]:
+    print("  ", line[:160])
+bad = httpx.post(url + "/v1/generate", json=body | {"temperature": -1}, timeout=10)
+print("a bad request gets", bad.status_code, bad.json())
+
+# %% [markdown]
+# **Latency under load**: `python -m minilm.serve.loadtest` sends requests from concurrent clients and reports
+# latency percentiles and tokens/s (the course's numbers are in the README; `FAST` keeps this one small).
+
+# %%
+n_req, conc = (16, 4) if FAST else (200, 8)
+out = subprocess.run([sys.executable, "-m", "minilm.serve.loadtest", "--url", url, "--concurrency", str(conc),
+                      "--requests", str(n_req), "--max_new_tokens", "16"],
+                     capture_output=True, text=True, cwd=ROOT, timeout=300)
+print(out.stdout or out.stderr)
+metrics = httpx.get(url + "/metrics").text
+print("\n".join(line for line in metrics.splitlines() if line and not line.startswith("#"))[:1200])
+
+# %%
+server.terminate()
+server.wait(timeout=30)
+print("server stopped, exit code", server.returncode)
+
+# %% [markdown]
+# **Task 5** (second half): serve your project run, open the playground at `http://127.0.0.1:8000/`, and record
+# p50/p95 latency and tokens/s with the load test. Then `python -m course status` should show all five tasks
+# done.
