@@ -533,13 +533,16 @@ plt.xlabel("step"); plt.ylabel("training loss"); plt.legend(fontsize=8); show()
 #
 # Which of the modern pieces pay for themselves at this size? `python -m minilm.ablate` trains one variant
 # per switch (RoPE, RMSNorm, SwiGLU, QK-norm, untied head, ...) on the same data and steps and writes a table.
-# The saved results are shown when they exist; otherwise a two-variant run here (GPT-2 block vs the modern
-# recipe) for a few steps: too short to conclude much, but the same comparison.
+# The table shown is yours from `out/ablate/` if you ran it, else the one measured for the README (`docs/`);
+# with neither, a two-variant run here (GPT-2 block vs the modern recipe) for a few steps: too short to conclude
+# much, but the same comparison. The presets follow the winner at equal wall time.
 
 # %%
 from IPython.display import Image, Markdown, display
 
-saved = sorted((ROOT / "out").glob("ablate*/*.md")) + sorted((ROOT / "out").glob("ablate*/*.png"))
+# Your own `python -m minilm.ablate` results (out/ablate/) first, else the measured ones committed in docs/.
+saved = sorted((ROOT / "out").glob("ablate*/ablation.*")) or sorted((ROOT / "docs").glob("ablation.*"))
+saved = [f for f in saved if f.suffix in (".md", ".png")]
 if saved:
     for f in saved:
         display(Markdown(f.read_text()) if f.suffix == ".md" else Image(filename=str(f)))
