@@ -206,7 +206,8 @@ def test_muon_gets_the_hidden_matrices_and_adamw_the_rest(tiny_data_dir, tmp_pat
     expected = {n for n, p in model.named_parameters() if n.startswith("transformer.h.") and p.dim() == 2}
     assert in_muon == expected and in_muon.isdisjoint(in_adamw)
     assert in_muon | in_adamw == set(names.values())
-    assert {"transformer.wte.weight", "transformer.wpe.weight"} <= in_adamw
+    assert {"transformer.wte.weight", "lm_head.weight"} <= in_adamw  # the modern preset: RoPE, untied head
+    assert not any(n.endswith(("q_norm.weight", "k_norm.weight")) for n in in_muon)  # gains are 1-D: AdamW
     cfg.train.warmup_iters, cfg.train.max_iters = 10, 100
     set_lr([muon, adamw], 50, cfg.train)  # every group at its own peak times the same schedule factor
     factor = muon.param_groups[0]["lr"] / 0.02
