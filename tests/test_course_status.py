@@ -97,7 +97,9 @@ def test_tasks_done_from_artifacts_and_log(tiny_data_dir, evaluated_run, tmp_pat
 
 
 def test_trained_run_without_evaluation_is_not_done(tiny_data_dir, tiny_run, tmp_path):
-    rows = status(tiny_data_dir, tiny_run, log=tmp_path / "log.jsonl")
+    run = tmp_path / "run"  # a copy without the eval files other tests may have written into the shared run
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("eval*"))
+    rows = status(tiny_data_dir, run, log=tmp_path / "log.jsonl")
     assert not rows[3]["done"] and "no eval.json yet" in rows[3]["artifact"]
     assert "minilm.evaluate" in rows[3]["artifact"]
 
