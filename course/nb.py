@@ -1,7 +1,7 @@
 """What the notebooks share: the repository root, a scratch dir, a data dir and a trained run for FAST or full mode.
 
     from course import nb
-    data_dir = nb.data_dir(FAST)            # FAST: a small built-in-corpus subset under out/nb/; else data/builtin-32k
+    data_dir = nb.data_dir(FAST)            # FAST: a small built-in-corpus subset under out/nb/; else data/installed-32k
     run_dir = nb.trained_run(FAST)          # FAST: a tiny model trained for 500 steps (~30 s); else out/mini_lm
 
 Both are cached: a notebook that finds the data dir or a run with the same config reuses it, so the week's
@@ -35,21 +35,23 @@ def scratch(name: str = "") -> Path:
 
 
 def data_dir(fast: bool = True, vocab_size: int | None = None) -> Path:
-    """A data dir to train on. FAST: a subset of the built-in corpus (a few seconds); else the full built-in one."""
+    """A data dir to train on. FAST: a subset of the built-in corpus (a few seconds); else the installed-packages
+    corpus the small and mini_lm presets train on (data/installed-32k: the standard library plus the licence-checked
+    installed packages)."""
     if fast:
         out = repo_root() / "out" / "nb" / "data-fast"
         recipe = {"recipe": "builtin", "vocab_size": vocab_size or FAST_VOCAB, "max_files": FAST_FILES,
                   "val_fraction": 0.1}  # a bigger validation share: a small corpus still gets ~100k val tokens
     else:
         vocab_size = vocab_size or 32000
-        out = repo_root() / "data" / ("builtin-32k" if vocab_size == 32000 else f"builtin-{vocab_size}")
-        recipe = {"recipe": "builtin", "vocab_size": vocab_size}
+        out = repo_root() / "data" / ("installed-32k" if vocab_size == 32000 else f"installed-{vocab_size}")
+        recipe = {"recipe": "installed", "vocab_size": vocab_size}
     if (out / "meta.json").is_file():
         return out
     from dataset_curation.pipeline import build
 
     kw = {k: v for k, v in recipe.items() if k != "recipe"}
-    return Path(build(recipe="builtin", out=out, num_proc=2, progress=True, **kw))
+    return Path(build(recipe=recipe["recipe"], out=out, num_proc=2, progress=True, **kw))
 
 
 def run_config(fast: bool = True, data: Path | None = None, **overrides):
