@@ -1,7 +1,7 @@
 """What the notebooks share: the repository root, a scratch dir, a data dir and a trained run for FAST or full mode.
 
     from course import nb
-    data_dir = nb.data_dir(FAST)            # FAST: a small built-in-corpus subset under out/nb/; else data/installed-32k
+    data_dir = nb.data_dir(FAST)            # FAST: a small stdlib subset under out/nb/; else data/installed-32k
     run_dir = nb.trained_run(FAST)          # FAST: a tiny model trained for 500 steps (~30 s); else out/mini_lm
 
 Both are cached: a notebook that finds the data dir or a run with the same config reuses it, so the week's
