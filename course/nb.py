@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 FAST_FILES = 120  # stdlib modules in the FAST data dir: enough text for a tokenizer and a tiny model
@@ -94,25 +93,6 @@ def trained_run(fast: bool = True, **overrides) -> Path:
             return out
     train(cfg)
     return out
-
-
-def setup(fast: bool, seed: int = 0) -> str:
-    """Seed python/numpy/torch, keep FAST runs offline, and return the device the notebook uses."""
-    import random
-
-    import numpy as np
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    if fast:  # the Hugging Face libraries fail at once instead of trying the network
-        os.environ["HF_HUB_OFFLINE"] = "1"
-        os.environ["HF_DATASETS_OFFLINE"] = "1"
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    print(f"FAST={fast}, device={device}, torch {torch.__version__}")
-    return device
 
 
 def show() -> None:

@@ -53,10 +53,18 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from course.nb import setup, show
-
-DEVICE = setup(FAST, SEED)  # seeds python/numpy/torch, keeps FAST offline; show() displays the current figure
+random.seed(SEED)
+np.random.seed(SEED)
+torch.manual_seed(SEED)
+if FAST:  # the Hugging Face libraries fail at once instead of trying the network
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # %matplotlib inline
+from course.nb import show  # displays the current figure inline, even after a package switched matplotlib to Agg
+
+print(f"FAST={FAST}, device={DEVICE}, torch {torch.__version__}")
 
 # %% [markdown]
 # ## 1. The raw documents
