@@ -295,11 +295,22 @@ def local_files(path: str | Path) -> list[Path]:
     return files
 
 
+def _load_dataset_fn():
+    """`datasets.load_dataset`, or a SourceError that says how to install it (it is the optional `data` extra)."""
+    try:
+        from datasets import load_dataset
+    except ImportError:
+        raise SourceError("this recipe reads files and the Hub through Hugging Face `datasets`, which is not "
+                          "installed: pip install -e '.[data]' (the built-in and installed recipes need "
+                          "nothing extra)") from None
+    return load_dataset
+
+
 def file_documents(input: str | Path, kind: str = "prose", text_field: str = "text",
                    license: str = "unknown") -> tuple[list[dict], dict]:
     """Documents from local files through `datasets`: a .txt file is one document; .jsonl and .parquet give one
     document per row from `text_field` (a `kind` column, when present, overrides the default kind)."""
-    from datasets import load_dataset
+    load_dataset = _load_dataset_fn()
 
     files = local_files(input)
     digest = hashlib.sha256()
@@ -364,7 +375,7 @@ def hub_documents(target_tokens: int = 100_000_000, chars_per_token: float = 4.0
             raise SourceError(f"the wiki_code recipe needs the Hugging Face Hub, but {why}. Offline, use the "
                               "built-in corpus: `python -m dataset_curation build --recipe builtin --out "
                               "data/builtin-8k`")
-    from datasets import load_dataset
+    load_dataset = _load_dataset_fn()
 
     budget = target_tokens * chars_per_token * 1.3
     for (name, kwargs, field, licence), kind, chars in [(wiki, "prose", budget * (1 - code_share)),

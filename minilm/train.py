@@ -39,7 +39,7 @@ from minilm.checkpoint import (
 )
 from minilm.config import ConfigError, ModelConfig, RunConfig, parse_args, validate
 from minilm.data import DataError, TokenData, baseline_losses, load_tokenizer, read_meta, whole_split_loss
-from minilm.device import bf16_speedup, pick_device, resolve_dtype, setup_distributed
+from minilm.device import bf16_speedup, keep_freed_memory, pick_device, resolve_dtype, setup_distributed
 from minilm.model import GPT
 from minilm.optim import build_optimizers, get_lr, load_optimizer_states, optimizer_states, set_lr
 
@@ -499,6 +499,8 @@ def set_up(cfg: RunConfig, why: str, model: torch.nn.Module | None) -> tuple[Run
         torch.backends.cudnn.allow_tf32 = True
     dtype, dtype_why = resolve_dtype(t.dtype, device)
     device_type = device.split(":")[0]
+    if device_type == "cpu":
+        keep_freed_memory()
 
     # Data first: a wrong data dir should fail before a model is built.
     data_dir = Path(t.data_dir)

@@ -371,3 +371,13 @@ def test_one_atomic_write_per_package():
     count = lambda pkg: sum(f.read_text().count("os.replace(") for f in (root / pkg).rglob("*.py"))
     assert count("dataset_curation") == 1
     assert count("efficient_training") == 0 and count("metrics") == 0
+
+
+def test_files_recipe_without_datasets_says_which_extra_to_install(corpus_dir, tmp_path, monkeypatch):
+    import sys
+
+    folder, _ = corpus_dir
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as after `make train`, which installs only the core
+    with pytest.raises(SourceError, match=r"pip install -e '\.\[data\]'"):
+        build("files", tmp_path / "d", vocab_size=400, num_proc=1, progress=False, input=str(folder))
+    assert not (tmp_path / "d" / "train.bin").exists()
