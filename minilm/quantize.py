@@ -1,6 +1,6 @@
 """Fewer bytes per generated token: bf16 weights, or int8 weights with one fp32 scale per output channel.
 
-    model = use_weights(model, "int8")     # in place; also "bf16" and "fp32" (unchanged)
+    model = use_weights(model, "int8")     # in place; also "bf16", "w8a8" and "fp32" (unchanged)
 
 Decoding one token at batch 1 reads every weight once and does 2 FLOPs per weight read, so on a CPU it runs at
 memory speed: fp32 moves 4 bytes per weight, bf16 2, int8 1 (+ a scale per row). The model's forward() is not
@@ -11,6 +11,12 @@ attention and the KV cache, and the embedding table (a lookup reads one row per 
 Int8Linear uses PyTorch's fused CPU kernel aten._weight_int8pack_mm when it exists (int8 weights, bf16
 activations, fp32 accumulation; several times faster than dequantizing the weight on every call) and otherwise
 F.linear on the dequantized weight.
+
+"w8a8" stores the same int8 weights and also rounds each input row to int8 on the fly (one scale per row, i.e. per
+token), so the matmul is int8 x int8 with exact int32 sums (torch._int_mm, oneDNN's VNNI kernel on x86). On the
+2-core Xeon here that kernel streams weights at ~21 GB/s where _weight_int8pack_mm reaches ~8.5: decoding is
+limited by how fast the kernel unpacks int8, not by memory. The cost is the activations' rounding (2^-8 of each
+row's largest value), measured in the README beside the others.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-WEIGHTS = ("fp32", "bf16", "int8")
+WEIGHTS = ("fp32", "bf16", "int8", "w8a8")
 _HAS_INT8_KERNEL = hasattr(torch.ops.aten, "_weight_int8pack_mm")
 
 
@@ -74,6 +80,33 @@ class BF16Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bf16"
 
 
+class W8A8Linear(nn.Module):
+    """y = (round(x / sx) @ q^T) * sx * scale + bias: int8 weights (per output row) and int8 inputs (per row)."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        q, scale = quantize_per_channel(linear.weight)
+        self.register_buffer("weight", q)
+        self.register_buffer("scale", scale)
+        bias = linear.bias.detach().float().clone() if linear.bias is not None else None
+        self.register_buffer("bias", bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features).float()
+        xq, sx = quantize_per_channel(flat)  # rows of x are the "channels" here
+        if x.device.type == "cpu":
+            acc = torch._int_mm(xq, self.weight.t()).float()  # exact int32 sums
+        else:  # _int_mm has shape limits on CUDA; float sums of int8 products are exact up to 2^24
+            acc = F.linear(xq.float(), self.weight.float())
+        y = (acc * sx[:, None] * self.scale).view(*x.shape[:-1], self.out_features)
+        y = y if self.bias is None else y + self.bias
+        return y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 weights and inputs"
+
+
 def swap_linears(model: nn.Module, cls) -> nn.Module:
     """Replace every nn.Linear (the tied lm_head included; embeddings stay) by cls(linear), in place."""
     for name, child in list(model.named_children()):
@@ -85,13 +118,13 @@ def swap_linears(model: nn.Module, cls) -> nn.Module:
 
 
 def use_weights(model: nn.Module, weights: str = "fp32") -> nn.Module:
-    """Convert a model for generation, in place: "fp32" (as is), "bf16" or "int8" (weight-only, see above)."""
+    """Convert a model for generation, in place: "fp32" (as is), "bf16", "int8" (weight-only) or "w8a8"."""
     if weights not in WEIGHTS:
         raise ValueError(f"weights={weights!r}: choose one of {', '.join(WEIGHTS)}")
     model.eval()
     if weights == "fp32":
         return model
-    return swap_linears(model, BF16Linear if weights == "bf16" else Int8Linear)
+    return swap_linears(model, {"bf16": BF16Linear, "int8": Int8Linear, "w8a8": W8A8Linear}[weights])
 
 
 def weight_bytes(model: nn.Module) -> int:
@@ -102,7 +135,7 @@ def weight_bytes(model: nn.Module) -> int:
         if isinstance(mod, nn.Embedding):
             total += mod.weight[0].numel() * mod.weight.element_size()
             continue
-        if isinstance(mod, (Int8Linear, BF16Linear)):
+        if isinstance(mod, (Int8Linear, BF16Linear, W8A8Linear)):
             tensors = [t for t in (mod.weight, getattr(mod, "scale", None), mod.bias) if t is not None]
         else:
             tensors = list(mod.parameters(recurse=False))

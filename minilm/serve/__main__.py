@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max_queue", type=int, default=32, help="requests that may wait for a worker before 503")
     p.add_argument("--max_new_tokens_cap", type=int, default=512, help="largest max_new_tokens a request may ask")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads of the batching thread")
-    p.add_argument("--weights", default="fp32", choices=WEIGHTS, help="weight format (bf16/int8: faster decoding)")
+    p.add_argument("--weights", default="fp32", choices=WEIGHTS, help="weight format (bf16/int8/w8a8: faster decoding)")
     p.add_argument("--log_level", default="info")
     a = p.parse_args(argv)
     if not 0 <= a.port <= 65535:
