@@ -23,8 +23,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="tokens the data dir must hold (the GPU project's target is 100000000)")
     s.add_argument("--log", default=None, help="self-check log (default: $COURSE_LOG or out/course/checks.jsonl)")
     s.add_argument("--config", default="configs/my_run.yaml", help="your week-18 config (task 3)")
-    s.add_argument("--bench_dir", default="efficient_training/bench_results",
-                   help="where `python -m efficient_training.bench` wrote bench_*.json (task 3)")
+    s.add_argument("--bench_dir", default="out/bench",
+                   help="where your `python -m efficient_training.bench` run wrote bench_*.json (task 3; the "
+                        "committed efficient_training/bench_results/ is the course's recorded run, not yours)")
     s.add_argument("--json", action="store_true", help="print JSON instead of a table")
     sub.add_parser("checks", help="list the self-checks and what each expects of your function")
     r = sub.add_parser("report", help="write RUN/report.md: curves, metrics vs baselines, samples, config")

@@ -1,7 +1,7 @@
 """Which of the five course tasks are done, judged from the learner's files and the self-check log.
 
     python -m course status [--data_dir data/builtin-8k] [--out_dir out/tiny] [--target_tokens 1000000]
-                            [--config configs/my_run.yaml] [--bench_dir efficient_training/bench_results]
+                            [--config configs/my_run.yaml] [--bench_dir out/bench]
 
 Every task needs real artefacts and its self-checks passed with the learner's own code: the data dir holding the
 token target (1), the metric checks (2), a config that loads and a benchmark JSON (3), a trained run whose
@@ -150,7 +150,7 @@ def _resolve(path: str | Path) -> Path:
 
 def status(data_dir: str | Path = "data/builtin-8k", out_dir: str | Path = "out/tiny",
            target_tokens: int = 1_000_000, log: str | Path | None = None, config: str | Path = "configs/my_run.yaml",
-           bench_dir: str | Path = "efficient_training/bench_results") -> list[dict]:
+           bench_dir: str | Path = "out/bench") -> list[dict]:
     """One dict per task: {"task", "title", "done", "artifact_ok", "artifact", "checks": {name: verdict or None}}.
 
     A check counts when its latest verdict is PASS with the learner's own code; a pass of the reference does not.

@@ -173,15 +173,15 @@ def decode_rows(cfg: ModelConfig, weights: list[str], prompt_len: int, new: int,
     return rows
 
 
-def quality_rows(run: str, weights: list[str], windows: int) -> list[dict]:
-    """Validation loss of a trained run in each weight format, and how often greedy argmax agrees with fp32."""
+def quality_rows(run: str, weights: list[str], windows: int, data_dir: str | None = None) -> list[dict]:
+    """Validation loss of a trained run in each weight format (on data_dir's val split, default the run's)."""
     from minilm.data import TokenData
     from minilm.sample import load_run
 
     rows, ref = [], None
     for w in weights:
-        model, _, ckpt = load_run(run, "cpu", weights=w)
-        tokens = TokenData(ckpt["config"]["train"]["data_dir"], "val").tokens
+        model, _, ckpt = load_run(run, "cpu", data_dir=data_dir, weights=w)
+        tokens = TokenData(data_dir or ckpt["config"]["train"]["data_dir"], "val").tokens
         loss = val_loss(model, tokens, model.config.block_size, windows)
         ref = loss if ref is None else ref
         rows.append({"weights": w, "val_loss": loss, "delta": loss - ref})
@@ -210,6 +210,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--quality_run", default=None,
                    help="a trained run dir: also compare its validation loss in each weight format")
     p.add_argument("--quality_windows", type=int, default=64, help="validation windows of block_size tokens")
+    p.add_argument("--data_dir", default=None,
+                   help="the quality run's data dir, when not where its config says (the path is relative to the "
+                        "directory it was trained from)")
     a = p.parse_args(argv)
     sections = [x for x in a.only.split(",") if x]
     weights = [w for w in a.weights.split(",") if w]
@@ -232,7 +235,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"\n## Quality of the weight formats: {a.quality_run}, first {a.quality_windows} validation windows\n")
         print("| weights | val loss | vs fp32 |")
         print("|---|---|---|")
-        for r in quality_rows(a.quality_run, ["fp32"] + [w for w in weights if w != "fp32"], a.quality_windows):
+        for r in quality_rows(a.quality_run, ["fp32"] + [w for w in weights if w != "fp32"], a.quality_windows,
+                                  a.data_dir):
             print(f"| {r['weights']} | {r['val_loss']:.4f} | {r['delta']:+.4f} |")
 
 

@@ -173,30 +173,34 @@ def ema_weights(model: torch.nn.Module, ema: list[torch.Tensor] | None):
 
 @contextlib.contextmanager
 def stop_on_ctrl_c():
-    """A threading.Event set by Ctrl-C (SIGINT); the loop checks it between micro-batches and saves a checkpoint.
+    """A threading.Event set by Ctrl-C (SIGINT) or SIGTERM (what Slurm, Kubernetes and `kill` send before
+    killing a job); the loop checks it between micro-batches and saves a checkpoint.
 
     The handler only sets the flag, so the stop always lands at a point where the state is consistent; a second
-    Ctrl-C interrupts at once (Python's usual KeyboardInterrupt). Where SIGINT is not Python's default (ignored,
-    as for a background job or nohup, or handled by someone else) or this is not the main thread, nothing is
-    installed.
+    signal acts at once (Ctrl-C: Python's usual KeyboardInterrupt; SIGTERM: exit). A signal whose handler is not
+    Python's default (SIGINT ignored, as for a background job or nohup, or handled by someone else) is left
+    alone, and nothing is installed outside the main thread.
     """
     stop = threading.Event()
-    if threading.current_thread() is not threading.main_thread() or \
-            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-        yield stop
-        return
+    defaults = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
+    ours = [sig for sig, default in defaults.items() if signal.getsignal(sig) is default]
+    if threading.current_thread() is not threading.main_thread():
+        ours = []
 
     def handler(signum, frame):
         stop.set()
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        print("\nCtrl-C: stopping after this micro-batch and saving a checkpoint (Ctrl-C again to quit at once)",
+        signal.signal(signum, defaults[signum])
+        what = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        print(f"\n{what}: stopping after this micro-batch and saving a checkpoint (again to quit at once)",
               file=sys.stderr, flush=True)
 
-    signal.signal(signal.SIGINT, handler)
+    for sig in ours:
+        signal.signal(sig, handler)
     try:
         yield stop
     finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        for sig in ours:
+            signal.signal(sig, defaults[sig])
 
 
 def stop_requested(stop: threading.Event, run: Run, micro: int) -> bool:

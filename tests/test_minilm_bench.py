@@ -44,10 +44,30 @@ def test_val_loss_is_the_mean_loss_over_fixed_windows():
 
 
 def test_quality_rows_of_a_trained_run(tiny_run):
-    rows = bench.quality_rows(str(tiny_run), ["fp32", "bf16", "int8"], windows=8)
+    rows = bench.quality_rows(str(tiny_run), ["fp32", "bf16", "int8", "w8a8"], windows=8)
     assert rows[0]["weights"] == "fp32" and rows[0]["delta"] == 0
     for r in rows[1:]:
         assert abs(r["delta"]) <= 0.01 * rows[0]["val_loss"]  # the weight formats cost < 1% of val loss here
+
+
+def test_quality_run_trained_elsewhere_takes_data_dir(tiny_run, tiny_data_dir, tmp_path, monkeypatch):
+    # A run's config names its data dir relative to where it was trained; from another directory --data_dir says
+    # where the data is instead.
+    import shutil
+
+    import torch
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    for name in ("ckpt.pt", "ckpt_best.pt"):
+        ckpt = torch.load(run / name, map_location="cpu", weights_only=True)
+        ckpt["config"]["train"]["data_dir"] = "data/where-it-was-trained"
+        torch.save(ckpt, run / name)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(Exception, match="where-it-was-trained"):
+        bench.quality_rows(str(run), ["fp32"], windows=4)
+    want = bench.quality_rows(str(tiny_run), ["fp32"], windows=4)[0]["val_loss"]
+    assert bench.quality_rows(str(run), ["fp32"], windows=4, data_dir=str(tiny_data_dir))[0]["val_loss"] == want
 
 
 def test_generate_section_prints_each_weight_row(capsys):
@@ -55,7 +75,7 @@ def test_generate_section_prints_each_weight_row(capsys):
                 "--decode_tokens", "4", "--threads", "1"])
     out = capsys.readouterr().out
     assert "KV cache vs recomputing" in out and "| tiny (block 1024) | 1 | 16 + 8 | yes |" in out
-    for w in ("fp32", "bf16", "int8"):
+    for w in ("fp32", "bf16", "int8", "w8a8"):
         assert f"\n| {w} | 1 | " in out
     with pytest.raises(SystemExit):
         bench.main(["--only", "nonsense"])

@@ -109,7 +109,9 @@ def _sigint_as_in_a_terminal() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def test_ctrl_c_saves_and_resume_continues(tiny_data_dir, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_saves_and_resume_continues(tiny_data_dir, tmp_path, sig):
+    # SIGTERM is what a scheduler (Slurm, Kubernetes, Colab's shutdown) sends before it kills the job.
     out = tmp_path / "int"
     args = [sys.executable, "-m", "minilm.train", "--preset=tiny", f"--data_dir={tiny_data_dir}", f"--out_dir={out}",
             "--n_layer=2", "--n_embd=64", "--block_size=64", "--batch_size=8", "--max_iters=100000",
@@ -121,8 +123,8 @@ def test_ctrl_c_saves_and_resume_continues(tiny_data_dir, tmp_path):
         if (out / "metrics.jsonl").exists() and len((out / "metrics.jsonl").read_text().splitlines()) >= 2:
             break
         time.sleep(0.2)
-    assert proc.poll() is None, proc.communicate()[0]  # still training when the Ctrl-C comes
-    proc.send_signal(signal.SIGINT)
+    assert proc.poll() is None, proc.communicate()[0]  # still training when the signal comes
+    proc.send_signal(sig)
     output, _ = proc.communicate(timeout=60)
     assert proc.returncode == 130, output
     assert "--resume" in output
