@@ -56,9 +56,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * self.weight.float()).to(x.dtype)
+        # F.rms_norm is x * rsqrt(mean(x^2) + eps) * weight in one call: decoding runs ~25 of these per token,
+        # and on a CPU each separate small op costs a few microseconds of dispatch.
+        return F.rms_norm(x.float(), (x.size(-1),), self.weight.float(), self.eps).to(x.dtype)
 
 
 def make_norm(config: ModelConfig, dim: int) -> nn.Module:
