@@ -493,7 +493,8 @@ def bleu(fn: Callable, trials: int = 4, seed: int | None = None, log: bool = Tru
 
     hypotheses is a list of strings; references a list of reference streams (references[k][i] is the k-th
     reference of segment i), sacrebleu's order. Texts are lowercase words separated by single spaces, so
-    splitting on spaces tokenizes them. No smoothing, n-grams up to 4, brevity penalty on the corpus lengths.
+    splitting on spaces tokenizes them. No smoothing, n-grams up to 4, brevity penalty on the corpus lengths;
+    a corpus with no match at some order scores 0.
     Reference: metrics.bleu.corpus_bleu(..., smooth_method="none"), itself equal to sacrebleu; tolerance 1e-6.
     """
     from metrics.bleu import corpus_bleu
@@ -513,7 +514,11 @@ def bleu(fn: Callable, trials: int = 4, seed: int | None = None, log: bool = Tru
         try:
             got = _score_of(fn(list(hyps_s), [list(r) for r in refs_s]), "score")
         except Exception as e:
-            return _finish("bleu", False, _crash(e, what), s, log)
+            msg = _crash(e, what)
+            if isinstance(e, (ValueError, ZeroDivisionError)):
+                msg += ("\n  hint: when some n-gram order has no match its precision is 0 and log(0) is undefined; "
+                        "without smoothing BLEU is then 0 (sacrebleu returns 0.0)")
+            return _finish("bleu", False, msg, s, log)
         if not abs(got - expected.score) <= 1e-6:
             prec = ", ".join(f"{p:.4g}" for p in expected.precisions)
             msg = (f"{what}\n  expected BLEU {expected.score:.6f}, got {got:.6f}\n  the reference's pieces: "

@@ -181,6 +181,8 @@ def _bleu_by_hand(hyps, refs, brevity=True):
                 best |= grams(r)
             correct[n - 1] += sum(min(c, best[g]) for g, c in grams(h).items())
             total[n - 1] += max(len(h) - n + 1, 0)
+    if min(correct) == 0:
+        return 0.0  # an order with no match: the geometric mean is 0 (a short corpus can draw this)
     log_p = sum(math.log(c / t) for c, t in zip(correct, total)) / 4
     bp = 1.0 if sys_len >= ref_len or not brevity else math.exp(1 - ref_len / sys_len)
     return 100 * bp * math.exp(log_p)
@@ -312,3 +314,14 @@ def test_bpe():
     assert not r and "got (" in r.message and "never occurs inside a pre-token" in r.message
     r = check.bpe(lambda text, n: train_bpe(text, 256 + n + 1).merges[:-3], seed=0)
     assert not r and "merges are right" in r.message
+
+
+def test_bleu_check_says_what_to_do_when_an_order_has_no_match():
+    def log_of_zero(hyps, refs):  # the by-hand formula without the zero case
+        return math.log(0.0)
+
+    r = check.bleu(log_of_zero, seed=0)
+    assert not r and "math domain error" in r.message and "BLEU is then 0" in r.message
+    # a seed whose short corpus has an order with no match: the by-hand BLEU (with its zero case) still passes
+    for seed in (690815238,):
+        assert check.bleu(_bleu_by_hand, seed=seed)
