@@ -2,7 +2,7 @@
 
 Running them is `make test-notebooks` (two runs: as shipped, and with course/solutions.py filled in):
 
-    pytest --nbval-lax notebooks/ --nbval-cell-timeout=300 -p no:cacheprovider
+    pytest --nbval-lax notebooks/ --nbval-cell-timeout=900 -p no:cacheprovider
     python notebooks/solve.py out/nb-solved && COURSE_STRICT=1 pytest --nbval-lax out/nb-solved ...
 """
 
