@@ -13,10 +13,10 @@ activations, fp32 accumulation; several times faster than dequantizing the weigh
 F.linear on the dequantized weight.
 
 "w8a8" stores the same int8 weights and also rounds each input row to int8 on the fly (one scale per row, i.e. per
-token), so the matmul is int8 x int8 with exact int32 sums (torch._int_mm, oneDNN's VNNI kernel on x86). On the
-2-core Xeon here that kernel streams weights at ~21 GB/s where _weight_int8pack_mm reaches ~8.5: decoding is
-limited by how fast the kernel unpacks int8, not by memory. The cost is the activations' rounding (2^-8 of each
-row's largest value), measured in the README beside the others.
+token), so the matmul is int8 x int8 with exact int32 sums (torch._int_mm, oneDNN on x86). On the 2-core Xeon
+here, over 47M distinct weights (a decode step's worth), that kernel read ~21 GB/s where _weight_int8pack_mm read
+~8.5; a whole decode step gains less, since small ops dominate it (README). The cost is the activations'
+rounding (2^-8 of each row's largest value), measured in the README beside the others.
 """
 
 from __future__ import annotations
