@@ -80,17 +80,8 @@ class BF16Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bf16"
 
 
-class W8A8Linear(nn.Module):
-    """y = (round(x / sx) @ q^T) * sx * scale + bias: int8 weights (per output row) and int8 inputs (per row)."""
-
-    def __init__(self, linear: nn.Linear):
-        super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        q, scale = quantize_per_channel(linear.weight)
-        self.register_buffer("weight", q)
-        self.register_buffer("scale", scale)
-        bias = linear.bias.detach().float().clone() if linear.bias is not None else None
-        self.register_buffer("bias", bias)
+class W8A8Linear(Int8Linear):
+    """y = (round(x / sx) @ q^T) * sx * scale + bias: Int8Linear's weights, and int8 inputs (one scale per row)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).float()
@@ -135,7 +126,7 @@ def weight_bytes(model: nn.Module) -> int:
         if isinstance(mod, nn.Embedding):
             total += mod.weight[0].numel() * mod.weight.element_size()
             continue
-        if isinstance(mod, (Int8Linear, BF16Linear, W8A8Linear)):
+        if isinstance(mod, (Int8Linear, BF16Linear)):  # W8A8Linear is an Int8Linear
             tensors = [t for t in (mod.weight, getattr(mod, "scale", None), mod.bias) if t is not None]
         else:
             tensors = list(mod.parameters(recurse=False))
