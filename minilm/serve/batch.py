@@ -50,8 +50,11 @@ class SlotCache:
 class RowView:
     """A `cache` for forward(): one sequence's prefill into row r from column 0 (like a fresh KVCache)."""
 
+    static = False
+
     def __init__(self, cache: SlotCache, row: int):
         self.cache, self.row, self.length = cache, row, 0
+        self.max_len = cache.k.size(3)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         end = self.length + k.size(2)
@@ -68,8 +71,11 @@ class DecodeView:
     step; the per-row lengths are the engine's to advance.
     """
 
+    static = False
+
     def __init__(self, cache: SlotCache, lengths: list[int]):
         self.cache = cache
+        self.max_len = cache.k.size(3)
         self.length = max(lengths)
         self.rows = torch.arange(len(lengths), device=cache.k.device)
         self.cols = torch.tensor(lengths, device=cache.k.device)

@@ -1,0 +1,113 @@
+"""The static KV cache and the torch.compile'd decode step give the tokens the ordinary cached decode gives.
+
+Where it meets the other generation features: left padding, repetition penalty, sampling seeds, eos, the cache
+refill past block_size, batch sizes, and the int8/w8a8 weight formats.
+"""
+
+import shutil
+
+import pytest
+import torch
+from test_minilm_arch import VARIANTS, make
+
+from minilm.model import KVCache, StaticKVCache
+from minilm.quantize import use_weights
+
+needs_compiler = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
+                                    reason="torch.compile on a CPU needs a C++ compiler")
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()  # graphs from other tests must not count (or be reused) here
+    torch._dynamo.utils.counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+def graphs_compiled() -> int:
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+@pytest.mark.parametrize("name", ["gpt2", "modern"])
+def test_static_cache_forward_equals_kv_cache(name):
+    # Eager, so it runs without a compiler: prefill, a second chunk, then single decode steps, padded rows too.
+    model = make(**VARIANTS[name])
+    x = torch.randint(1, 97, (2, 6))
+    dyn = KVCache(model.config, 2, 32, "cpu", torch.float32)
+    static = StaticKVCache(model.config, 2, 20, "cpu", torch.float32, compiled=False)
+    for chunk in (x[:, :4], x[:, 4:]):
+        a, _ = model(chunk, cache=dyn)
+        b, _ = model(chunk, cache=static)
+        assert torch.allclose(a, b, atol=1e-5)
+    pad = torch.tensor([[True] * 7, [False, False] + [True] * 5])[:, None, None, :]  # row 1: 2 padding slots
+    for t in range(8):
+        tok = torch.randint(1, 97, (2, 1))
+        am = torch.cat([pad, torch.ones(2, 1, 1, t, dtype=torch.bool)], dim=-1)
+        a, _ = model(tok, cache=dyn, pos=torch.full((2, 1), 6 + t), attn_mask=am)
+        b, _ = model(tok, cache=static, pos=torch.full((2, 1), 6 + t), attn_mask=am)
+        assert torch.allclose(a, b, atol=1e-5), t
+    assert static.length == dyn.length == 14
+
+
+def test_static_cache_overflow_is_a_clear_error():
+    model = make(**VARIANTS["modern"])
+    cache = StaticKVCache(model.config, 1, 8, "cpu", torch.float32, compiled=False)
+    model(torch.randint(1, 97, (1, 6)), cache=cache)
+    with pytest.raises(ValueError, match="holds 8 positions: 6 cached \\+ 3 new"):
+        model(torch.randint(1, 97, (1, 3)), cache=cache)
+
+
+def test_compile_needs_the_cache_and_a_compiler(monkeypatch):
+    model = make(**VARIANTS["modern"])
+    x = torch.randint(1, 97, (1, 4))
+    with pytest.raises(ValueError, match="needs use_cache=True"):
+        model.generate(x, 4, compile=True, use_cache=False)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(RuntimeError, match="C\\+\\+ compiler.*apt install g\\+\\+"):
+        model.generate(x, 4, compile=True)
+
+
+@needs_compiler
+@pytest.mark.parametrize("name", ["gpt2", "modern"])
+def test_compiled_decode_equals_eager(name):
+    # Greedy past block_size (the cache is refilled from the last half), then sampling with every setting on a
+    # left-padded batch: the same tokens, and one graph for all of it.
+    model = make(**VARIANTS[name])
+    x = torch.randint(1, 97, (2, 5))
+    assert torch.equal(model.generate(x, 40, temperature=0, compile=True), model.generate(x, 40, temperature=0))
+    mask = torch.ones_like(x)
+    mask[1, :2] = 0
+    kw = dict(temperature=0.8, top_k=20, top_p=0.9, repetition_penalty=1.5, seed=3, attention_mask=mask, eos_id=7)
+    assert torch.equal(model.generate(x, 25, compile=True, **kw), model.generate(x, 25, **kw))
+    assert graphs_compiled() == 1  # padded or not, refilled or not: the same shapes
+
+
+@needs_compiler
+def test_compiled_decode_with_a_new_batch_size_and_length_adds_a_graph():
+    model = make(**VARIANTS["modern"])
+    x = torch.randint(1, 97, (3, 4))
+    for rows, new in ((3, 10), (1, 10), (1, 12), (1, 50)):  # 4 + 10 and 4 + 12 share the 64-slot bucket (32 here)
+        assert torch.equal(model.generate(x[:rows], new, temperature=0, compile=True),
+                           model.generate(x[:rows], new, temperature=0))
+    assert graphs_compiled() == 2  # batch 3 and batch 1; every length rounds up to the 32-token block
+
+
+@needs_compiler
+@pytest.mark.parametrize("weights", ["int8", "w8a8"])
+def test_compiled_decode_with_quantized_weights(weights):
+    # Fused kernels may round the activations' int8 scales differently from eager in the last bit: the logits are
+    # compared with a tolerance (1e-3 of their largest), the greedy text exactly (make()'s random weights keep the
+    # logits far apart).
+    model = use_weights(make(**VARIANTS["modern"]), weights)
+    cfg = model.config
+    x = torch.randint(1, 97, (1, 8))
+    assert torch.equal(model.generate(x, 24, temperature=0, compile=True), model.generate(x, 24, temperature=0))
+    eager = StaticKVCache(cfg, 1, 16, "cpu", torch.float32, compiled=False)
+    compiled = StaticKVCache(cfg, 1, 16, "cpu", torch.float32)
+    model(x, cache=eager)
+    model(x, cache=compiled)
+    tok = torch.randint(1, 97, (1, 1))
+    a, _ = model(tok, cache=eager)
+    b, _ = model(tok, cache=compiled)
+    assert (a - b).abs().max() <= 1e-3 * a.abs().max()
