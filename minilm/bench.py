@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minilm.config import ModelConfig, get_preset
-from minilm.model import GPT
+from minilm.model import GPT, CompilerMissing, check_compiler, static_cache_len
 from minilm.quantize import WEIGHTS, use_weights, weight_bytes
 
 
@@ -106,17 +106,31 @@ def time_training(model: nn.Module, cfg: ModelConfig, batch: int, steps: int, de
 
 
 @torch.no_grad()
-def time_generation(model: GPT, prompt_len: int, new: int, device: str, use_cache: bool, repeats: int = 1) -> float:
-    """Tokens/s for greedy generation of `new` tokens after a `prompt_len` prompt, batch 1 (best of repeats)."""
+def time_generation(model: GPT, prompt_len: int, new: int, device: str, use_cache: bool, repeats: int = 1,
+                    compile: bool = False) -> float:
+    """Tokens/s for greedy generation of `new` tokens after a `prompt_len` prompt, batch 1 (best of repeats).
+
+    The warm-up call is not timed; with compile it is the call that compiles (same lengths, so the same graph)."""
     model = model.to(device).eval()
     idx = torch.randint(0, model.config.vocab_size, (1, prompt_len), device=device)
-    model.generate(idx, 4, temperature=0, use_cache=use_cache)  # warm-up
+    model.generate(idx, new if compile else 4, temperature=0, use_cache=use_cache, compile=compile)
     best = 0.0
     for _ in range(repeats):
         t0 = time.perf_counter()
-        model.generate(idx, new, temperature=0, use_cache=use_cache)
+        model.generate(idx, new, temperature=0, use_cache=use_cache, compile=compile)
         best = max(best, new / (time.perf_counter() - t0))
     return best
+
+
+def has_compiler(device: str) -> bool:
+    """torch.compile can run here: a CPU with a C++ compiler, or a CUDA GPU (MPS support is experimental)."""
+    if torch.device(device).type not in ("cpu", "cuda"):
+        return False
+    try:
+        check_compiler(device)
+        return True
+    except CompilerMissing:
+        return False
 
 
 def read_bandwidth(nbytes: int, repeats: int = 5) -> float:
@@ -155,18 +169,21 @@ def val_loss(model: GPT, tokens: np.ndarray, block_size: int, windows: int = 32,
     return sum(losses) / n
 
 
-def decode_rows(cfg: ModelConfig, weights: list[str], prompt_len: int, new: int, dev: str) -> list[dict]:
+def decode_rows(cfg: ModelConfig, weights: list[str], prompt_len: int, new: int, dev: str,
+                compile: bool = False) -> list[dict]:
     """Batch-1 greedy decode speed of a randomly initialised model of this shape in each weight format, with the
-    memory-bandwidth ceiling: bandwidth / bytes read per token (weights + the KV cache at the mean context)."""
+    memory-bandwidth ceiling: bandwidth / bytes read per token (weights + the KV cache at the mean context; a
+    compiled step reads its whole static cache, prompt + new rounded up to 64 slots)."""
     rows = []
     for w in weights:
         torch.manual_seed(0)
         model = use_weights(GPT(cfg).eval(), w)
-        nbytes = weight_bytes(model) + kv_bytes(cfg, prompt_len + new / 2)
-        rate = time_generation(model, prompt_len, new, dev, True, repeats=2)
+        kv_len = static_cache_len(cfg.block_size, prompt_len + new) if compile else prompt_len + new / 2
+        nbytes = weight_bytes(model) + kv_bytes(cfg, kv_len)
+        rate = time_generation(model, prompt_len, new, dev, True, repeats=2, compile=compile)
         bw = read_bandwidth(weight_bytes(model)) if dev == "cpu" else None
         ceiling = bw / nbytes if bw else None
-        rows.append({"weights": w, "tokens_per_s": rate, "mb_per_token": nbytes / 1e6,
+        rows.append({"weights": w, "compiled": compile, "tokens_per_s": rate, "mb_per_token": nbytes / 1e6,
                      "bandwidth_gb_s": bw and bw / 1e9, "ceiling_tokens_per_s": ceiling,
                      "of_ceiling": ceiling and rate / ceiling})
         del model
@@ -205,6 +222,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--kv_preset", default="small", help="model shape of the KV cache vs recompute comparison")
     p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections of {', '.join(SECTIONS)}")
     p.add_argument("--weights", default=",".join(WEIGHTS), help="weight formats for the decode rows")
+    p.add_argument("--compile", default="auto", choices=["auto", "yes", "no"],
+                   help="also time each format with the compiled decode step (auto: when a C++ compiler is found "
+                        "or on a GPU; each format compiles once, ~1 min on a 2-core CPU)")
     p.add_argument("--threads", default=None,
                    help="comma-separated torch thread counts for the generation sections (default: 1 and all)")
     p.add_argument("--quality_run", default=None,
@@ -311,16 +331,24 @@ def generate_section(a, dev: str, weights: list[str], threads: list[int]) -> Non
     params = GPT(cfg).num_params() / 1e6
     print(f"\n## {a.decode_preset} ({params:.1f}M) decode, batch 1, greedy, 16 + {n_big} tokens, by weight format\n")
     print("The ceiling is the measured read bandwidth (a buffer the size of the weights) over the bytes one step "
-          "reads (weights + KV cache at the mean context).\n")
-    print("| weights | threads | MB read / token | read bandwidth (GB/s) | ceiling (tokens/s) | tokens/s "
-          "| of ceiling |")
-    print("|---|---|---|---|---|---|---|")
+          "reads (weights + KV cache: at the mean context eager, the whole static cache compiled). A compiled "
+          "step (`generate(compile=True)`) runs each token as a few fused kernels; its first call compiles and is "
+          "not timed.\n")
+    compile = a.compile == "yes" or (a.compile == "auto" and has_compiler(dev))
+    if not compile:
+        print(f"(no compiled rows: --compile={a.compile}" + ("" if a.compile == "no" else ", no C++ compiler found")
+              + ")\n")
+    print("| weights | step | threads | MB read / token | read bandwidth (GB/s) | ceiling (tokens/s) | tokens/s "
+          "| of ceiling | vs eager |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for n in threads:
         torch.set_num_threads(n)
-        for r in decode_rows(cfg, weights, 16, n_big, dev):
-            print(f"| {r['weights']} | {n} | {r['mb_per_token']:.1f} | {fmt(r['bandwidth_gb_s'], '.1f')} | "
-                  f"{fmt(r['ceiling_tokens_per_s'], ',.0f')} | {r['tokens_per_s']:,.1f} | "
-                  f"{fmt(r['of_ceiling'], '.0%')} |", flush=True)
+        eager = {r["weights"]: r for r in decode_rows(cfg, weights, 16, n_big, dev)}
+        for r in list(eager.values()) + (decode_rows(cfg, weights, 16, n_big, dev, compile=True) if compile else []):
+            ratio = r["tokens_per_s"] / eager[r["weights"]]["tokens_per_s"]
+            print(f"| {r['weights']} | {'compiled' if r['compiled'] else 'eager'} | {n} | {r['mb_per_token']:.1f} | "
+                  f"{fmt(r['bandwidth_gb_s'], '.1f')} | {fmt(r['ceiling_tokens_per_s'], ',.0f')} | "
+                  f"{r['tokens_per_s']:,.1f} | {fmt(r['of_ceiling'], '.0%')} | {ratio:.2f}x |", flush=True)
     torch.set_num_threads(before)
 
 

@@ -131,6 +131,13 @@ class StaticKVCache:
         return self.k[layer], self.v[layer]
 
 
+def static_cache_len(block_size: int, tokens: int) -> int:
+    """Slots of the StaticKVCache generate(compile=True) makes for prompt + new tokens. A compiled step has one
+    graph per cache length, so it is rounded up to a multiple of 64 (calls of similar lengths share a graph; the
+    extra slots are masked), and capped at block_size (past it the cache is refilled, as without compile)."""
+    return min(block_size, 64 * math.ceil(tokens / 64))
+
+
 def _static_mask(attn_mask: torch.Tensor | None, start: int, B: int, T: int, S: int, device) -> torch.Tensor:
     """(B, 1, T, S) for a StaticKVCache: the caller's mask (keys 0..start+T-1) padded with False up to the
     buffer's S slots, or the causal one; contiguous, so every decode step hands the graph the same layout."""
@@ -374,10 +381,8 @@ class GPT(nn.Module):
             raise ValueError("compile=True compiles the cached decode step: it needs use_cache=True")
         if compile:
             check_compiler(idx.device)
-        # A compiled step has one graph per cache length: round it up to a multiple of 64 so that calls with
-        # similar lengths share one (the extra slots are masked).
         block = self.config.block_size
-        static_len = min(block, 64 * math.ceil((idx.size(1) + max_new_tokens) / 64))
+        static_len = static_cache_len(block, idx.size(1) + max_new_tokens)
         was_training = self.training
         self.eval()
         gen = None
@@ -436,11 +441,15 @@ def _compiled_body(device: torch.device):
     return _COMPILED_BODY
 
 
+class CompilerMissing(RuntimeError):
+    """compile=True on a CPU without a C++ compiler."""
+
+
 def check_compiler(device: torch.device | str) -> None:
     """torch.compile on a CPU builds C++ kernels: fail with what to do when there is no compiler."""
     found = any(shutil.which(name) for name in ("g++", "c++", "clang++"))
     if torch.device(device).type == "cpu" and not found:
-        raise RuntimeError("compiled decoding needs a C++ compiler on a CPU (torch.compile builds C++ kernels), and "
+        raise CompilerMissing("compiled decoding needs a C++ compiler on a CPU (torch.compile builds C++ kernels), and "
                            "none was found: install one (Debian/Ubuntu: apt install g++; macOS: xcode-select "
                            "--install) or decode without compile")
 

@@ -16,7 +16,7 @@ import torch
 from minilm.checkpoint import CheckpointError, model_from_checkpoint
 from minilm.data import DataError, load_tokenizer
 from minilm.device import pick_device  # lives in minilm.device; importable from here as before
-from minilm.model import check_sampling_args
+from minilm.model import CompilerMissing, check_sampling_args
 from minilm.quantize import WEIGHTS, use_weights
 
 
@@ -104,12 +104,12 @@ class TextStream:
 def stream_text(model, tokenizer, prompt: str, max_new_tokens: int = 100, temperature: float = 0.8,
                 top_k: int | None = 50, top_p: float | None = None, repetition_penalty: float = 1.0,
                 seed: int | None = None, stop: list[str] | None = None, eos_id: int | None = None,
-                device: str | None = None, stats: dict | None = None) -> Iterator[str]:
+                device: str | None = None, stats: dict | None = None, compile: bool = False) -> Iterator[str]:
     """Yield the continuation's text piece by piece as tokens are sampled (one forward pass per token).
 
     Pieces only ever extend the text (see TextStream). Generation ends at eos_id, after max_new_tokens, or when
     a stop string appears (not included). If `stats` is given, stats["completion_tokens"] counts the sampled
-    tokens.
+    tokens. compile=True decodes with the compiled step (GPT.generate).
     """
     check_sampling_args(max_new_tokens, temperature, top_k, top_p, repetition_penalty, model.config.vocab_size,
                         eos_id)
@@ -120,7 +120,7 @@ def stream_text(model, tokenizer, prompt: str, max_new_tokens: int = 100, temper
     stats["prompt_tokens"], stats["completion_tokens"] = len(ids), 0
     text = TextStream(tokenizer, stop, eos_id)
     for tok in model.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
-                                     eos_id, seed):
+                                     eos_id, seed, compile=compile):
         stats["completion_tokens"] += 1
         piece = text.push(int(tok[0]))
         if piece:
@@ -171,6 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--weights", default="fp32", choices=WEIGHTS,
                    help="weight format for generation: bf16 or int8 read 2x or ~4x fewer bytes per token; "
                         "w8a8 also rounds activations to int8 (the fastest on x86 CPUs)")
+    p.add_argument("--compile", action="store_true",
+                   help="decode with a torch.compile'd step: faster per token after a first call that compiles "
+                        "(tens of seconds on a CPU; needs a C++ compiler there)")
     a = p.parse_args(argv)
     try:
         model, tok, ckpt = load_run(a.out_dir, pick_device(a.device), a.data_dir, a.best, a.weights)
@@ -179,10 +182,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"--- sample {i + 1} (step {ckpt.get('step')}) ---")
             print(a.prompt, end="", flush=True)
             for piece in stream_text(model, tok, a.prompt, a.max_new_tokens, a.temperature, a.top_k or None,
-                                     a.top_p, a.repetition_penalty, a.seed + i, a.stop, eos):
+                                     a.top_p, a.repetition_penalty, a.seed + i, a.stop, eos,
+                                     compile=a.compile):
                 print(piece, end="", flush=True)
             print()
-    except (CheckpointError, DataError, ValueError) as e:
+    except (CheckpointError, DataError, ValueError, CompilerMissing) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

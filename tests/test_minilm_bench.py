@@ -70,13 +70,23 @@ def test_quality_run_trained_elsewhere_takes_data_dir(tiny_run, tiny_data_dir, t
     assert bench.quality_rows(str(run), ["fp32"], windows=4, data_dir=str(tiny_data_dir))[0]["val_loss"] == want
 
 
+@pytest.mark.skipif(not bench.has_compiler("cpu"), reason="torch.compile on a CPU needs a C++ compiler")
+def test_compiled_decode_rows_count_the_whole_static_cache():
+    torch._dynamo.reset()
+    (row,) = bench.decode_rows(TINY, ["w8a8"], 4, 6, "cpu", compile=True)
+    assert row["compiled"] and row["tokens_per_s"] > 0
+    torch.manual_seed(0)
+    model = use_weights(GPT(TINY), "w8a8")
+    assert row["mb_per_token"] * 1e6 == pytest.approx(weight_bytes(model) + bench.kv_bytes(TINY, 64))  # 10 -> 64 slots
+
+
 def test_generate_section_prints_each_weight_row(capsys):
     bench.main(["--only", "generate", "--decode_preset", "tiny", "--kv_preset", "tiny", "--gen_tokens", "8",
-                "--decode_tokens", "4", "--threads", "1"])
+                "--decode_tokens", "4", "--threads", "1", "--compile", "no"])
     out = capsys.readouterr().out
     assert "KV cache vs recomputing" in out and "| tiny (block 1024) | 1 | 16 + 8 | yes |" in out
     for w in ("fp32", "bf16", "int8", "w8a8"):
-        assert f"\n| {w} | 1 | " in out
+        assert f"\n| {w} | eager | 1 | " in out
     with pytest.raises(SystemExit):
         bench.main(["--only", "nonsense"])
 

@@ -111,3 +111,17 @@ def test_compiled_decode_with_quantized_weights(weights):
     a, _ = model(tok, cache=eager)
     b, _ = model(tok, cache=compiled)
     assert (a - b).abs().max() <= 1e-3 * a.abs().max()
+
+
+@needs_compiler
+def test_sample_cli_compile_prints_the_same_text(tiny_run, capsys):
+    # The trained tiny run, in w8a8, with sampling, a stop string and eos: --compile changes only the speed.
+    from minilm import sample
+
+    args = ["--out_dir", str(tiny_run), "--prompt", "def ", "--max_new_tokens", "60", "--weights", "w8a8",
+            "--num_samples", "2", "--stop", "\n\n\n"]
+    assert sample.main(args) == 0
+    eager = capsys.readouterr().out
+    assert sample.main(args + ["--compile"]) == 0
+    assert capsys.readouterr().out == eager
+    assert graphs_compiled() == 1
