@@ -5,7 +5,8 @@ embeddings tied to the output head. The modern block (the presets): rotary posit
 (or ReLU²) MLP, RMSNorm on queries and keys (QK-norm), no biases, zero-initialised output projections, an
 untied head: the Qwen3 layout, so a trained model maps onto `transformers`' Qwen3/Llama classes.
 
-Generation keeps a key/value cache so each new token costs one forward pass over one position.
+Generation keeps a key/value cache so each new token costs one forward pass over one position; with
+generate(compile=True) that pass is one torch.compile'd graph over a fixed-size cache (StaticKVCache).
 """
 
 from __future__ import annotations
