@@ -159,7 +159,7 @@ def test_batched_logits_match_single_sequence_logits():
             torch.testing.assert_close(batched[row, -1], single[0, -1], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("weights", ["bf16", "int8"])
+@pytest.mark.parametrize("weights", ["bf16", "int8", "w8a8"])
 def test_batched_equals_alone_with_converted_weights(tiny_run, weights):
     model, tok, ckpt = load_run(tiny_run, "cpu", weights=weights)
     eos = eos_of(tok, ckpt)
