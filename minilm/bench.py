@@ -319,12 +319,17 @@ def generate_section(a, dev: str, weights: list[str], threads: list[int]) -> Non
     print("|---|---|---|---|---|---|")
     torch.manual_seed(0)
     model = GPT(gen_cfg)
+    compile = a.compile == "yes" or (a.compile == "auto" and has_compiler(dev))
     for n in threads:
         torch.set_num_threads(n)
         with_cache = time_generation(model, 16, new, dev, True, repeats=2)
         without = time_generation(model, 16, new, dev, False)
         print(f"| {label} | {n} | 16 + {new} | no | {without:,.1f} | 1.00 |")
         print(f"| {label} | {n} | 16 + {new} | yes | {with_cache:,.1f} | {with_cache / without:.1f}x |", flush=True)
+        if compile:
+            compiled = time_generation(model, 16, new, dev, True, repeats=2, compile=True)
+            print(f"| {label} | {n} | 16 + {new} | yes, compiled step | {compiled:,.1f} | {compiled / without:.1f}x |",
+                  flush=True)
 
     cfg = get_preset(a.decode_preset).model
     n_big = a.decode_tokens if not a.quick else 32
@@ -334,7 +339,6 @@ def generate_section(a, dev: str, weights: list[str], threads: list[int]) -> Non
           "reads (weights + KV cache: at the mean context eager, the whole static cache compiled). A compiled "
           "step (`generate(compile=True)`) runs each token as a few fused kernels; its first call compiles and is "
           "not timed.\n")
-    compile = a.compile == "yes" or (a.compile == "auto" and has_compiler(dev))
     if not compile:
         print(f"(no compiled rows: --compile={a.compile}" + ("" if a.compile == "no" else ", no C++ compiler found")
               + ")\n")
