@@ -590,7 +590,8 @@ def minhash(fn: Callable, num_perm: int = 256, seed: int | None = None, log: boo
     shingle_sets is a list of sets of strings. Signature rows of two sets agree in a fraction of positions that
     estimates their Jaccard similarity. The check builds pairs with known Jaccard from 0 to 1 and compares your
     estimates and dataset_curation.minhash.minhash_signatures' with the exact values: every estimate of yours
-    within 0.2 of the truth (over 6 standard errors at num_perm=256) and a mean error under 0.05.
+    within 6 standard errors of the truth (the worst case, Jaccard 0.5: 0.2 at num_perm=256, 0.375 at 64) and a
+    mean error under 0.45 / sqrt(num_perm), at least 0.05 (a correct one averages ~0.28 / sqrt(num_perm)).
     """
     from dataset_curation.minhash import minhash_signatures
 
@@ -622,7 +623,10 @@ def minhash(fn: Callable, num_perm: int = 256, seed: int | None = None, log: boo
     worst = int(err.argmax())
     summary = (f"mean |estimate - Jaccard|: yours {err.mean():.4f}, reference {err_ref.mean():.4f}; worst pair "
                f"{worst}: exact {exact[worst]:.3f}, yours {est[worst]:.3f}, reference {est_ref[worst]:.3f}")
-    if err.max() > 0.2 or err.mean() > 0.05:
+    # Bounds in standard errors of a num_perm-sample estimate, so a correct function fails about once in 10^6
+    # runs whatever num_perm the learner picks (a fixed 0.2 was only 3.2 standard errors at num_perm=64).
+    worst_ok, mean_ok = max(0.2, 3.0 / math.sqrt(num_perm)), max(0.05, 0.45 / math.sqrt(num_perm))
+    if err.max() > worst_ok or err.mean() > mean_ok:
         hint = ""
         if np.all(sig == sig[:, :1]):
             hint = "\n  hint: every column of a row is equal: each of the num_perm hash functions must differ"
