@@ -148,6 +148,15 @@ print(f"without cache {n_new / secs[False]:.0f} tokens/s, with cache {n_new / se
       f"({secs[False] / secs[True]:.1f}x; the gain grows with context length and model size)")
 
 # %% [markdown]
+# With the cache, one step of a small model on a CPU is mostly *overhead*: hundreds of tiny PyTorch ops,
+# each a few microseconds to dispatch. `model.generate(..., compile=True)` (and `python -m minilm.sample
+# --compile`) decodes with a `StaticKVCache` whose shapes never change, so `torch.compile` turns the whole step
+# into one graph of fused kernels. The first call compiles (about 30 s on a 2-core CPU, so it is not run here);
+# after it, `mini_lm`'s shape with int8 weights and activations (`--weights w8a8`) decoded 284-300 tokens/s on 2
+# cores against 67-85 eager (`python -m minilm.bench --only generate`; the main README has the table). Same
+# tokens either way: `tests/test_minilm_compiled_decode.py`.
+
+# %% [markdown]
 # ## 3. From the command line
 
 # %%
