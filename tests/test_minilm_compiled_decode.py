@@ -94,7 +94,7 @@ def test_compiled_decode_with_a_new_batch_size_and_length_adds_a_graph():
 
 
 @needs_compiler
-@pytest.mark.parametrize("weights", ["int8", "w8a8"])
+@pytest.mark.parametrize("weights", ["bf16", "int8", "w8a8"])
 def test_compiled_decode_with_quantized_weights(weights):
     # Fused kernels may round the activations' int8 scales differently from eager in the last bit: the logits are
     # compared with a tolerance (1e-3 of their largest), the greedy text exactly (make()'s random weights keep the
