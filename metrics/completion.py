@@ -1,10 +1,11 @@
 """A code-completion task built from held-out Python files, and its metrics with bootstrap intervals.
 
-    from metrics.completion import TrainIndex, build_task, score_examples, aggregate
+    from metrics.completion import TrainIndex, build_task, score_examples, aggregate, compare
     index = TrainIndex(train_texts)                                   # for decontamination
     task = build_task(val_texts, index, n_total=360)                   # {"examples": [...], "counts": {...}}
     preds = [cut_completion(ex["kind"], generated_text) for ...]      # the stop rules
     rows = score_examples(task["examples"], preds); aggregate(task["examples"], rows)
+    compare(task["examples"], rows, baseline_rows)                    # paired differences, a minus b
 
 Two kinds of example, both taken from validation documents only:
   function  prompt = decorators + signature + docstring (dedented to column 0); reference = the body.
@@ -20,7 +21,10 @@ Decontamination: an example is dropped when its prompt (compared line by line, w
 lines ignored) occurs in any training document, or, for a function, when its body of 3+ lines does.
 The same validation text gives the same examples every time (a seeded, order-independent selection).
 
-Metrics per example, then in aggregate with a 95% percentile-bootstrap interval over examples:
+Metrics per example, then in aggregate with a 95% percentile-bootstrap interval. Examples from one file are not
+independent, so the interval is a cluster bootstrap: it resamples the source documents (ex["doc"], the index of
+the validation document) and keeps all of a drawn document's examples. compare() gives paired differences
+between two systems on the same examples, resampled the same way. The metrics:
   exact        prediction == reference (trailing whitespace of each line ignored)
   edit_sim     1 - Levenshtein(prediction, reference) / max(len of either), on characters
   bleu         BLEU over code tokens (below); corpus BLEU is computed from summed statistics, as sacrebleu
@@ -42,7 +46,7 @@ import re
 from collections.abc import Callable, Sequence
 
 from metrics.bleu import corpus_bleu, ngram_counts, score_from_stats, segment_stats
-from metrics.bootstrap import bootstrap_corpus, bootstrap_mean
+from metrics.bootstrap import bootstrap_corpus, bootstrap_difference, bootstrap_mean
 from metrics.chrf import chrf_from_stats, chrf_stats
 from metrics.rouge import lcs_score
 
@@ -359,19 +363,64 @@ def score_examples(examples: Sequence[dict], predictions: Sequence[str]) -> list
     return [score_pair(ex["prompt"], p, ex["reference"], ex["kind"]) for ex, p in zip(examples, predictions)]
 
 
-def aggregate(examples: Sequence[dict], rows: Sequence[dict], n_samples: int = 1000, seed: int = 0) -> dict:
-    """Every metric with its bootstrap interval, for all examples and per kind: {"all"|kind: {metric: {...}}}."""
-    out = {}
+MEAN_METRICS = ("exact", "edit_sim", "rougeL", "ast_valid")
+CORPUS_METRICS = {"bleu": ("bleu_stats", bleu_from_stats), "chrf": ("chrf_stats", chrf_from_stats)}
+
+
+def _groups(examples: Sequence[dict]):
+    """(group, example indices) for all examples and each kind present."""
     for group in ("all", "function", "line"):
         idx = [i for i, ex in enumerate(examples) if group == "all" or ex["kind"] == group]
-        if not idx:
-            continue
-        g = {"n": len(idx)}
-        for m in ("exact", "edit_sim", "rougeL", "ast_valid"):
-            vals = [rows[i][m] for i in idx if rows[i][m] is not None]
-            g[m] = bootstrap_mean(vals, n_samples, seed=seed) if vals else None
-        g["bleu"] = bootstrap_corpus([rows[i]["bleu_stats"] for i in idx], bleu_from_stats, n_samples, seed=seed)
-        g["chrf"] = bootstrap_corpus([rows[i]["chrf_stats"] for i in idx], chrf_from_stats, n_samples, seed=seed)
+        if idx:
+            yield group, idx
+
+
+def _documents(examples: Sequence[dict], idx: list[int]) -> list:
+    missing = [examples[i].get("id", i) for i in idx if "doc" not in examples[i]]
+    if missing:
+        raise ValueError(f"examples {missing[:5]} have no 'doc' (the id of the document they come from), which the "
+                         "interval resamples by; build them with build_task or set ex['doc']")
+    return [examples[i]["doc"] for i in idx]
+
+
+def aggregate(examples: Sequence[dict], rows: Sequence[dict], n_samples: int = 1000, seed: int = 0) -> dict:
+    """Every metric with its bootstrap interval, for all examples and per kind: {"all"|kind: {metric: {...}}}.
+
+    The interval is a cluster bootstrap over the examples' source documents (ex["doc"]): a file gives many
+    examples that succeed or fail together, so resampling examples one by one would make it too narrow.
+    """
+    out = {}
+    for group, idx in _groups(examples):
+        docs = _documents(examples, idx)
+        g: dict = {"n": len(idx), "documents": len(set(docs))}
+        for m in MEAN_METRICS:
+            keep = [j for j, i in enumerate(idx) if rows[i][m] is not None]
+            g[m] = bootstrap_mean([rows[idx[j]][m] for j in keep], n_samples, seed=seed,
+                                  clusters=[docs[j] for j in keep]) if keep else None
+        for m, (key, score_fn) in CORPUS_METRICS.items():
+            g[m] = bootstrap_corpus([rows[i][key] for i in idx], score_fn, n_samples, seed=seed, clusters=docs)
+        out[group] = g
+    return out
+
+
+def compare(examples: Sequence[dict], rows_a: Sequence[dict], rows_b: Sequence[dict], n_samples: int = 1000,
+            seed: int = 0) -> dict:
+    """System a minus system b on every metric, paired on the same examples, with a cluster-bootstrap interval.
+
+    {"all"|kind: {"n", "documents", metric: {"value", "low", "high", ...}}}; an interval that excludes 0 says
+    that a beats (or loses to) b on documents like these, which two overlapping intervals cannot tell.
+    """
+    out = {}
+    for group, idx in _groups(examples):
+        docs = _documents(examples, idx)
+        g: dict = {"n": len(idx), "documents": len(set(docs))}
+        for m in MEAN_METRICS:
+            keep = [j for j, i in enumerate(idx) if rows_a[i][m] is not None and rows_b[i][m] is not None]
+            g[m] = bootstrap_difference([rows_a[idx[j]][m] for j in keep], [rows_b[idx[j]][m] for j in keep],
+                                        None, n_samples, seed=seed, clusters=[docs[j] for j in keep]) if keep else None
+        for m, (key, score_fn) in CORPUS_METRICS.items():
+            g[m] = bootstrap_difference([rows_a[i][key] for i in idx], [rows_b[i][key] for i in idx], score_fn,
+                                        n_samples, seed=seed, clusters=docs)
         out[group] = g
     return out
 
@@ -382,5 +431,6 @@ def corpus_bleu_code(predictions: Sequence[str], references: Sequence[str]):
     return corpus_bleu([join(p) for p in predictions], [[join(r) for r in references]], tokenize="none")
 
 
-__all__ = ["METRICS", "TrainIndex", "aggregate", "build_task", "code_tokens", "corpus_bleu_code", "cut_completion",
+__all__ = ["METRICS", "TrainIndex", "aggregate", "build_task", "code_tokens", "compare", "corpus_bleu_code",
+           "cut_completion",
            "edit_similarity", "is_finished", "levenshtein", "score_examples"]

@@ -10,7 +10,7 @@ import sacrebleu
 from conftest import stdlib_documents
 from sacrebleu.metrics import CHRF
 
-from metrics.bootstrap import bootstrap_corpus
+from metrics.bootstrap import bootstrap_corpus, bootstrap_difference, bootstrap_mean
 from metrics.chrf import corpus_chrf, sentence_chrf
 from metrics.completion import (
     TrainIndex,
@@ -18,6 +18,7 @@ from metrics.completion import (
     bleu_from_stats,
     build_task,
     code_tokens,
+    compare,
     corpus_bleu_code,
     cut_completion,
     edit_similarity,
@@ -140,8 +141,8 @@ def test_task_never_takes_a_prompt_from_a_training_document():
 
 
 def test_aggregate_has_an_interval_for_every_metric():
-    ex = [{"kind": k, "prompt": "x = 1", "reference": r} for k, r in
-          [("line", "y = 2"), ("line", "z = x + 1"), ("function", "    return 1"), ("line", "print(x)")] * 5]
+    ex = [{"kind": k, "prompt": "x = 1", "reference": r, "doc": i // 3} for i, (k, r) in
+          enumerate([("line", "y = 2"), ("line", "z = x + 1"), ("function", "    return 1"), ("line", "print(x)")] * 5)]
     preds = [e["reference"] if i % 3 else "y = 3" for i, e in enumerate(ex)]
     rows = score_examples(ex, preds)
     agg = aggregate(ex, rows, n_samples=200)
@@ -152,3 +153,48 @@ def test_aggregate_has_an_interval_for_every_metric():
     assert agg["all"]["exact"]["value"] == pytest.approx(np.mean([r["exact"] for r in rows]))
     assert agg["all"]["chrf"]["value"] == pytest.approx(
         sacrebleu.corpus_chrf([p.strip() for p in preds], [[e["reference"] for e in ex]]).score)
+
+
+def clustered_task(n_docs: int = 12, per_doc: int = 10):
+    """Examples grouped by document; a document is either solved as a whole or missed as a whole."""
+    ex = [{"id": d * per_doc + j, "kind": "line" if j % 4 else "function", "prompt": "x = 1",
+           "reference": f"y = {d} + {j}", "doc": d} for d in range(n_docs) for j in range(per_doc)]
+    good = [e["reference"] for e in ex]
+    patchy = [e["reference"] if e["doc"] % 3 == 0 else "q" for e in ex]
+    return ex, good, patchy
+
+
+def test_intervals_resample_documents_not_examples():
+    ex, _, patchy = clustered_task()
+    rows = score_examples(ex, patchy)
+    agg = aggregate(ex, rows, n_samples=300, seed=1)
+    docs = [e["doc"] for e in ex]
+    exact = [r["exact"] for r in rows]
+    assert agg["all"]["documents"] == 12 and agg["all"]["exact"]["clusters"] == 12
+    assert agg["all"]["exact"] == bootstrap_mean(exact, 300, seed=1, clusters=docs)
+    line = [i for i, e in enumerate(ex) if e["kind"] == "line"]
+    assert agg["line"]["edit_sim"] == bootstrap_mean([rows[i]["edit_sim"] for i in line], 300, seed=1,
+                                                     clusters=[docs[i] for i in line])
+    # Whole documents right or wrong: 120 examples carry the information of 12, and the interval says so.
+    iid = bootstrap_mean(exact, 300, seed=1)
+    assert agg["all"]["exact"]["high"] - agg["all"]["exact"]["low"] > 2.5 * (iid["high"] - iid["low"])
+    assert agg["all"]["bleu"]["clusters"] == 12 and agg["all"]["chrf"]["low"] < agg["all"]["chrf"]["high"]
+    with pytest.raises(ValueError, match="'doc'"):
+        aggregate([{k: v for k, v in e.items() if k != "doc"} for e in ex], rows)
+
+
+def test_compare_gives_paired_clustered_differences():
+    ex, good, patchy = clustered_task()
+    a, b = score_examples(ex, good), score_examples(ex, patchy)
+    d = compare(ex, a, b, n_samples=300, seed=2)
+    docs = [e["doc"] for e in ex]
+    agg_a, agg_b = aggregate(ex, a, 300, 2), aggregate(ex, b, 300, 2)
+    for m in ("exact", "edit_sim", "rougeL", "bleu", "chrf"):
+        assert d["all"][m]["value"] == pytest.approx(agg_a["all"][m]["value"] - agg_b["all"][m]["value"]), m
+        assert d["all"][m]["low"] <= d["all"][m]["value"] <= d["all"][m]["high"], m
+    assert d["all"]["exact"] == bootstrap_difference([r["exact"] for r in a], [r["exact"] for r in b], None, 300,
+                                                     seed=2, clusters=docs)
+    assert d["all"]["bleu"] == bootstrap_difference([r["bleu_stats"] for r in a], [r["bleu_stats"] for r in b],
+                                                    bleu_from_stats, 300, seed=2, clusters=docs)
+    assert d["all"]["exact"]["low"] > 0  # a solves every document b misses, and never loses one
+    assert set(d) == {"all", "function", "line"} and d["function"]["n"] == 36
