@@ -10,6 +10,8 @@ From Python: `from minilm.evaluate import evaluate; results = evaluate("out/tiny
 Everything is measured on the validation split, on the same tokens for every system:
   - perplexity and bits per byte (the headline: it compares tokenizers) of the model on the whole split cut
     into non-overlapping block_size windows: the definition of training's final val loss, so the two agree.
+    Every token after the first is a target, end-of-text tokens included, and bits per byte divides their
+    summed NLL by the text's UTF-8 bytes plus one byte per end-of-text (the document separator; scored_bytes).
     A sliding window (stride block_size // 2) is reported beside it: every token but the first window's
     then sees at least half a window of context, so it is lower; it is the better estimate of the model, the
     non-overlapping one the comparable one;
@@ -20,7 +22,10 @@ Everything is measured on the validation split, on the same tokens for every sys
   - a completion task (metrics.completion): >= 300 prompts from validation files whose prompts never occur in
     a training file: signature + docstring -> body, and 8 lines -> the next line. Greedy decoding for the
     model and for the counting baselines, the same stop rules and token caps, scored with exact match, edit
-    similarity, BLEU over code tokens, chrF, ROUGE-L and ast validity, each with a bootstrap 95% interval;
+    similarity, BLEU over code tokens, chrF, ROUGE-L and ast validity, each with a 95% cluster-bootstrap
+    interval that resamples the validation files the prompts come from (a file's prompts are not independent),
+    and the model's paired difference from each baseline, resampled the same way. Each example's file is
+    "doc" in eval_examples.jsonl (its index among the validation documents, in val.bin order);
   - generation metrics of the model's completions next to the references' (distinct-n, repetition, copies of
     16+ training tokens), and decoding speed with the KV cache.
 """
@@ -42,6 +47,7 @@ from metrics.completion import (
     TrainIndex,
     aggregate,
     build_task,
+    compare,
     corpus_bleu_code,
     cut_completion,
     is_finished,
@@ -74,6 +80,23 @@ def val_tokens(val: np.ndarray, eot: int, max_tokens: int | None) -> np.ndarray:
         if len(ends) and ends[-1] > 0:
             ids = ids[: ends[-1] + 1]
     return ids
+
+
+def scored_bytes(tokenizer, ids: np.ndarray, eot: int) -> int:
+    """The bytes bits per byte divides by: those of the text ids[1:] encode, one per end-of-text token included.
+
+    Bits per byte = (NLL summed over the targets ids[1:]) / (ln 2 x these bytes). Every scored target is counted:
+    a text token by its UTF-8 bytes, an end-of-text token as one byte, the separator that closes its document.
+    The EOT is scored because predicting where a file ends is part of the model (training's loss, and so the
+    perplexity here, include it); charging its loss to zero bytes would inflate bits per byte by the EOT's
+    loss / text bytes, more for short documents. Counted as one byte, the numerator and denominator describe the
+    same stream: the split as bytes with a one-byte separator between documents, which is also what a byte-level
+    model would have to predict. The count of separators is the number of documents whatever the tokenizer,
+    so the figure stays comparable across tokenizers.
+    """
+    targets = np.asarray(ids[1:], dtype=np.int64)
+    text = tokenizer.decode(targets[targets != eot].tolist())
+    return len(text.encode("utf-8")) + int((targets == eot).sum())
 
 
 def tokens_seen(ckpt: dict) -> int:
@@ -267,7 +290,7 @@ def evaluate(out_dir: str | Path, *, data_dir: str | Path | None = None, device:
     val = val_tokens(val_all, eot, max_tokens)
     if len(val) < 2:
         raise DataError(f"{data_dir}/val.bin holds {len(val)} token(s); rebuild the data dir with more text")
-    n_bytes = len(tokenizer.decode(val[1:].tolist()).encode("utf-8")) or None
+    n_bytes = scored_bytes(tokenizer, val, eot) or None
     say(f"evaluating {out_dir} (step {ckpt.get('step')}) on {len(val) - 1:,} validation tokens, "
         f"{n_bytes or 0:,} bytes, device {device}")
     t0 = time.perf_counter()
@@ -330,6 +353,11 @@ def evaluate(out_dir: str | Path, *, data_dir: str | Path | None = None, device:
             preds[name] = [cut_completion(k, r) for k, r in zip(kinds, raws[name])]
             rows[name] = score_examples(examples, preds[name])
             task_out["systems"][name] = aggregate(examples, rows[name], bootstrap_samples, seed)
+        task_out["documents"] = len({ex["doc"] for ex in examples})
+        task_out["interval"] = (f"95% percentile cluster bootstrap, {bootstrap_samples} resamples of the "
+                                f"{task_out['documents']} validation files the prompts come from")
+        task_out["model_minus"] = {name: compare(examples, rows["model"], rows[name], bootstrap_samples, seed)
+                                   for name in SYSTEMS[1:]}
         task_out["prompt_tokens_mean"] = float(np.mean([len(p) for p in prompts]))
         m = task_out["systems"]["model"]["all"]
         say(f"task ({len(examples)} prompts): model exact {m['exact']['value']:.3f}, edit sim "
@@ -368,7 +396,8 @@ def evaluate(out_dir: str | Path, *, data_dir: str | Path | None = None, device:
                        "whole_split": whole, "non_overlapping": chunks.as_dict(), "sliding": sliding.as_dict(),
                        "definition": f"val.bin{'' if whole else ' (first documents)'} scored from its 2nd token; "
                                      f"non_overlapping = windows of {window} (training's final val loss); "
-                                     f"sliding = stride {stride}"},
+                                     f"sliding = stride {stride}; bytes = UTF-8 bytes of the scored text + 1 per "
+                                     "end-of-text target (the document separator)"},
         "training_log": last_training_eval(out_dir),
         "baselines": {"unigram": {**uni.as_dict(), "k": k1}, "bigram": {**bi.as_dict(), "k": k2},
                       "kn_full": {**knf.as_dict(), "order": kn_order, "train_tokens": kn_full.train_tokens,
@@ -477,8 +506,8 @@ def plot_dashboard(r: dict, path: Path, edit_sims: dict[str, list[float]] | None
             ax[1, 0].set_xticks(range(len(ms)), [dict((k, n) for k, n, _ in TASK_METRICS)[k] for k, _ in ms],
                                 fontsize=7, rotation=20)
         ax[1, 0].legend(fontsize=8)
-    ax[0, 2].set_title(f"completion task, all {t['prompts']} prompts (95% bootstrap CI)")
-    ax[1, 0].set_title("model by task kind (95% bootstrap CI)")
+    ax[0, 2].set_title(f"completion task, all {t['prompts']} prompts (95% CI, resampling files)")
+    ax[1, 0].set_title("model by task kind (95% CI, resampling files)")
     hist = edit_sims or {}
     for name, values in hist.items():
         ax[1, 1].hist(values, bins=20, range=(0, 1), histtype="step", label=SYSTEM_NAMES[name])
@@ -514,6 +543,23 @@ def _ci(v: dict | None, scale: float) -> str:
     return f"{scale * v['value']:.1f} [{scale * v['low']:.1f}, {scale * v['high']:.1f}]"
 
 
+def _difference_lines(t: dict) -> list[str]:
+    """The model minus each baseline, paired on the same prompts and resampled by file."""
+    diffs = t.get("model_minus")
+    if not diffs:
+        return []
+    lines = ["", "Model minus baseline, on the same prompts [95% paired cluster-bootstrap interval; an interval "
+             "that excludes 0 is a difference these files support]:", "",
+             "| baseline | " + " | ".join(n for _, n, _ in TASK_METRICS) + " |", "|---|" + "---:|" * len(TASK_METRICS)]
+    for name, d in diffs.items():
+        cells = []
+        for k, _, sc in TASK_METRICS:
+            v = d["all"].get(k)
+            cells.append("-" if not v else f"{sc * v['value']:+.1f} [{sc * v['low']:+.1f}, {sc * v['high']:+.1f}]")
+        lines.append(f"| {SYSTEM_NAMES[name]} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def report_markdown(r: dict, examples: list[dict] | None = None, rows: dict | None = None,
                     preds: dict | None = None) -> str:
     p, b, t, g, s, run = r["perplexity"], r["baselines"], r["task"], r["generation"], r["speed"], r["run"]
@@ -532,7 +578,9 @@ def report_markdown(r: dict, examples: list[dict] | None = None, rows: dict | No
     log = r.get("training_log") or {}
     lines += [
         "",
-        "Every row scores the same tokens (each after the first, once). The non-overlapping row is the definition "
+        "Every row scores the same tokens (each after the first, once, end-of-text tokens included); bits per "
+        "byte divides by the text's UTF-8 bytes plus one per end-of-text token (the document separator). "
+        "The non-overlapping row is the definition "
         "training uses for its final val loss over the whole split; the sliding row gives every token at least "
         f"{p['window'] - p['stride']} tokens of context, so it is lower, and is the better estimate of the model. "
         f"Add-k smoothing: k = {b['unigram']['k']:g} (unigram), {b['bigram']['k']:g} (bigram), chosen on held-out "
@@ -563,7 +611,10 @@ def report_markdown(r: dict, examples: list[dict] | None = None, rows: dict | No
             f"{c['line']['prompt_in_train']} had a prompt that occurs in a training file, "
             f"{c['function']['body_in_train']} functions a body that does; {c['function']['too_long']} + "
             f"{c['line']['too_long']} had references longer than the token cap.", "",
-            "Value [95% bootstrap interval] over prompts; all on a 0-100 scale. BLEU and chrF are corpus scores "
+            f"Value [95% interval]; all on a 0-100 scale. The interval is a cluster bootstrap over the "
+            f"{t.get('documents', '?')} validation files the prompts come from: a resample draws files with "
+            "replacement and keeps all of a file's prompts, because prompts from one file succeed or fail together "
+            "(resampling prompts one by one would give too narrow an interval). BLEU and chrF are corpus scores "
             "(from summed statistics, as sacrebleu); BLEU is over code tokens (identifiers, numbers, single "
             "punctuation marks) because 13a splits identifiers at `_` and `char` rewards fragments. "
             "\"parses\" counts only examples whose reference parses with its prompt.", "",
@@ -574,6 +625,7 @@ def report_markdown(r: dict, examples: list[dict] | None = None, rows: dict | No
             agg = t["systems"][name]["all"]
             lines.append(f"| {SYSTEM_NAMES[name]} | " + " | ".join(_ci(agg.get(k), sc) for k, _, sc in TASK_METRICS)
                          + " |")
+        lines += _difference_lines(t)
         lines += ["", "By kind:", "", "| system | kind | n | " + " | ".join(n for _, n, _ in TASK_METRICS) + " |",
                   "|---|---|---:|" + "---:|" * len(TASK_METRICS)]
         for name in ("model", "kn_full"):

@@ -65,7 +65,8 @@ def test_evaluate_report_numbers_and_task(tiny_run, contaminated_val_dir):
     assert p["sliding"]["nll"] < p["non_overlapping"]["nll"]  # more context per token
     n = p["non_overlapping"]
     assert n["bits_per_byte"] == pytest.approx(n["nll_sum"] / (math.log(2) * p["bytes"]))
-    assert abs(p["bytes"] - meta["bytes"]["val"]) < 8  # minus the first token's bytes
+    # The text's bytes minus the first token's, plus one per end-of-text target (4 documents).
+    assert 0 <= meta["bytes"]["val"] + 4 - p["bytes"] < 8
     # Kneser-Ney on the same tokens: the tiny run saw 40 x 8 x 64 = 20,480 training tokens.
     b = r["baselines"]
     assert b["seen_tokens"] == 40 * 8 * 64 == b["kn_seen"]["train_tokens"] and not b["kn_seen"]["same_as_full"]
@@ -79,9 +80,22 @@ def test_evaluate_report_numbers_and_task(tiny_run, contaminated_val_dir):
     tok = load_tokenizer(contaminated_val_dir)
     train_ids = np.fromfile(contaminated_val_dir / "train.bin", dtype=np.uint16).astype(np.int64)
     train_text = "\n".join(normalized_lines(tok.decode(train_ids.tolist())))
+    val_docs = [stdlib_documents()[i] for i in (0, 10, 20, 11)]  # as the fixture wrote them
     for row in rows:
         assert "\n".join(normalized_lines(row["prompt"])) not in train_text  # never a training prompt
         assert row["doc"] != 3  # nothing from the copied training file
+        # "doc" is the source document: the prompt and reference are lines of that validation file.
+        assert "\n".join(normalized_lines(row["prompt"] + "\n" + row["reference"])) in \
+            "\n".join(normalized_lines(val_docs[row["doc"]]))
+    # Every interval resamples those documents, and the paired differences too.
+    assert t["documents"] == len({row["doc"] for row in rows}) >= 2
+    diff = t["model_minus"]["kn_full"]["all"]
+    for metric in ("exact", "edit_sim", "bleu", "chrf", "rougeL"):
+        assert t["systems"]["model"]["all"][metric]["clusters"] == t["documents"], metric
+        assert diff[metric]["clusters"] == t["documents"], metric
+        assert diff[metric]["value"] == pytest.approx(t["systems"]["model"]["all"][metric]["value"]
+                                                      - t["systems"]["kn_full"]["all"][metric]["value"]), metric
+        assert diff[metric]["low"] <= diff[metric]["value"] <= diff[metric]["high"], metric
         assert 0 <= row["model"]["edit_sim"] <= 1 and row["model"]["exact"] in (0.0, 1.0)
     for name in SYSTEMS:
         agg = t["systems"][name]["all"]
@@ -96,8 +110,64 @@ def test_evaluate_report_numbers_and_task(tiny_run, contaminated_val_dir):
     assert saved["perplexity"]["non_overlapping"]["nll"] == n["nll"]
     md = (tiny_run / "eval.md").read_text()
     assert "## Bits per byte" in md and "## Completion task" in md and "Kneser-Ney" in md
+    assert f"cluster bootstrap over the {t['documents']} validation files" in md and "Model minus baseline" in md
     assert "eval_dashboard.png" in md and (tiny_run / "eval_dashboard.png").stat().st_size > 10_000
     assert not list(tiny_run.glob(".eval*.tmp"))  # no temp files left behind
+
+
+SMALL_TEXTS = ["def f(x):\n    return 'é' * x\n", "猫 = 1\nprint(猫, 'naïve')\n", "x = [1, 2]  # ok\n"]
+
+
+@pytest.fixture(scope="module")
+def small_text_dir(tiny_data_dir, tmp_path_factory):
+    """The tiny data dir with val.bin = a few short documents (with multi-byte characters), each closed by EOT."""
+    out = tmp_path_factory.mktemp("evaldata") / "tiny_small_val"
+    shutil.copytree(tiny_data_dir, out)
+    meta = json.loads((out / "meta.json").read_text())
+    tok = load_tokenizer(out)
+    docs = SMALL_TEXTS * 4  # 12 documents, more than one 64-token window
+    ids = []
+    for d in docs:
+        assert tok.decode(tok.encode(d).ids) == d  # byte-level BPE: the tokens are exactly the text
+        ids += tok.encode(d).ids + [meta["eot_id"]]
+    np.array(ids, dtype=np.uint16).tofile(out / "val.bin")
+    meta["tokens"]["val"], meta["documents"]["val"] = len(ids), len(docs)
+    (out / "meta.json").write_text(json.dumps(meta))
+    return out, docs
+
+
+def test_bits_per_byte_by_hand_counts_each_end_of_text_as_one_byte(tiny_run, small_text_dir):
+    data_dir, docs = small_text_dir
+    r = evaluate(tiny_run, data_dir=data_dir, write=False, **{**SMALL, "num_prompts": 4, "function_prompts": 1})
+    model, _ = model_from_checkpoint(tiny_run / "ckpt.pt")
+    tok, eot = load_tokenizer(data_dir), json.loads((data_dir / "meta.json").read_text())["eot_id"]
+    ids = np.fromfile(data_dir / "val.bin", dtype=np.uint16).astype(np.int64)
+    W = model.config.block_size
+    assert len(ids) > 2 * W
+    # NLL of every target after the first token, non-overlapping windows of W, by hand from the logits.
+    nll = []
+    with torch.no_grad():
+        for start in range(0, len(ids) - 1, W):
+            y = ids[start + 1 : start + W + 1]
+            logits = model(torch.from_numpy(ids[start : start + len(y)])[None])[0][0].double().numpy()
+            top = logits.max(axis=1)
+            lse = top + np.log(np.exp(logits - top[:, None]).sum(axis=1))
+            nll += list(lse - logits[np.arange(len(y)), y])
+    assert len(nll) == len(ids) - 1
+    # Bytes: the UTF-8 bytes of every document, less the unscored first token's, plus one per end-of-text target.
+    first = len(tok.decode([int(ids[0])]).encode("utf-8"))
+    n_eot = int((ids[1:] == eot).sum())
+    assert n_eot == len(docs)  # every document is closed by one, and each is a scored target
+    n_bytes = sum(len(d.encode("utf-8")) for d in docs) - first + n_eot
+    assert sum(len(d) for d in docs) < n_bytes - len(docs) + first  # multi-byte characters are in the text
+    p = r["perplexity"]
+    assert p["bytes"] == n_bytes
+    assert p["non_overlapping"]["nll"] == pytest.approx(np.mean(nll), rel=1e-6)
+    assert p["non_overlapping"]["bits_per_byte"] == pytest.approx(sum(nll) / (math.log(2) * n_bytes), rel=1e-6)
+    # The baselines score the same targets, end-of-text included, over the same bytes.
+    for name in ("unigram", "bigram", "kn_full"):
+        b = r["baselines"][name]
+        assert b["bits_per_byte"] == pytest.approx(b["nll_sum"] / (math.log(2) * n_bytes), rel=1e-12), name
 
 
 def test_headline_equals_trainings_final_val_loss(tiny_run, tiny_data_dir):
