@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minilm.config import ModelConfig, get_preset
+from minilm.device import gpu_has_bf16
 from minilm.model import GPT, CompilerMissing, check_compiler, static_cache_len
 from minilm.quantize import WEIGHTS, use_weights, weight_bytes
 
@@ -263,7 +264,8 @@ def main(argv: list[str] | None = None) -> None:
 def train_section(a, dev: str, cpu: bool, name: str) -> None:
     rows = []
     presets = {"tiny": 16, "small": 8, "mini_lm": 4 if cpu else 16}
-    dtypes = ["float32", "bfloat16"] if (not dev.startswith("cuda") or torch.cuda.is_bf16_supported()) else \
+    # gpu_has_bf16: torch.cuda.is_bf16_supported() is True on T4/V100 too, where bf16 is only emulated
+    dtypes = ["float32", "bfloat16"] if (not dev.startswith("cuda") or gpu_has_bf16(dev)) else \
         ["float32", "float16"]
     for preset, batch in presets.items():
         cfg = get_preset(preset).model

@@ -39,9 +39,24 @@ from minilm.checkpoint import (
 )
 from minilm.config import ConfigError, ModelConfig, RunConfig, parse_args, validate
 from minilm.data import DataError, TokenData, baseline_losses, load_tokenizer, read_meta, whole_split_loss
-from minilm.device import bf16_speedup, keep_freed_memory, pick_device, resolve_dtype, setup_distributed
+from minilm.device import (
+    DevicePlan,
+    bf16_speedup,
+    keep_freed_memory,
+    plan_device,
+    resolve_dtype,
+    setup_distributed,
+    use_device,
+)
 from minilm.model import GPT
-from minilm.optim import build_optimizers, get_lr, load_optimizer_states, optimizer_states, set_lr
+from minilm.optim import (
+    build_optimizers,
+    get_lr,
+    load_optimizer_states,
+    optimizer_states,
+    set_lr,
+    watch_muon_cost,
+)
 
 __all__ = ["TrainingAborted", "get_lr", "main", "resolve_dtype", "setup_distributed", "train"]
 
@@ -279,6 +294,7 @@ class Run:
     ema: list | None = None
     tokenizer: object = None
     writer: object = None  # TensorBoard SummaryWriter
+    plan: DevicePlan | None = None  # TF32, GPU name, MFU dtype (see minilm.device.plan_device)
 
     @property
     def master(self) -> bool:
@@ -496,12 +512,9 @@ def set_up(cfg: RunConfig, why: str, model: torch.nn.Module | None) -> tuple[Run
     setup_logging(out_dir, rank)
     if why:
         log.info(why)
-    device = f"cuda:{local_rank}" if world > 1 and torch.cuda.is_available() else pick_device(t.device)
-    if device.startswith("cuda"):
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls: fp32 range, tensor-core speed
-        torch.backends.cudnn.allow_tf32 = True
-    dtype, dtype_why = resolve_dtype(t.dtype, device)
+    plan = plan_device(t.device, t.dtype, local_rank, world)  # "cuda" becomes "cuda:<local_rank>"
+    use_device(plan)
+    device, dtype, dtype_why = plan.device, plan.dtype, plan.dtype_why
     device_type = device.split(":")[0]
     if device_type == "cpu":
         keep_freed_memory()
@@ -526,6 +539,11 @@ def set_up(cfg: RunConfig, why: str, model: torch.nn.Module | None) -> tuple[Run
     if t.dtype == "auto" and device_type == "cpu" and dtype == "bfloat16":
         dtype, dtype_why = probe_cpu_dtype(raw_model, m, t.batch_size, world)
     optimizers = build_optimizers(raw_model, t, device_type)
+    if rank == 0:
+        slow = plan.capability is not None and plan.capability < (8, 0)
+        watch_muon_cost(optimizers, device, log.info, note=(
+            f"; this GPU (sm_{plan.capability[0]}{plan.capability[1]}) runs bf16 without tensor cores: if the "
+            "share is large, --optimizer=adamw avoids it") if slow else "")
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
     ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     ctx = torch.autocast(device_type=device_type, dtype=ptdtype) if dtype != "float32" else contextlib.nullcontext()
@@ -538,12 +556,8 @@ def set_up(cfg: RunConfig, why: str, model: torch.nn.Module | None) -> tuple[Run
         st.step, st.best_val = ckpt["step"], ckpt["best_val_loss"]
         st.evals_since_best = ckpt.get("extra", {}).get("evals_since_best", 0)
 
-    wrapped = torch.compile(raw_model) if t.compile else raw_model
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        # Wrapping broadcasts rank 0's weights; the EMA is taken after it so every rank averages the same ones.
-        wrapped = DistributedDataParallel(wrapped, device_ids=[local_rank] if device_type == "cuda" else None)
+    # Wrapping broadcasts rank 0's weights; the EMA is taken after it so every rank averages the same ones.
+    wrapped = wrap_model(raw_model, t.compile, world, device)
     ema = None
     if t.ema_decay > 0:
         ema = [p.detach().clone() for p in raw_model.parameters()]
@@ -551,7 +565,7 @@ def set_up(cfg: RunConfig, why: str, model: torch.nn.Module | None) -> tuple[Run
             ema = ema_from_checkpoint(raw_model, ckpt["ema"], device)
     tok = load_tokenizer(data_dir) if rank == 0 and t.sample_tokens > 0 else None
     run = Run(cfg, rank, world, device, dtype, ctx, out_dir, meta, train_data, val_data, wrapped, raw_model,
-              optimizers, scaler, ema, tok)
+              optimizers, scaler, ema, tok, plan=plan)
 
     if ckpt is not None:  # last, so nothing in the set-up moves the restored random streams
         rngs = ckpt.get("rng_ranks") or [ckpt["rng"]]
@@ -579,6 +593,21 @@ def set_up(cfg: RunConfig, why: str, model: torch.nn.Module | None) -> tuple[Run
         if not t.resume and run.metrics_path.exists():
             run.metrics_path.unlink()  # a fresh run starts a fresh log; --resume appends
     return run, st
+
+
+def wrap_model(raw_model: torch.nn.Module, compile: bool, world: int, device: str) -> torch.nn.Module:
+    """What the step calls: DDP around the model under torchrun, then torch.compile around that.
+
+    This order is PyTorch's documented one: compiling the DDP module lets the compiler split the graph at DDP's
+    bucket boundaries, so gradient all-reduce overlaps the backward pass (DDP(compile(m)) cannot overlap).
+    """
+    wrapped = raw_model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        index = torch.device(device).index
+        wrapped = DistributedDataParallel(raw_model, device_ids=[index] if device.startswith("cuda") else None)
+    return torch.compile(wrapped) if compile else wrapped
 
 
 def probe_cpu_dtype(model: torch.nn.Module, m: ModelConfig, batch_size: int, world: int) -> tuple[str, str]:
@@ -611,9 +640,9 @@ def train(cfg: RunConfig, why: str = "", model: torch.nn.Module | None = None) -
     """
     # ---- set-up
     run, st = set_up(cfg, why, model)
-    t, device_type = cfg.train, run.device.split(":")[0]
+    t = cfg.train
     tokens_per_step = t.batch_size * cfg.model.block_size * t.grad_accum  # global: grad_accum counts all ranks
-    peak_name = torch.cuda.get_device_name(run.device) if device_type == "cuda" else device_type.upper()
+    peak_name, peak_dtype = run.plan.gpu_name, run.plan.mfu_dtype  # fp32 with TF32 on: the TF32 peak
     profiler = start_profiler(run) if t.profile and run.master else None
     progress = None
     if run.master and t.progress:
@@ -643,7 +672,7 @@ def train(cfg: RunConfig, why: str = "", model: torch.nn.Module | None = None) -
                         profiler = None
                 if st.step % t.log_interval == 0 or st.step == t.max_iters:
                     tok_s = tokens_since_log / (time.perf_counter() - t_log)
-                    mfu = (run.raw_model.estimate_mfu(tok_s / run.world, peak_name, run.dtype)[0]
+                    mfu = (run.raw_model.estimate_mfu(tok_s / run.world, peak_name, peak_dtype)[0]
                            if hasattr(run.raw_model, "estimate_mfu") else None)
                     record(run, {"step": st.step, "loss": loss, "lr": lr, "tokens_per_s": tok_s, "mfu": mfu})
                     if progress is not None:
