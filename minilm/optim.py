@@ -175,7 +175,11 @@ def optimizer_states(optimizers: list[torch.optim.Optimizer]) -> list[dict]:
 
 
 def load_optimizer_states(optimizers: list[torch.optim.Optimizer], states, optimizer_name: str) -> None:
-    """Restore states saved by optimizer_states (or a single AdamW state dict from an older checkpoint)."""
+    """Restore states saved by optimizer_states (or a single AdamW state dict from an older checkpoint).
+
+    The moments and momentum buffers come from the checkpoint; every hyperparameter from the optimizers as built
+    from this run's config.
+    """
     if isinstance(states, dict):  # checkpoints before optimizers became a list held one AdamW
         states = [states]
     kinds = [type(opt).__name__ for opt in optimizers]
@@ -185,11 +189,13 @@ def load_optimizer_states(optimizers: list[torch.optim.Optimizer], states, optim
                           f"{len(optimizers)} ({', '.join(kinds)}); resume with the optimizer the run was started "
                           "with (see its config.yaml)")
     for opt, state in zip(optimizers, states):
-        peaks = [group["peak_lr"] for group in opt.param_groups]  # this run's config sets the LRs, as before
+        # load_state_dict also restores the saved hyperparameters (lr, momentum, weight decay, betas, fused...);
+        # this run's config sets those, so a change asked for on --resume takes effect.
+        hyper = [{k: v for k, v in group.items() if k != "params"} for group in opt.param_groups]
         try:
             opt.load_state_dict(state)
         except (ValueError, KeyError) as e:
             raise ConfigError(f"the checkpoint's optimizer state does not fit {type(opt).__name__} ({e}); resume "
                               "with the optimizer and model the run was started with (see its config.yaml)") from None
-        for group, peak in zip(opt.param_groups, peaks):
-            group["peak_lr"] = peak
+        for group, h in zip(opt.param_groups, hyper):
+            group.update(h)

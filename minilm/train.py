@@ -13,6 +13,7 @@ val split beside counting baselines). Each feature is a small function above it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import io
 import json
@@ -111,6 +112,75 @@ def setup_logging(out_dir: Path, rank: int) -> None:
         fh = logging.FileHandler(out_dir / "train.log")
         fh.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
         log.addHandler(fh)
+
+
+# What --resume takes from ckpt.pt and what from this run's config (command line, YAML, preset).
+#   "checkpoint": the saved value is used; asking for a different one is refused, naming the field (the weights, the
+#                 optimizer state or the restored random streams depend on it).
+#   "run":        this run's value is used; a change from the checkpoint is applied and logged.
+#   "schedule":   the checkpoint's cosine end unless --lr_decay_iters is given (resolve_schedule).
+#   "dtype":      --dtype=auto on a CPU keeps the dtype the run started with (no new probe); otherwise "run".
+RESUME_SOURCE: dict[str, str] = {
+    "model.vocab_size": "checkpoint",  # and the data dir's tokenizer must have the same size
+    "model.block_size": "checkpoint",
+    "model.n_layer": "checkpoint",
+    "model.n_head": "checkpoint",
+    "model.n_embd": "checkpoint",
+    "model.pos": "checkpoint",
+    "model.norm": "checkpoint",
+    "model.mlp": "checkpoint",
+    "model.mlp_hidden": "checkpoint",
+    "model.qk_norm": "checkpoint",
+    "model.tie_embeddings": "checkpoint",
+    "model.bias": "checkpoint",
+    "model.zero_init": "checkpoint",
+    "model.rope_theta": "checkpoint",
+    "model.dropout": "run",
+    "model.grad_checkpoint": "run",
+    "train.optimizer": "checkpoint",  # one saved state per optimizer
+    "train.seed": "checkpoint",  # the restored random streams and the eval batches come from it
+    "train.lr_decay_iters": "schedule",
+    "train.dtype": "dtype",
+    **{f"train.{k}": "run" for k in (
+        "preset", "data_dir", "out_dir", "device", "compile", "batch_size", "grad_accum", "max_iters", "lr", "min_lr",
+        "warmup_iters", "weight_decay", "beta1", "beta2", "grad_clip", "muon_lr", "muon_momentum", "eval_interval",
+        "eval_iters", "log_interval", "sample_tokens", "sample_prompt", "resume", "early_stop_patience",
+        "ema_decay", "profile", "max_bad_steps", "final_eval", "tensorboard", "progress")},
+}
+
+
+def resume_config(cfg: RunConfig, ckpt: dict, meta: dict) -> list[str]:
+    """Apply RESUME_SOURCE to cfg in place; returns the changes applied, one line each, for the log.
+
+    A "checkpoint" field that differs is a ConfigError with the field and what to pass. Fields an older checkpoint
+    lacks take the value it was trained with (ModelConfig's defaults for the model; this run's for training).
+    """
+    saved_model = dataclasses.asdict(ModelConfig.from_dict(ckpt["config"]["model"]))
+    saved = {"model": saved_model, "train": ckpt["config"].get("train", {})}
+    raw_model_keys = set(ckpt["config"]["model"])
+    if meta["vocab_size"] != saved_model["vocab_size"]:
+        raise ConfigError(f"vocab_size: the data dir {cfg.train.data_dir} has {meta['vocab_size']} tokens but the "
+                          f"checkpoint's model has {saved_model['vocab_size']}; resume with the data dir the run "
+                          "was trained on (train.data_dir in its config.yaml)")
+    cfg.model.vocab_size = saved_model["vocab_size"]  # a fresh run takes it from the data dir, never the command line
+    changes = []
+    for key, source in RESUME_SOURCE.items():
+        section, name = key.split(".")
+        if name not in saved[section] or source in ("schedule", "dtype"):
+            continue
+        old, new = saved[section][name], getattr(getattr(cfg, section), name)
+        if source == "checkpoint" and section == "model" and name not in raw_model_keys:
+            setattr(cfg.model, name, old)  # an older checkpoint: the value it was built with
+        elif old == new:
+            continue
+        elif source == "checkpoint":
+            raise ConfigError(f"--resume cannot change {name} (the checkpoint's weights, optimizer state or random "
+                              f"streams depend on it): the checkpoint's run has {name}={old}, this run asks for "
+                              f"--{name}={new}. Pass --{name}={old} to continue it, or start a new run in another "
+                              "--out_dir")
+        elif name != "resume":
+            changes.append(f"{name}: {old!r} -> {new!r}")
+    return changes
 
 
 def resolve_schedule(t, ckpt: dict | None) -> None:
@@ -525,8 +595,9 @@ def set_up(cfg: RunConfig, why: str, model: torch.nn.Module | None) -> tuple[Run
     meta = read_meta(data_dir)
     ckpt = load_checkpoint(out_dir / "ckpt.pt", map_location="cpu") if t.resume else None
     if ckpt is not None:
-        cfg.model = m = ModelConfig.from_dict(ckpt["config"]["model"])  # the architecture is the checkpoint's
-        log.info(f"resuming from {out_dir / 'ckpt.pt'} at step {ckpt['step']}")
+        changes = resume_config(cfg, ckpt, meta)  # RESUME_SOURCE: what comes from the checkpoint, what from here
+        log.info(f"resuming from {out_dir / 'ckpt.pt'} at step {ckpt['step']}"
+                 + "".join(f"\n  changed on resume: {c}" for c in changes))
     else:
         m.vocab_size = meta["vocab_size"]
     resolve_schedule(t, ckpt)
@@ -536,8 +607,11 @@ def set_up(cfg: RunConfig, why: str, model: torch.nn.Module | None) -> tuple[Run
     torch.manual_seed(t.seed)  # the same initial weights on every rank
     raw_model = (GPT(m) if model is None else model).to(device)
     torch.manual_seed(t.seed + rank)  # then each rank its own dropout masks
-    if t.dtype == "auto" and device_type == "cpu" and dtype == "bfloat16":
-        dtype, dtype_why = probe_cpu_dtype(raw_model, m, t.batch_size, world)
+    if t.dtype == "auto" and device_type == "cpu":
+        dtype, dtype_why = cpu_autocast_dtype(raw_model, m, t.batch_size, rank, world, (dtype, dtype_why), ckpt)
+    if ckpt is not None and ckpt["config"]["train"].get("dtype", dtype) not in ("auto", dtype):
+        log.info(f"changed on resume: dtype: {ckpt['config']['train']['dtype']!r} -> {dtype!r} ({dtype_why})")
+    t.dtype = dtype  # config.yaml and the checkpoint record the dtype the run uses
     optimizers = build_optimizers(raw_model, t, device_type)
     if rank == 0:
         slow = plan.capability is not None and plan.capability < (8, 0)
@@ -610,16 +684,33 @@ def wrap_model(raw_model: torch.nn.Module, compile: bool, world: int, device: st
     return torch.compile(wrapped) if compile else wrapped
 
 
-def probe_cpu_dtype(model: torch.nn.Module, m: ModelConfig, batch_size: int, world: int) -> tuple[str, str]:
+def probe_cpu_dtype(model: torch.nn.Module, m: ModelConfig, batch_size: int) -> tuple[str, str]:
     """On a CPU with native bf16: bf16 only if a short probe of this model finds it >= 10% faster than fp32."""
     fp32, bf16 = bf16_speedup(model, m.vocab_size, m.block_size, batch_size)
     choice = "bfloat16" if bf16 >= 1.1 * fp32 else "float32"
-    if world > 1:  # every rank must run the same dtype: rank 0's probe decides
-        decision = [choice]
-        torch.distributed.broadcast_object_list(decision, src=0)
-        choice = decision[0]
     return choice, (f"native bf16 on this CPU; a probe of this model ran fp32 at {fp32:,.0f} and bf16 at "
                     f"{bf16:,.0f} tokens/s, so {choice}")
+
+
+def cpu_autocast_dtype(model: torch.nn.Module, m: ModelConfig, batch_size: int, rank: int, world: int,
+                       flags_choice: tuple[str, str], ckpt: dict | None) -> tuple[str, str]:
+    """--dtype=auto on CPUs: (dtype, why). A resumed run keeps the dtype it started with (no new probe);
+    a new one takes rank 0's choice (probed when its flags show native bf16), sent to every rank.
+
+    flags_choice is resolve_dtype's answer from this machine's CPU flags. Every rank joins the broadcast, whatever
+    its own flags say, so machines that differ cannot deadlock.
+    """
+    saved = ckpt["config"]["train"].get("dtype") if ckpt is not None else None
+    if saved in ("float32", "bfloat16", "float16"):
+        return saved, "kept from the checkpoint: the dtype the run started with (--dtype=... changes it)"
+    dtype, why = flags_choice
+    if rank == 0 and dtype == "bfloat16":
+        dtype, why = probe_cpu_dtype(model, m, batch_size)
+    if world > 1:  # every rank must run the same dtype: rank 0's decides
+        box = [(dtype, why if rank == 0 else "")]
+        torch.distributed.broadcast_object_list(box, src=0)
+        dtype, why = box[0][0], f"rank 0's choice: {box[0][1]}"
+    return dtype, why
 
 
 def start_profiler(run: Run):
