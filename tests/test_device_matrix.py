@@ -426,3 +426,25 @@ def test_bench_picks_float16_on_a_t4(fake_device, monkeypatch):
 def _quiet_logs():
     yield
     logging.getLogger("minilm.train").handlers.clear()
+
+
+def test_bench_skips_the_cpu_only_formats_on_a_gpu(fake_device, monkeypatch, capsys):
+    from minilm import bench
+
+    fake_device("A100")
+    seen = []
+    monkeypatch.setattr(bench, "generate_section", lambda a, dev, weights, threads: seen.append(weights))
+    bench.main(["--only=generate"])  # --device defaults to cuda when CUDA is available
+    assert seen == [["fp32", "bf16"]] and "skipping the CPU-only weight formats int8, w8a8" in capsys.readouterr().out
+
+
+def test_the_readme_gpu_command_line_starts_on_an_l4(fake_device, tiny_data_dir, tmp_path):
+    from minilm.train import main
+
+    fake_device("L4")
+    out = tmp_path / "cli"
+    assert main(["--preset=tiny", f"--data_dir={tiny_data_dir}", f"--out_dir={out}", "--n_layer=2", "--n_embd=64",
+                 "--block_size=64", "--batch_size=4", "--max_iters=2", "--eval_interval=2", "--eval_iters=1",
+                 "--sample_tokens=0", "--final_eval=false", "--progress=false", "--tensorboard=false"]) == 0
+    log = (out / "train.log").read_text()
+    assert "device: cuda:0, dtype: bfloat16" in log and "optimizer: Muon, AdamW" in log
