@@ -93,14 +93,17 @@ def _logits(model_fn: Callable, x: torch.Tensor) -> torch.Tensor:
 
 
 def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """-log p(target) per position as float64: logsumexp(logits) - logit of the target.
+    """-log p(target) per position as float64 (on the CPU for MPS logits): logsumexp(logits) - logit of the target.
 
     Computed in float32 (float64 if the logits are float64): exact to ~1e-7 relative, and a third of the
     cost of a float64 softmax over a large vocabulary.
     """
     lf = logits if logits.dtype == torch.float64 else logits.float()
     picked = lf.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    return (torch.logsumexp(lf, dim=-1) - picked).double()
+    nll = torch.logsumexp(lf, dim=-1) - picked
+    if nll.device.type == "mps":  # MPS has no float64: the (small) per-token result goes to the CPU first
+        nll = nll.cpu()
+    return nll.double()
 
 
 @torch.no_grad()

@@ -21,8 +21,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minilm.config import ModelConfig, get_preset
+from minilm.device import gpu_has_bf16
 from minilm.model import GPT, CompilerMissing, check_compiler, static_cache_len
-from minilm.quantize import WEIGHTS, use_weights, weight_bytes
+from minilm.quantize import CPU_ONLY, WEIGHTS, use_weights, weight_bytes
 
 
 class PlainGPT(nn.Module):
@@ -242,6 +243,9 @@ def main(argv: list[str] | None = None) -> None:
                 f"{', '.join(WEIGHTS)}")
     dev = a.device
     cpu = dev == "cpu"
+    if not cpu and any(w in CPU_ONLY for w in weights):  # their int8 kernels are CPU kernels (minilm.quantize)
+        print(f"skipping the CPU-only weight formats {', '.join(w for w in weights if w in CPU_ONLY)} on {dev}")
+        weights = [w for w in weights if w not in CPU_ONLY]
     name = device_name(dev)
     print(f"device: {name}, torch {torch.__version__}, threads: {torch.get_num_threads()}\n")
     if "train" in sections:
@@ -263,7 +267,8 @@ def main(argv: list[str] | None = None) -> None:
 def train_section(a, dev: str, cpu: bool, name: str) -> None:
     rows = []
     presets = {"tiny": 16, "small": 8, "mini_lm": 4 if cpu else 16}
-    dtypes = ["float32", "bfloat16"] if (not dev.startswith("cuda") or torch.cuda.is_bf16_supported()) else \
+    # gpu_has_bf16: torch.cuda.is_bf16_supported() is True on T4/V100 too, where bf16 is only emulated
+    dtypes = ["float32", "bfloat16"] if (not dev.startswith("cuda") or gpu_has_bf16(dev)) else \
         ["float32", "float16"]
     for preset, batch in presets.items():
         cfg = get_preset(preset).model

@@ -16,13 +16,15 @@ class CheckpointError(RuntimeError):
 
 
 def rng_state() -> dict:
+    """This process's random streams. CUDA: the current device's only (each rank saves its own GPU's), so a
+    checkpoint from 4 GPUs resumes on fewer."""
     state = {
         "python": _py_state_to_plain(random.getstate()),
         "numpy": _np_state_to_plain(np.random.get_state()),
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state(torch.cuda.current_device())
     return state
 
 
@@ -30,8 +32,12 @@ def set_rng_state(state: dict) -> None:
     random.setstate(_plain_to_py_state(state["python"]))
     np.random.set_state(_plain_to_np_state(state["numpy"]))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        device = torch.cuda.current_device()
+        cuda = state["cuda"]
+        if isinstance(cuda, (list, tuple)):  # older checkpoints saved every visible GPU's state
+            cuda = cuda[device] if device < len(cuda) else cuda[0]
+        torch.cuda.set_rng_state(cuda, device)
 
 
 # weights_only=True loads tensors and plain containers only, so RNG states are stored as lists and tensors.

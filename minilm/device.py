@@ -3,12 +3,15 @@
     device = pick_device("auto")                     # cuda, else mps, else cpu
     dtype, why = resolve_dtype("auto", device)       # ("bfloat16", "this CPU has native bf16 (avx512_bf16)")
     rank, local_rank, world = setup_distributed()    # (0, 0, 1) when not launched by torchrun
+    plan = plan_device("auto", "auto", local_rank)   # all of the above, plus TF32, fused AdamW, the MFU peak
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -17,6 +20,13 @@ from minilm.config import ConfigError
 
 # x86 flags (as /proc/cpuinfo spells them) that mean bf16 matmuls run in hardware, not emulated in fp32.
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+# bf16 and TF32 tensor cores arrived with Ampere (sm_80: A100, A10, L4, RTX 30xx and later). Older GPUs (T4 sm_75,
+# V100 sm_70) run bf16 without tensor cores, yet torch.cuda.is_bf16_supported() says True there (it counts that
+# emulation), so the choice is made on the compute capability.
+AMPERE = (8, 0)
+# The collective timeout under torchrun. Rank 0 alone may build a data dir (minutes) or count the final baselines
+# while the other ranks wait in a barrier; NCCL's default of 10 minutes would kill the job there.
+DIST_TIMEOUT = timedelta(minutes=60)
 
 
 def pick_device(name: str = "auto") -> str:
@@ -28,6 +38,64 @@ def pick_device(name: str = "auto") -> str:
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return "mps"
     return "cpu"
+
+
+def indexed_device(device: str, local_rank: int = 0) -> str:
+    """"cuda" -> "cuda:<local_rank>": torch.cuda.set_device, DDP and per-device RNG states want an index."""
+    return f"cuda:{local_rank}" if device == "cuda" else device
+
+
+def gpu_has_bf16(device: str | int | None = None) -> bool:
+    """True when the GPU does bf16 on tensor cores (compute capability 8.0+), not by emulation."""
+    return tuple(torch.cuda.get_device_capability(device)) >= AMPERE
+
+
+@dataclass
+class DevicePlan:
+    """What a run uses on its device; plan_device makes it, use_device applies the process-wide parts."""
+
+    device: str  # "cuda:0", "mps", "cpu"
+    dtype: str  # the autocast dtype ("float32": no autocast)
+    dtype_why: str
+    tf32: bool  # fp32 matmuls on TF32 tensor cores (CUDA sm_80+)
+    fused_adamw: bool
+    gpu_name: str  # torch.cuda.get_device_name, or "CPU" / "MPS": what the MFU peak is looked up by
+    capability: tuple[int, int] | None = None
+
+    @property
+    def loss_scaling(self) -> bool:
+        return self.dtype == "float16"
+
+    @property
+    def mfu_dtype(self) -> str:
+        """The peak to divide by: an fp32 run with TF32 on runs its matmuls at the TF32 peak."""
+        return "tf32" if self.dtype == "float32" and self.tf32 else self.dtype
+
+
+def plan_device(device: str = "auto", dtype: str = "auto", local_rank: int = 0, world: int = 1,
+                flags: set[str] | None = None) -> DevicePlan:
+    """The device string (indexed for CUDA), dtype, TF32, fused AdamW and GPU name for this process."""
+    if world > 1 and torch.cuda.is_available() and device in ("auto", "cuda"):
+        device = "cuda"  # under torchrun every process takes GPU local_rank
+    device = indexed_device(pick_device(device), local_rank)
+    kind = device.split(":")[0]
+    if kind != "cuda":
+        chosen, why = resolve_dtype(dtype, device, flags=flags)
+        return DevicePlan(device, chosen, why, tf32=False, fused_adamw=False, gpu_name=kind.upper())
+    capability = tuple(torch.cuda.get_device_capability(device))
+    chosen, why = resolve_dtype(dtype, device, bf16_supported=capability >= AMPERE)
+    return DevicePlan(device, chosen, why, tf32=capability >= AMPERE, fused_adamw=True,
+                      gpu_name=torch.cuda.get_device_name(device), capability=capability)
+
+
+def use_device(plan: DevicePlan) -> None:
+    """Make plan.device this process's current GPU and switch TF32 on where the GPU has it (CUDA only)."""
+    if not plan.device.startswith("cuda"):
+        return
+    torch.cuda.set_device(plan.device)
+    # TF32 matmuls: fp32 range, tensor-core speed (plan.mfu_dtype counts the TF32 peak for them)
+    torch.backends.cuda.matmul.allow_tf32 = plan.tf32
+    torch.backends.cudnn.allow_tf32 = plan.tf32
 
 
 def keep_freed_memory() -> bool:
@@ -77,14 +145,16 @@ def resolve_dtype(requested: str, device: str, bf16_supported: bool | None = Non
     """
     kind = device.split(":")[0]
     if kind == "cuda":
-        bf16 = torch.cuda.is_bf16_supported() if bf16_supported is None else bf16_supported
+        bf16 = gpu_has_bf16(device) if bf16_supported is None else bf16_supported
         if requested == "auto":
-            return ("bfloat16", "this GPU has bfloat16") if bf16 else \
-                ("float16", "this GPU has no bfloat16: float16 with loss scaling")
+            return ("bfloat16", "this GPU has bf16 tensor cores (compute capability 8.0+)") if bf16 else \
+                ("float16", "this GPU has no bf16 tensor cores (compute capability < 8.0): float16 with loss "
+                 "scaling")
         if requested == "bfloat16" and not bf16:
-            gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "this GPU"
-            raise ConfigError(f"{gpu} cannot do bfloat16 (it needs compute capability 8.0+, e.g. A100, L4, "
-                              "RTX 30xx); use --dtype=float16 (with loss scaling) or --dtype=float32")
+            gpu = torch.cuda.get_device_name(device) if torch.cuda.is_available() else "this GPU"
+            raise ConfigError(f"{gpu} has no bfloat16 tensor cores (they need compute capability 8.0+, e.g. A100, "
+                              "L4, RTX 30xx; torch emulates bf16 on older GPUs, slowly); use --dtype=float16 "
+                              "(with loss scaling) or --dtype=float32")
         return requested, "as requested"
     if requested != "auto":
         # float16 on CPU works (autocast + GradScaler) but is slow on most CPUs; it is allowed so the loss-scaling
@@ -103,7 +173,8 @@ def setup_distributed(backend: str | None = None) -> tuple[int, int, int]:
     """(rank, local_rank, world_size); joins the process group when launched by torchrun, else (0, 0, 1).
 
     Backend: nccl when CUDA is available, gloo otherwise. With CUDA, this process uses GPU number local_rank
-    (set before the group starts, as nccl wants).
+    (set before the group starts, as nccl wants). Collectives wait up to DIST_TIMEOUT (rank 0 may build a
+    data dir or count baselines meanwhile).
     """
     if "RANK" not in os.environ:
         return 0, 0, 1
@@ -114,7 +185,7 @@ def setup_distributed(backend: str | None = None) -> tuple[int, int, int]:
         torch.cuda.set_device(local_rank)
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend=backend, timeout=DIST_TIMEOUT)
     return dist.get_rank(), local_rank, dist.get_world_size()
 
 

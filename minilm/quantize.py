@@ -10,7 +10,8 @@ attention and the KV cache, and the embedding table (a lookup reads one row per 
 
 Int8Linear uses PyTorch's fused CPU kernel aten._weight_int8pack_mm when it exists (int8 weights, bf16
 activations, fp32 accumulation; several times faster than dequantizing the weight on every call) and otherwise
-F.linear on the dequantized weight.
+F.linear on the dequantized weight. int8 and w8a8 are CPU-only: on CUDA or MPS they are refused with a clear
+error, since there every call would dequantize whole weights and decode slower than fp32 (use bf16 there).
 
 "w8a8" stores the same int8 weights and also rounds each input row to int8 on the fly (one scale per row, i.e. per
 token), so the matmul is int8 x int8 with exact int32 sums (torch._int_mm, oneDNN on x86). On the 2-core Xeon
@@ -26,7 +27,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 WEIGHTS = ("fp32", "bf16", "int8", "w8a8")
+# The int8 kernels used here are CPU kernels; elsewhere every call would dequantize whole weights (slower than fp32).
+CPU_ONLY = ("int8", "w8a8")
 _HAS_INT8_KERNEL = hasattr(torch.ops.aten, "_weight_int8pack_mm")
+
+
+def check_cpu(weights: str, device: torch.device | str) -> None:
+    """Refuse the CPU-only formats on another device, with what to use instead."""
+    device = torch.device(device)
+    if device.type != "cpu":
+        raise ValueError(f"weights={weights!r} is CPU-only (its int8 kernels are CPU kernels; on {device.type} each "
+                         "call would dequantize whole weights, slower than fp32): use weights='bf16' or 'fp32' on "
+                         f"{device.type}, or run on the CPU (--device=cpu)")
 
 
 def quantize_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,7 +63,8 @@ class Int8Linear(nn.Module):
         self.register_buffer("bias", bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _HAS_INT8_KERNEL and x.device.type == "cpu":
+        check_cpu("int8", x.device)  # a model quantized on the CPU and moved afterwards
+        if _HAS_INT8_KERNEL:
             flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
             y = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scale_bf16)
             y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
@@ -84,12 +97,10 @@ class W8A8Linear(Int8Linear):
     """y = (round(x / sx) @ q^T) * sx * scale + bias: Int8Linear's weights, and int8 inputs (one scale per row)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_cpu("w8a8", x.device)
         flat = x.reshape(-1, self.in_features).float()
         xq, sx = quantize_per_channel(flat)  # rows of x are the "channels" here
-        if x.device.type == "cpu":
-            acc = torch._int_mm(xq, self.weight.t()).float()  # exact int32 sums
-        else:  # _int_mm has shape limits on CUDA; float sums of int8 products are exact up to 2^24
-            acc = F.linear(xq.float(), self.weight.float())
+        acc = torch._int_mm(xq, self.weight.t()).float()  # exact int32 sums
         y = (acc * sx[:, None] * self.scale).view(*x.shape[:-1], self.out_features)
         y = y if self.bias is None else y + self.bias
         return y.to(x.dtype)
@@ -112,6 +123,9 @@ def use_weights(model: nn.Module, weights: str = "fp32") -> nn.Module:
     """Convert a model for generation, in place: "fp32" (as is), "bf16", "int8" (weight-only) or "w8a8"."""
     if weights not in WEIGHTS:
         raise ValueError(f"weights={weights!r}: choose one of {', '.join(WEIGHTS)}")
+    device = next((t.device for t in model.parameters()), torch.device("cpu"))
+    if weights in CPU_ONLY:
+        check_cpu(weights, device)
     model.eval()
     if weights == "fp32":
         return model

@@ -13,6 +13,7 @@ val split beside counting baselines). Each feature is a small function above it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import io
 import json
@@ -39,9 +40,24 @@ from minilm.checkpoint import (
 )
 from minilm.config import ConfigError, ModelConfig, RunConfig, parse_args, validate
 from minilm.data import DataError, TokenData, baseline_losses, load_tokenizer, read_meta, whole_split_loss
-from minilm.device import bf16_speedup, keep_freed_memory, pick_device, resolve_dtype, setup_distributed
+from minilm.device import (
+    DevicePlan,
+    bf16_speedup,
+    keep_freed_memory,
+    plan_device,
+    resolve_dtype,
+    setup_distributed,
+    use_device,
+)
 from minilm.model import GPT
-from minilm.optim import build_optimizers, get_lr, load_optimizer_states, optimizer_states, set_lr
+from minilm.optim import (
+    build_optimizers,
+    get_lr,
+    load_optimizer_states,
+    optimizer_states,
+    set_lr,
+    watch_muon_cost,
+)
 
 __all__ = ["TrainingAborted", "get_lr", "main", "resolve_dtype", "setup_distributed", "train"]
 
@@ -96,6 +112,75 @@ def setup_logging(out_dir: Path, rank: int) -> None:
         fh = logging.FileHandler(out_dir / "train.log")
         fh.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
         log.addHandler(fh)
+
+
+# What --resume takes from ckpt.pt and what from this run's config (command line, YAML, preset).
+#   "checkpoint": the saved value is used; asking for a different one is refused, naming the field (the weights, the
+#                 optimizer state or the restored random streams depend on it).
+#   "run":        this run's value is used; a change from the checkpoint is applied and logged.
+#   "schedule":   the checkpoint's cosine end unless --lr_decay_iters is given (resolve_schedule).
+#   "dtype":      --dtype=auto on a CPU keeps the dtype the run started with (no new probe); otherwise "run".
+RESUME_SOURCE: dict[str, str] = {
+    "model.vocab_size": "checkpoint",  # and the data dir's tokenizer must have the same size
+    "model.block_size": "checkpoint",
+    "model.n_layer": "checkpoint",
+    "model.n_head": "checkpoint",
+    "model.n_embd": "checkpoint",
+    "model.pos": "checkpoint",
+    "model.norm": "checkpoint",
+    "model.mlp": "checkpoint",
+    "model.mlp_hidden": "checkpoint",
+    "model.qk_norm": "checkpoint",
+    "model.tie_embeddings": "checkpoint",
+    "model.bias": "checkpoint",
+    "model.zero_init": "checkpoint",
+    "model.rope_theta": "checkpoint",
+    "model.dropout": "run",
+    "model.grad_checkpoint": "run",
+    "train.optimizer": "checkpoint",  # one saved state per optimizer
+    "train.seed": "checkpoint",  # the restored random streams and the eval batches come from it
+    "train.lr_decay_iters": "schedule",
+    "train.dtype": "dtype",
+    **{f"train.{k}": "run" for k in (
+        "preset", "data_dir", "out_dir", "device", "compile", "batch_size", "grad_accum", "max_iters", "lr", "min_lr",
+        "warmup_iters", "weight_decay", "beta1", "beta2", "grad_clip", "muon_lr", "muon_momentum", "eval_interval",
+        "eval_iters", "log_interval", "sample_tokens", "sample_prompt", "resume", "early_stop_patience",
+        "ema_decay", "profile", "max_bad_steps", "final_eval", "tensorboard", "progress")},
+}
+
+
+def resume_config(cfg: RunConfig, ckpt: dict, meta: dict) -> list[str]:
+    """Apply RESUME_SOURCE to cfg in place; returns the changes applied, one line each, for the log.
+
+    A "checkpoint" field that differs is a ConfigError with the field and what to pass. Fields an older checkpoint
+    lacks take the value it was trained with (ModelConfig's defaults for the model; this run's for training).
+    """
+    saved_model = dataclasses.asdict(ModelConfig.from_dict(ckpt["config"]["model"]))
+    saved = {"model": saved_model, "train": ckpt["config"].get("train", {})}
+    raw_model_keys = set(ckpt["config"]["model"])
+    if meta["vocab_size"] != saved_model["vocab_size"]:
+        raise ConfigError(f"vocab_size: the data dir {cfg.train.data_dir} has {meta['vocab_size']} tokens but the "
+                          f"checkpoint's model has {saved_model['vocab_size']}; resume with the data dir the run "
+                          "was trained on (train.data_dir in its config.yaml)")
+    cfg.model.vocab_size = saved_model["vocab_size"]  # a fresh run takes it from the data dir, never the command line
+    changes = []
+    for key, source in RESUME_SOURCE.items():
+        section, name = key.split(".")
+        if name not in saved[section] or source in ("schedule", "dtype"):
+            continue
+        old, new = saved[section][name], getattr(getattr(cfg, section), name)
+        if source == "checkpoint" and section == "model" and name not in raw_model_keys:
+            setattr(cfg.model, name, old)  # an older checkpoint: the value it was built with
+        elif old == new:
+            continue
+        elif source == "checkpoint":
+            raise ConfigError(f"--resume cannot change {name} (the checkpoint's weights, optimizer state or random "
+                              f"streams depend on it): the checkpoint's run has {name}={old}, this run asks for "
+                              f"--{name}={new}. Pass --{name}={old} to continue it, or start a new run in another "
+                              "--out_dir")
+        elif name != "resume":
+            changes.append(f"{name}: {old!r} -> {new!r}")
+    return changes
 
 
 def resolve_schedule(t, ckpt: dict | None) -> None:
@@ -279,6 +364,7 @@ class Run:
     ema: list | None = None
     tokenizer: object = None
     writer: object = None  # TensorBoard SummaryWriter
+    plan: DevicePlan | None = None  # TF32, GPU name, MFU dtype (see minilm.device.plan_device)
 
     @property
     def master(self) -> bool:
@@ -496,12 +582,9 @@ def set_up(cfg: RunConfig, why: str, model: torch.nn.Module | None) -> tuple[Run
     setup_logging(out_dir, rank)
     if why:
         log.info(why)
-    device = f"cuda:{local_rank}" if world > 1 and torch.cuda.is_available() else pick_device(t.device)
-    if device.startswith("cuda"):
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls: fp32 range, tensor-core speed
-        torch.backends.cudnn.allow_tf32 = True
-    dtype, dtype_why = resolve_dtype(t.dtype, device)
+    plan = plan_device(t.device, t.dtype, local_rank, world)  # "cuda" becomes "cuda:<local_rank>"
+    use_device(plan)
+    device, dtype, dtype_why = plan.device, plan.dtype, plan.dtype_why
     device_type = device.split(":")[0]
     if device_type == "cpu":
         keep_freed_memory()
@@ -512,8 +595,9 @@ def set_up(cfg: RunConfig, why: str, model: torch.nn.Module | None) -> tuple[Run
     meta = read_meta(data_dir)
     ckpt = load_checkpoint(out_dir / "ckpt.pt", map_location="cpu") if t.resume else None
     if ckpt is not None:
-        cfg.model = m = ModelConfig.from_dict(ckpt["config"]["model"])  # the architecture is the checkpoint's
-        log.info(f"resuming from {out_dir / 'ckpt.pt'} at step {ckpt['step']}")
+        changes = resume_config(cfg, ckpt, meta)  # RESUME_SOURCE: what comes from the checkpoint, what from here
+        log.info(f"resuming from {out_dir / 'ckpt.pt'} at step {ckpt['step']}"
+                 + "".join(f"\n  changed on resume: {c}" for c in changes))
     else:
         m.vocab_size = meta["vocab_size"]
     resolve_schedule(t, ckpt)
@@ -523,9 +607,17 @@ def set_up(cfg: RunConfig, why: str, model: torch.nn.Module | None) -> tuple[Run
     torch.manual_seed(t.seed)  # the same initial weights on every rank
     raw_model = (GPT(m) if model is None else model).to(device)
     torch.manual_seed(t.seed + rank)  # then each rank its own dropout masks
-    if t.dtype == "auto" and device_type == "cpu" and dtype == "bfloat16":
-        dtype, dtype_why = probe_cpu_dtype(raw_model, m, t.batch_size, world)
+    if t.dtype == "auto" and device_type == "cpu":
+        dtype, dtype_why = cpu_autocast_dtype(raw_model, m, t.batch_size, rank, world, (dtype, dtype_why), ckpt)
+    if ckpt is not None and ckpt["config"]["train"].get("dtype", dtype) not in ("auto", dtype):
+        log.info(f"changed on resume: dtype: {ckpt['config']['train']['dtype']!r} -> {dtype!r} ({dtype_why})")
+    t.dtype = dtype  # config.yaml and the checkpoint record the dtype the run uses
     optimizers = build_optimizers(raw_model, t, device_type)
+    if rank == 0:
+        slow = plan.capability is not None and plan.capability < (8, 0)
+        watch_muon_cost(optimizers, device, log.info, note=(
+            f"; this GPU (sm_{plan.capability[0]}{plan.capability[1]}) runs bf16 without tensor cores: if the "
+            "share is large, --optimizer=adamw avoids it") if slow else "")
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
     ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     ctx = torch.autocast(device_type=device_type, dtype=ptdtype) if dtype != "float32" else contextlib.nullcontext()
@@ -538,12 +630,8 @@ def set_up(cfg: RunConfig, why: str, model: torch.nn.Module | None) -> tuple[Run
         st.step, st.best_val = ckpt["step"], ckpt["best_val_loss"]
         st.evals_since_best = ckpt.get("extra", {}).get("evals_since_best", 0)
 
-    wrapped = torch.compile(raw_model) if t.compile else raw_model
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        # Wrapping broadcasts rank 0's weights; the EMA is taken after it so every rank averages the same ones.
-        wrapped = DistributedDataParallel(wrapped, device_ids=[local_rank] if device_type == "cuda" else None)
+    # Wrapping broadcasts rank 0's weights; the EMA is taken after it so every rank averages the same ones.
+    wrapped = wrap_model(raw_model, t.compile, world, device)
     ema = None
     if t.ema_decay > 0:
         ema = [p.detach().clone() for p in raw_model.parameters()]
@@ -551,7 +639,7 @@ def set_up(cfg: RunConfig, why: str, model: torch.nn.Module | None) -> tuple[Run
             ema = ema_from_checkpoint(raw_model, ckpt["ema"], device)
     tok = load_tokenizer(data_dir) if rank == 0 and t.sample_tokens > 0 else None
     run = Run(cfg, rank, world, device, dtype, ctx, out_dir, meta, train_data, val_data, wrapped, raw_model,
-              optimizers, scaler, ema, tok)
+              optimizers, scaler, ema, tok, plan=plan)
 
     if ckpt is not None:  # last, so nothing in the set-up moves the restored random streams
         rngs = ckpt.get("rng_ranks") or [ckpt["rng"]]
@@ -581,16 +669,48 @@ def set_up(cfg: RunConfig, why: str, model: torch.nn.Module | None) -> tuple[Run
     return run, st
 
 
-def probe_cpu_dtype(model: torch.nn.Module, m: ModelConfig, batch_size: int, world: int) -> tuple[str, str]:
+def wrap_model(raw_model: torch.nn.Module, compile: bool, world: int, device: str) -> torch.nn.Module:
+    """What the step calls: DDP around the model under torchrun, then torch.compile around that.
+
+    This order is PyTorch's documented one: compiling the DDP module lets the compiler split the graph at DDP's
+    bucket boundaries, so gradient all-reduce overlaps the backward pass (DDP(compile(m)) cannot overlap).
+    """
+    wrapped = raw_model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        index = torch.device(device).index
+        wrapped = DistributedDataParallel(raw_model, device_ids=[index] if device.startswith("cuda") else None)
+    return torch.compile(wrapped) if compile else wrapped
+
+
+def probe_cpu_dtype(model: torch.nn.Module, m: ModelConfig, batch_size: int) -> tuple[str, str]:
     """On a CPU with native bf16: bf16 only if a short probe of this model finds it >= 10% faster than fp32."""
     fp32, bf16 = bf16_speedup(model, m.vocab_size, m.block_size, batch_size)
     choice = "bfloat16" if bf16 >= 1.1 * fp32 else "float32"
-    if world > 1:  # every rank must run the same dtype: rank 0's probe decides
-        decision = [choice]
-        torch.distributed.broadcast_object_list(decision, src=0)
-        choice = decision[0]
     return choice, (f"native bf16 on this CPU; a probe of this model ran fp32 at {fp32:,.0f} and bf16 at "
                     f"{bf16:,.0f} tokens/s, so {choice}")
+
+
+def cpu_autocast_dtype(model: torch.nn.Module, m: ModelConfig, batch_size: int, rank: int, world: int,
+                       flags_choice: tuple[str, str], ckpt: dict | None) -> tuple[str, str]:
+    """--dtype=auto on CPUs: (dtype, why). A resumed run keeps the dtype it started with (no new probe);
+    a new one takes rank 0's choice (probed when its flags show native bf16), sent to every rank.
+
+    flags_choice is resolve_dtype's answer from this machine's CPU flags. Every rank joins the broadcast, whatever
+    its own flags say, so machines that differ cannot deadlock.
+    """
+    saved = ckpt["config"]["train"].get("dtype") if ckpt is not None else None
+    if saved in ("float32", "bfloat16", "float16"):
+        return saved, "kept from the checkpoint: the dtype the run started with (--dtype=... changes it)"
+    dtype, why = flags_choice
+    if rank == 0 and dtype == "bfloat16":
+        dtype, why = probe_cpu_dtype(model, m, batch_size)
+    if world > 1:  # every rank must run the same dtype: rank 0's decides
+        box = [(dtype, why if rank == 0 else "")]
+        torch.distributed.broadcast_object_list(box, src=0)
+        dtype, why = box[0][0], f"rank 0's choice: {box[0][1]}"
+    return dtype, why
 
 
 def start_profiler(run: Run):
@@ -611,9 +731,9 @@ def train(cfg: RunConfig, why: str = "", model: torch.nn.Module | None = None) -
     """
     # ---- set-up
     run, st = set_up(cfg, why, model)
-    t, device_type = cfg.train, run.device.split(":")[0]
+    t = cfg.train
     tokens_per_step = t.batch_size * cfg.model.block_size * t.grad_accum  # global: grad_accum counts all ranks
-    peak_name = torch.cuda.get_device_name(run.device) if device_type == "cuda" else device_type.upper()
+    peak_name, peak_dtype = run.plan.gpu_name, run.plan.mfu_dtype  # fp32 with TF32 on: the TF32 peak
     profiler = start_profiler(run) if t.profile and run.master else None
     progress = None
     if run.master and t.progress:
@@ -643,7 +763,7 @@ def train(cfg: RunConfig, why: str = "", model: torch.nn.Module | None = None) -
                         profiler = None
                 if st.step % t.log_interval == 0 or st.step == t.max_iters:
                     tok_s = tokens_since_log / (time.perf_counter() - t_log)
-                    mfu = (run.raw_model.estimate_mfu(tok_s / run.world, peak_name, run.dtype)[0]
+                    mfu = (run.raw_model.estimate_mfu(tok_s / run.world, peak_name, peak_dtype)[0]
                            if hasattr(run.raw_model, "estimate_mfu") else None)
                     record(run, {"step": st.step, "loss": loss, "lr": lr, "tokens_per_s": tok_s, "mfu": mfu})
                     if progress is not None:
