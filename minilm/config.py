@@ -126,6 +126,9 @@ class TrainConfig:
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    # The field names the command line or --config file set; None means every field is meant as given (a config
+    # built in code). A resume takes the fields not set from the checkpoint.
+    explicit: frozenset[str] | None = field(default=None, compare=False, repr=False)
 
     def to_dict(self) -> dict:
         return {"model": dataclasses.asdict(self.model), "train": dataclasses.asdict(self.train)}
@@ -274,6 +277,7 @@ def parse_args(argv: list[str] | None = None, *, cuda: bool | None = None) -> tu
     cfg = get_preset(str(preset))
     apply_overrides(cfg, file_values)
     apply_overrides(cfg, pairs)
+    cfg.explicit = frozenset(file_values) | frozenset(pairs)
     return cfg, why
 
 

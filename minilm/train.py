@@ -152,8 +152,10 @@ RESUME_SOURCE: dict[str, str] = {
 def resume_config(cfg: RunConfig, ckpt: dict, meta: dict) -> list[str]:
     """Apply RESUME_SOURCE to cfg in place; returns the changes applied, one line each, for the log.
 
-    A "checkpoint" field that differs is a ConfigError with the field and what to pass. Fields an older checkpoint
-    lacks take the value it was trained with (ModelConfig's defaults for the model; this run's for training).
+    A field the command line (or --config file) did not set takes the checkpoint's value. One it set: a "checkpoint"
+    field that differs is a ConfigError with the field and what to pass; a "run" field is changed and logged.
+    Fields an older checkpoint lacks take the value it was trained with (ModelConfig's defaults for the model;
+    this run's for training).
     """
     saved_model = dataclasses.asdict(ModelConfig.from_dict(ckpt["config"]["model"]))
     saved = {"model": saved_model, "train": ckpt["config"].get("train", {})}
@@ -163,22 +165,25 @@ def resume_config(cfg: RunConfig, ckpt: dict, meta: dict) -> list[str]:
                           f"checkpoint's model has {saved_model['vocab_size']}; resume with the data dir the run "
                           "was trained on (train.data_dir in its config.yaml)")
     cfg.model.vocab_size = saved_model["vocab_size"]  # a fresh run takes it from the data dir, never the command line
+    given = cfg.explicit
     changes = []
     for key, source in RESUME_SOURCE.items():
         section, name = key.split(".")
-        if name not in saved[section] or source in ("schedule", "dtype"):
+        if name not in saved[section] or source in ("schedule", "dtype") or name == "resume":
             continue
         old, new = saved[section][name], getattr(getattr(cfg, section), name)
-        if source == "checkpoint" and section == "model" and name not in raw_model_keys:
-            setattr(cfg.model, name, old)  # an older checkpoint: the value it was built with
+        # where the run is and what it runs on are always this invocation's, given or not
+        not_given = given is not None and name not in given and name not in ("out_dir", "data_dir", "device", "preset")
+        if not_given or (source == "checkpoint" and section == "model" and name not in raw_model_keys):
+            setattr(getattr(cfg, section), name, old)  # not asked to change: the run goes on as it was
         elif old == new:
             continue
         elif source == "checkpoint":
             raise ConfigError(f"--resume cannot change {name} (the checkpoint's weights, optimizer state or random "
                               f"streams depend on it): the checkpoint's run has {name}={old}, this run asks for "
-                              f"--{name}={new}. Pass --{name}={old} to continue it, or start a new run in another "
-                              "--out_dir")
-        elif name != "resume":
+                              f"--{name}={new}. Pass --{name}={old} or leave it out to continue the run, or start "
+                              "a new run in another --out_dir")
+        else:
             changes.append(f"{name}: {old!r} -> {new!r}")
     return changes
 

@@ -161,3 +161,19 @@ def test_ddp_dtype_probe_with_mixed_cpu_flags_does_not_deadlock(tiny_data_dir, t
     assert got == [(0, True), (1, True)]
     expected = "bfloat16" if flags[0] else "float32"  # rank 0's machine decides for all
     assert load_checkpoint(tmp_path / "ddp")["config"]["train"]["dtype"] == expected
+
+
+def test_resume_without_flags_continues_the_run_as_it_was(tmp_path):
+    """`--resume` alone: the shape and settings the run was started with, not the preset's defaults."""
+    from minilm.config import parse_args
+    from minilm.train import resume_config
+
+    cfg, _ = parse_args(["--preset=tiny", "--n_layer=3", "--lr=0.005", "--dropout=0.1"], cuda=False)
+    ckpt = {"config": cfg.to_dict()}
+    meta = {"vocab_size": cfg.model.vocab_size}
+    again, _ = parse_args(["--preset=tiny", "--resume"], cuda=False)
+    assert resume_config(again, ckpt, meta) == []
+    assert (again.model.n_layer, again.train.lr, again.model.dropout) == (3, 0.005, 0.1)
+    changed, _ = parse_args(["--preset=tiny", "--resume", "--lr=0.001"], cuda=False)
+    assert resume_config(changed, ckpt, meta) == ["lr: 0.005 -> 0.001"]
+    assert changed.model.n_layer == 3
