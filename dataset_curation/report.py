@@ -81,16 +81,29 @@ def licence_table(rows: list[dict]) -> list[str]:
     """Markdown lines: distributions kept and removed by licence verdict, then one row per distribution."""
     kept = [r for r in rows if r["kept"]]
     lines = ["", "## Licences", "",
-             f"{len(kept)} of {len(rows)} distributions kept (permissive licence); removed: "
+             f"{len(kept)} of {len(rows)} distributions kept (permissive licence; vendored copies below); removed: "
              + (", ".join(f"`{r['name']}` ({r['licence'] or 'no licence declared'}: {r['verdict']})"
                           for r in rows if not r["kept"]) or "none") + ".", "",
-             "| licence | distributions | .py files | MB |", "|---|---:|---:|---:|"]
+             "| licence | distributions or vendored copies | .py files | MB |", "|---|---:|---:|---:|"]
     by: dict[str, list] = {}
-    for r in rows:
-        by.setdefault(f"{r['licence'] or '(none)'}{'' if r['kept'] else ' (removed)'}", []).append(r)
+    for r in rows:  # a distribution's own files under its licence, each vendored copy under its own
+        vend = r.get("vendored", [])
+        own = {"files": r["files"] - sum(v["files"] for v in vend), "bytes": r["bytes"] - sum(v["bytes"] for v in vend)}
+        by.setdefault(f"{r['licence'] or '(none)'}{'' if r['kept'] else ' (removed)'}", []).append(own)
+        for v in vend:
+            by.setdefault(f"{v['licence'] or '(none)'} (vendored{'' if v['kept'] else ', removed'})", []).append(v)
     for lic, rs in sorted(by.items(), key=lambda x: -sum(r["bytes"] for r in x[1])):
         n_files, mb = sum(r["files"] for r in rs), sum(r["bytes"] for r in rs) / 1e6
         lines.append(f"| {lic} | {len(rs)} | {n_files:,} | {mb:.1f} |")
+    vendored = [(r["name"], v) for r in rows for v in r.get("vendored", [])]
+    if vendored:
+        out = [(n, v) for n, v in vendored if not v["kept"]]
+        lines += ["", f"Vendored copies: {len(vendored)}, each decided by its own metadata; {len(out)} left out.", "",
+                  "| in | vendored | name | version | licence | kept | .py files | evidence |",
+                  "|---|---|---|---|---|---|---:|---|"]
+        for n, v in vendored:
+            lines.append(f"| {n} | `{v['path']}` | {v['name']} | {v['version'] or '-'} | {v['licence'] or '-'} | "
+                         f"{'yes' if v['kept'] else 'no (' + v['verdict'] + ')'} | {v['files']:,} | {v['evidence']} |")
     lines += ["", "| distribution | version | licence | kept | .py files | MB | documents after curation | tokens |",
               "|---|---|---|---|---:|---:|---:|---:|"]
     for r in sorted(rows, key=lambda r: -r["bytes"]):

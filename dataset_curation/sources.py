@@ -183,15 +183,105 @@ def builtin_documents(include_tests: bool = True, max_files: int | None = None,
 
 VENDORED = frozenset({"_vendor", "vendor", "_vendored", "vendored", "extern", "_extern", "third_party",
                       "_bundled"})
+_LICENCE_FILE = re.compile(r"(licen[cs]e|copying)([._-][\w.-]*)?", re.IGNORECASE)
+_RANK = {"permissive": 0, "unknown": 1, "not permissive": 2}
 
 
 def _is_vendored(rel: str) -> bool:
-    return any(p in VENDORED for p in rel.split("/")[:-1])
+    return bool(_vendor_levels(rel))
+
+
+def _vendor_levels(rel: str) -> list[tuple[str, str]]:
+    """(vendor dir, path inside it) for each vendored folder a file sits in, outermost first. A vendor dir's own
+    `__init__.py` belongs to the distribution that vendors."""
+    parts = rel.split("/")
+    return [("/".join(parts[: i + 1]), "/".join(parts[i + 1:])) for i, p in enumerate(parts[:-1])
+            if p in VENDORED and not (i == len(parts) - 2 and parts[-1] == "__init__.py")]
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _vendor_index(vdir: Path) -> dict:
+    """What a vendor dir says about its contents: the files of each `*.dist-info` it ships (with that metadata's
+    licence) and the names and versions pinned in `vendor.txt`."""
+    from importlib import metadata
+
+    from dataset_curation.licences import licence_of
+
+    files: dict[str, dict] = {}
+    for info in sorted(vdir.glob("*.dist-info")) if vdir.is_dir() else []:
+        dist = metadata.PathDistribution(info)
+        if not dist.metadata["Name"]:
+            continue
+        licence, verdict = licence_of(dist.metadata)
+        entry = {"name": dist.metadata["Name"], "version": dist.metadata["Version"] or "", "licence": licence,
+                 "verdict": verdict, "evidence": f"{info.name}/METADATA"}
+        for f in dist.files or []:
+            files[f.as_posix()] = entry
+    pins = {}
+    if (vdir / "vendor.txt").is_file():
+        for line in (vdir / "vendor.txt").read_text(errors="replace").splitlines():
+            m = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;\\]+)", line)
+            if m:
+                pins[_norm(m.group(1))] = (m.group(1), m.group(2))
+    return {"files": files, "pins": pins}
+
+
+def _vendored_origin(vdir: Path, inner: str, index: dict) -> tuple[str, dict]:
+    """(the vendored package's folder or module inside vdir, its name, version, licence, verdict and evidence):
+    from a dist-info in the vendor dir that lists the file, else from LICENSE/COPYING files beside the package
+    (name and version from vendor.txt when it pins them), else unknown."""
+    from dataset_curation.licences import licence_of_text
+
+    top = inner.split("/")[0]
+    stem = top[:-3] if top.endswith(".py") else top
+    if inner in index["files"]:
+        return top, index["files"][inner]
+    name, version = index["pins"].get(_norm(stem), (stem, ""))
+    beside = vdir / top
+    texts = sorted(f for f in beside.iterdir() if f.is_file() and _LICENCE_FILE.fullmatch(f.name)) \
+        if beside.is_dir() else sorted(f for f in vdir.glob(f"{stem}.*") if _LICENCE_FILE.search(f.suffix))
+    if not texts:
+        return top, {"name": name, "version": version, "licence": "", "verdict": "unknown",
+                     "evidence": "no dist-info or licence file says what it is"}
+    found = [licence_of_text(f.read_text(errors="replace")) for f in texts]
+    verdict = max((v for _, v in found), key=_RANK.__getitem__)
+    licence = " AND ".join(dict.fromkeys(lic or f"unreadable {f.name}" for (lic, _), f in zip(found, texts)))
+    return top, {"name": name, "version": version, "licence": licence, "verdict": verdict,
+                 "evidence": ", ".join(f.relative_to(vdir).as_posix() for f in texts)}
+
+
+def _classify_files(dist, files: list[tuple[str, str]], verdict: str, licence: str) -> tuple[list, list]:
+    """Each file of a distribution with its own verdict: the distribution's, or for a vendored copy the worst of
+    the distribution's and each enclosing vendored package's own. Returns (files, vendored table)."""
+    indexes: dict[str, dict] = {}
+    vendored: dict[str, dict] = {}
+    out = []
+    for rel, full in files:
+        v, lic, where = verdict, licence, None
+        for vdir_rel, inner in _vendor_levels(rel):
+            vdir = Path(dist.locate_file(vdir_rel))
+            index = indexes.setdefault(vdir_rel, _vendor_index(vdir))
+            top, origin = _vendored_origin(vdir, inner, index)
+            where = f"{vdir_rel}/{top}"
+            key = (where, origin["name"])  # a namespace folder (jaraco/) may hold several vendored distributions
+            vendored.setdefault(key, {"path": where, **origin, "files": 0, "bytes": 0,
+                                      "kept": origin["verdict"] == "permissive"})
+            v = max(v, origin["verdict"], key=_RANK.__getitem__)
+            lic = origin["licence"]
+        if where:
+            row = vendored[key]
+            row.update(files=row["files"] + 1, bytes=row["bytes"] + Path(full).stat().st_size, kept=v == "permissive")
+        out.append((rel, full, v, lic, where))
+    return out, sorted(vendored.values(), key=lambda r: (r["path"], r["name"]))
 
 
 def installed_distributions(paths: list[str] | None = None, include_tests: bool = True) -> list[dict]:
     """One row per installed distribution (on `paths`, default sys.path): name, version, licence, verdict, its
-    .py files (relative paths, tests dropped unless include_tests), their bytes, and kept = permissive licence.
+    .py files (relative paths, tests dropped unless include_tests), their bytes, kept = permissive licence, and
+    its vendored copies (`_vendor/`, `extern/`, ...), each with its own licence and verdict (`vendored`).
     Sorted by name; a distribution found twice on the path counts once (the first, as imports would)."""
     from importlib import metadata
 
@@ -200,7 +290,7 @@ def installed_distributions(paths: list[str] | None = None, include_tests: bool 
     rows, seen = [], set()
     for dist in metadata.distributions(path=paths if paths is not None else sys.path):
         name = dist.metadata["Name"] or ""
-        key = re.sub(r"[-_.]+", "-", name).lower()
+        key = _norm(name)
         if not name or key in seen:
             continue
         seen.add(key)
@@ -216,8 +306,10 @@ def installed_distributions(paths: list[str] | None = None, include_tests: bool 
             if full.is_file():
                 files.append((rel, str(full)))
                 n_bytes += full.stat().st_size
+        files, vendored = _classify_files(dist, files, verdict, licence)
         rows.append({"name": name, "version": dist.metadata["Version"], "licence": licence, "verdict": verdict,
-                     "kept": verdict == "permissive", "files": len(files), "bytes": n_bytes, "_files": files})
+                     "kept": verdict == "permissive", "files": len(files), "bytes": n_bytes, "vendored": vendored,
+                     "_files": files})
     rows.sort(key=lambda r: r["name"].lower())
     return rows
 
@@ -238,17 +330,19 @@ def installed_documents(paths: list[str] | None = None, include_tests: bool = Tr
     root = stdlib_root()
     dists = []
     if include_stdlib:
-        files = [(p.relative_to(root).as_posix(), str(p)) for p in stdlib_files(include_tests)]
+        files = [(p.relative_to(root).as_posix(), str(p), "permissive", PSF, None) for p in stdlib_files(include_tests)]
         dists.append({"name": "python-stdlib", "version": sys.version.split()[0], "licence": PSF,
                       "verdict": "permissive", "kept": True, "files": len(files),
-                      "bytes": sum(Path(f).stat().st_size for _, f in files), "_files": files})
+                      "bytes": sum(Path(f[1]).stat().st_size for f in files), "vendored": [], "_files": files})
     dists += installed_distributions(paths, include_tests)
-    order = sorted(((_is_vendored(rel), hashlib.sha1(f"{d['name']}/{rel}".encode()).digest(), i, rel, full)
-                    for i, d in enumerate(dists) for rel, full in d["_files"]))
+    order = sorted(((where is not None, hashlib.sha1(f"{d['name']}/{rel}".encode()).digest(), i, rel, full,
+                     verdict, licence, where)
+                    for i, d in enumerate(dists) for rel, full, verdict, licence, where in d["_files"]))
     digest = hashlib.sha256(f"python {sys.version}".encode())
     docs: list[dict] = []
     chars, n_bytes, read = 0, 0, [0] * len(dists)
-    for _, _, i, rel, full in tqdm(order, desc="read installed", unit="file", disable=not progress, leave=False):
+    bar = tqdm(order, desc="read installed", unit="file", disable=not progress, leave=False)
+    for _, _, i, rel, full, verdict, licence, where in bar:
         if max_chars is not None and chars >= max_chars:
             break
         d = dists[i]
@@ -257,14 +351,16 @@ def installed_documents(paths: list[str] | None = None, include_tests: bool = Tr
         digest.update(f"{d['name']}/{rel}".encode() + b"\0" + hashlib.sha256(data).digest())
         text, _ = decode_source(data)
         src = "stdlib" if d["name"] == "python-stdlib" else "installed"
-        extra = {"dist": d["name"], "licence_verdict": d["verdict"], "group": f"{d['name']}/{rel}"}
-        docs.append({**_doc(f"{d['name']}:{rel}", text, f"{src}-code", rel, "code", d["licence"]), **extra})
+        extra = {"dist": d["name"], "licence_verdict": verdict, "group": f"{d['name']}/{rel}"}
+        if where:
+            extra["vendored"] = where
+        docs.append({**_doc(f"{d['name']}:{rel}", text, f"{src}-code", rel, "code", licence), **extra})
         if include_prose:
             prose = extract_prose(text)
             if prose:
                 docs.append({**_doc(f"{d['name']}-prose:{rel}", prose, f"{src}-docstrings", rel, "prose",
-                                    d["licence"]), **extra})
-        chars += len(text) if d["kept"] else 0  # what the licence stage will remove does not fill the budget
+                                    licence), **extra})
+        chars += len(text) if verdict == "permissive" else 0  # what the licence stage removes does not fill it
         read[i] += 1
     table = [{k: v for k, v in d.items() if k != "_files"} | {"files_read": n} for d, n in zip(dists, read)]
     manifest = {"recipe": "installed", "python": sys.version.split()[0], "stdlib": str(root), "site_paths": paths,

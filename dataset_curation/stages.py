@@ -91,10 +91,16 @@ class StageStats:
 
 def licence_filter(docs: Iterable[dict], stats: StageStats) -> Iterator[dict]:
     """Stage 0. Drop documents whose distribution's licence is not permissive, or says nothing usable (the
-    verdict of dataset_curation.licences, set by the installed source); documents without a verdict pass."""
+    verdict of dataset_curation.licences, set by the installed source); documents without a verdict pass. A
+    vendored copy (`pip/_vendor/certifi`) has its own verdict and its own reasons."""
     for doc in docs:
         verdict = doc.get("licence_verdict", "permissive")
-        if verdict == "not permissive":
+        where = doc.get("vendored")
+        if where and verdict != "permissive":
+            reason = "vendored_not_permissive" if verdict == "not permissive" else "vendored_unknown_licence"
+            said = doc.get("license") or "no dist-info or licence file says what it is"
+            stats.remove(doc, reason, f"{doc.get('dist')}: vendored {where}: {said}")
+        elif verdict == "not permissive":
             stats.remove(doc, "not_permissive", f"{doc.get('dist')}: {doc.get('license')}")
         elif verdict == "unknown":
             stats.remove(doc, "unknown_licence", f"{doc.get('dist')} declares no licence we can read")

@@ -48,16 +48,46 @@ def module_source(rng: random.Random, n_funcs: int = 6) -> str:
     return "\n".join(out)
 
 
+# goodpkg's vendored copies, laid out as pip and setuptools ship theirs, with their real licence strings:
+# path inside goodpkg/_vendor -> (.py files, licence files, expected verdict)
+BSD3_TEXT = ("Copyright (c) 2013, Someone.\nAll rights reserved.\n\nRedistribution and use in source and binary forms, "
+             "with or without modification, are permitted provided that the following conditions are met:\n"
+             "3. Neither the name of the copyright holder nor the names of its contributors may be used to endorse.")
+CERTIFI_LICENSE = ("This package contains a modified version of ca-bundle.crt:\n\nca-bundle.crt -- Bundle of CA Root "
+                   "Certificates\n\nIt contains the certificates in PEM format and therefore\ncan be directly used "
+                   "with curl / libcurl / php_curl, or with\nan Apache+mod_ssl webserver for SSL client "
+                   "authentication.\n\n***** BEGIN LICENSE BLOCK *****\nThis Source Code Form is subject to the "
+                   "terms of the Mozilla Public License,\nv. 2.0. If a copy of the MPL was not distributed with this "
+                   "file, You can obtain\none at http://mozilla.org/MPL/2.0/.\n\n***** END LICENSE BLOCK *****\n")
+AUTOCOMMAND_METADATA = ("Metadata-Version: 2.1\nName: autocommand\nVersion: 2.2.2\nLicense: LGPLv3\n"
+                        "Classifier: License :: OSI Approved :: GNU Lesser General Public License v3 (LGPLv3)\n")
+VENDORED = {
+    "bsdpkg": (["mod0.py"], {"bsdpkg/LICENSE": BSD3_TEXT}, "permissive"),
+    "certifi": (["__init__.py", "core.py"], {"certifi/LICENSE": CERTIFI_LICENSE}, "not permissive"),
+    "autocommand": (["__init__.py", "autocommand.py"], {"autocommand-2.2.2.dist-info/METADATA": AUTOCOMMAND_METADATA,
+                                                        "autocommand-2.2.2.dist-info/RECORD":
+                                                        "autocommand/__init__.py,,\nautocommand/autocommand.py,,\n"},
+                    "not permissive"),
+    "mystery": (["thing.py"], {}, "unknown"),
+}
+
+
 def make_site(root: Path, seed: int = 0, files_per_dist: int = 4) -> dict[str, list[str]]:
     """A site-packages with one package per entry of DISTS (dist-info with METADATA and RECORD), plus goodpkg
-    vendoring an exact copy of one of bsdpkg's files. Returns the .py files per distribution."""
+    vendoring the packages of VENDORED (one an exact copy of one of bsdpkg's files) with a pip-style vendor.txt.
+    Returns the .py files per distribution."""
     rng = random.Random(seed)
     site = root / "site-packages"
     made: dict[str, list[str]] = {}
     for name, (licence, _) in DISTS.items():
         files = [f"{name}/__init__.py"] + [f"{name}/mod{i}.py" for i in range(files_per_dist - 1)]
         if name == "goodpkg":
-            files.append("goodpkg/_vendor/bsdpkg/mod0.py")
+            files += [f"goodpkg/_vendor/{pkg}/{f}" for pkg, (fs, _, _) in VENDORED.items() for f in fs]
+            for _, extra, _ in VENDORED.values():
+                for rel, text in extra.items():
+                    (site / "goodpkg/_vendor" / rel).parent.mkdir(parents=True, exist_ok=True)
+                    (site / "goodpkg/_vendor" / rel).write_text(text)
+            (site / "goodpkg/_vendor/vendor.txt").write_text("certifi==2024.2.2\nautocommand==2.2.2\n")
         for rel in files:
             (site / rel).parent.mkdir(parents=True, exist_ok=True)
             (site / rel).write_text(module_source(rng))
@@ -99,7 +129,7 @@ def test_licence_rules():
             return v if isinstance(v, list) else None
 
     assert licence_of(Meta({"License": "Apache 2.0 License"})) == ("Apache-2.0", "permissive")
-    assert licence_of(Meta({"License": "BSD"})) == ("BSD-3-Clause", "permissive")
+    assert licence_of(Meta({"License": "BSD"})) == ("BSD", "permissive")  # which BSD it does not say
     mit_text = ("Copyright (c) 2020 Someone\n\nPermission is hereby granted, free of charge, to any person "
                 "obtaining a copy of this software and associated documentation files, to deal in the Software "
                 "without restriction")
@@ -117,7 +147,7 @@ def test_licence_rules():
 def test_manifest_has_every_distribution_with_its_verdict(site, built):
     rows = {r["name"]: r for r in installed_distributions([str(site)])}
     assert {n: r["verdict"] for n, r in rows.items()} == {n: v for n, (_, v) in DISTS.items()}
-    assert rows["goodpkg"]["files"] == 5 and rows["goodpkg"]["bytes"] > 0
+    assert rows["goodpkg"]["files"] == 10 and rows["goodpkg"]["bytes"] > 0
     meta = json.loads((built / "meta.json").read_text())
     table = {r["name"]: r for r in meta["manifest"]["distributions"]}
     for name, (_, verdict) in DISTS.items():
@@ -135,7 +165,9 @@ def test_licence_stage_removes_by_reason_and_counts_are_conserved(built):
     stages = stats["stages"]
     assert stages[0]["name"] == "licence"
     # each removed distribution has 4 files, each giving a code and a prose (docstring) document
-    assert stages[0]["removed"] == {"not_permissive": 16, "unknown_licence": 8}
+    # and goodpkg's vendored certifi and autocommand (2 files each) and its unidentified vendored package (1 file)
+    assert stages[0]["removed"] == {"not_permissive": 16, "unknown_licence": 8, "vendored_not_permissive": 8,
+                                    "vendored_unknown_licence": 2}
     for prev, s in zip(stages, stages[1:]):
         assert s["docs_in"] == prev["docs_kept"], (prev["name"], s["name"])
     for s in stages:
@@ -145,6 +177,54 @@ def test_licence_stage_removes_by_reason_and_counts_are_conserved(built):
     kept = {d["name"]: d["documents_after_curation"] for d in stats["distributions"]}
     assert all(d["bytes"] > d["bytes_after_curation"] for d in stats["distributions"])
     assert kept["gplpkg"] == kept["mplpkg"] == kept["nolicence"] == 0 and kept["goodpkg"] > 0
+
+
+def test_vendored_copies_get_their_own_verdict(site, built):
+    rows = {r["name"]: r for r in installed_distributions([str(site)])}
+    vendored = {v["path"]: v for v in rows["goodpkg"]["vendored"]}
+    assert {p.split("/")[-1]: v["verdict"] for p, v in vendored.items()} == \
+        {pkg: verdict for pkg, (_, _, verdict) in VENDORED.items()}
+    certifi, autocommand = vendored["goodpkg/_vendor/certifi"], vendored["goodpkg/_vendor/autocommand"]
+    assert (certifi["name"], certifi["version"], certifi["licence"], certifi["kept"]) == \
+        ("certifi", "2024.2.2", "MPL", False)  # name and version from vendor.txt, licence from its LICENSE
+    assert (autocommand["version"], autocommand["licence"], autocommand["kept"]) == ("2.2.2", "LGPL", False)
+    assert vendored["goodpkg/_vendor/mystery"]["evidence"] == "no dist-info or licence file says what it is"
+    assert rows["goodpkg"]["verdict"] == "permissive"  # the distribution's own files stay in
+    meta = json.loads((built / "meta.json").read_text())
+    table = {r["name"]: r for r in meta["manifest"]["distributions"]}
+    assert table["goodpkg"]["vendored"] == rows["goodpkg"]["vendored"]
+    samples = json.loads((built / "removed_samples.json").read_text())["licence"]
+    assert {s["note"] for s in samples["vendored_not_permissive"]} <= {
+        "goodpkg: vendored goodpkg/_vendor/certifi: MPL", "goodpkg: vendored goodpkg/_vendor/autocommand: LGPL"}
+    assert {s["note"] for s in samples["vendored_unknown_licence"]} == {
+        "goodpkg: vendored goodpkg/_vendor/mystery: no dist-info or licence file says what it is"}
+    stats = json.loads((built / "stats.json").read_text())
+    docs = {d["name"]: d["documents_after_curation"] for d in stats["distributions"]}
+    assert docs["goodpkg"] > 0
+    report = (built / "report.md").read_text()
+    assert "| goodpkg | `goodpkg/_vendor/certifi` | certifi | 2024.2.2 | MPL | no (not permissive) | 2 |" in report
+
+
+def test_the_real_vendored_certifi_and_autocommand_are_left_out():
+    # pip and setuptools in this environment vendor certifi (MPL-2.0) and autocommand (LGPL-3.0)
+    from importlib import metadata
+
+    try:  # found through their metadata: importing setuptools would patch distutils for the whole session
+        sites = {Path(metadata.distribution(n).locate_file("")) for n in ("pip", "setuptools")}
+    except metadata.PackageNotFoundError:
+        pytest.skip("pip or setuptools is not installed")
+    site = str(sites.pop())
+    wanted = {("pip", "pip/_vendor/certifi"), ("setuptools", "setuptools/_vendor/autocommand")}
+    if sites or not all((Path(site) / p).is_dir() for _, p in wanted):
+        pytest.skip("this environment's pip/setuptools do not vendor certifi/autocommand in one site-packages")
+    rows = {r["name"]: r for r in installed_distributions([site])}
+    found = {(n, v["path"]): v for n in ("pip", "setuptools") for v in rows[n]["vendored"]}
+    for key in wanted:
+        assert found[key]["verdict"] == "not permissive" and not found[key]["kept"], found[key]
+    files = {rel: verdict for n in ("pip", "setuptools") for rel, _, verdict, _, _ in rows[n]["_files"]}
+    assert files["pip/_vendor/certifi/core.py"] == files["setuptools/_vendor/autocommand/autocommand.py"] \
+        == "not permissive"
+    assert files["pip/__init__.py"] == "permissive"
 
 
 def test_vendored_copy_goes_and_the_library_keeps_its_own(built):
