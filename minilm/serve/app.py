@@ -11,8 +11,9 @@ Generation is CPU-bound torch code, so it never runs on the event loop: one engi
 requests together, one forward pass per step for all of them (continuous batching, minilm.serve.batch), and hands
 each request's text to the loop through an asyncio.Queue. At most `max_concurrency` requests run in the batch;
 requests beyond that wait, up to `max_queue` of them, and join the batch as soon as a row frees up. Past that the
-server answers 503 with Retry-After rather than letting latency grow without bound. A streaming client that
-disconnects sets its job's cancel flag, and its row leaves the batch at the next step.
+server answers 503 with Retry-After rather than letting latency grow without bound. A client that disconnects
+(streaming or not) sets its job's cancel flag, and its row leaves the batch at the next step; so does a request
+that runs past the server's time limit (request_timeout, queue included), which is answered 504.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
 from minilm.model import check_sampling_args
-from minilm.quantize import WEIGHTS
+from minilm.quantize import WEIGHTS, BF16Linear, Int8Linear
 from minilm.sample import encode_prompt, eos_of, load_run, pick_device
 from minilm.serve.batch import Engine, Sequence
 
@@ -83,6 +84,26 @@ class CompletionRequest(BaseModel):
 
 class Overloaded(Exception):
     """The batch is full and so is the queue."""
+
+
+class TimedOut(Exception):
+    """The request ran past the server's time limit."""
+
+
+def logical_num_params(model) -> int:
+    """The model's weights counted as the fp32 model counts them, whatever format they are stored in.
+
+    Quantized layers (minilm.quantize) hold their weights as buffers, so num_params() alone misses them; a head
+    tied to the embedding is counted once, as GPT.num_params does.
+    """
+    n = model.num_params()
+    tied = getattr(model.config, "tie_embeddings", False)
+    for name, mod in model.named_modules():
+        if isinstance(mod, (Int8Linear, BF16Linear)):  # W8A8Linear is an Int8Linear
+            if not (tied and name == "lm_head"):
+                n += mod.weight.numel()
+            n += mod.bias.numel() if mod.bias is not None else 0
+    return n
 
 
 def format_validation_errors(errors, fields=None) -> tuple[int, str]:
@@ -169,9 +190,10 @@ def render_metrics(s: Stats, engine: Engine | None = None) -> str:
         family("minilm_http_requests_total", "counter", "HTTP requests by path and status code.",
                [(f'{{path="{p}",code="{c}"}}', n) for (p, c), n in sorted(s.http.items())])
         family("minilm_errors_total", "counter",
-               "Failed requests: bad_request (4xx), overloaded (503), internal (5xx), generation (failed mid-stream).",
+               "Failed requests: bad_request (4xx), overloaded (503), internal (5xx), generation (failed mid-stream), "
+               "timeout (504: over the time limit), disconnected (499: the client left before the answer).",
                [(f'{{kind="{k}"}}', s.errors.get(k, 0)) for k in ("bad_request", "overloaded", "internal",
-                                                                    "generation")])
+                                                                    "generation", "timeout", "disconnected")])
         family("minilm_generations_total", "counter", "Finished generations by mode and outcome.",
                [(f'{{stream="{st}",outcome="{o}"}}', n) for (st, o), n in sorted(s.generations.items())])
         family("minilm_prompt_tokens_total", "counter", "Prompt tokens of accepted generations.",
@@ -211,6 +233,8 @@ class Job:
     finished: float | None = None
     completion_tokens: int = 0
     finish_reason: str | None = None
+    deadline: float = math.inf  # perf_counter time past which the server gives up on it
+    disconnected: bool = False  # the client went away before the answer
     on_done: object = None  # called with (job, outcome) in the engine thread when the generation is over
 
     def put(self, kind: str, value=None) -> None:
@@ -299,17 +323,20 @@ def sse(event: str, data: dict) -> bytes:
 def create_app(out_dir: str | Path, device: str = "cpu", *, best: bool = False, data_dir: str | None = None,
                max_concurrency: int = 8, max_queue: int = 32, max_new_tokens_cap: int = 512,
                max_prompt_chars: int = 20_000, max_body_bytes: int = 1_000_000, threads: int = 1,
-               weights: str = "fp32") -> FastAPI:
+               weights: str = "fp32", request_timeout: float = 300.0) -> FastAPI:
     """Load a run once and return the FastAPI app that serves it.
 
     Up to max_concurrency generations decode together in one batch; up to max_queue more wait; beyond that
     requests get 503. Prompts longer than the model's block_size tokens are rejected (422), as are
     max_new_tokens above max_new_tokens_cap. threads is torch's intra-op thread count in the engine thread (1
-    leaves a core to the event loop and the tokenizer). weights is fp32, bf16 or int8 (minilm.quantize).
+    leaves a core to the event loop and the tokenizer). weights is fp32, bf16, int8 or w8a8 (minilm.quantize).
+    request_timeout (seconds, waiting in the queue included) stops a generation that runs longer: 504.
     """
     if max_concurrency < 1 or max_queue < 0 or max_new_tokens_cap < 1 or threads < 1:
         raise ValueError(f"need max_concurrency >= 1, max_queue >= 0, max_new_tokens_cap >= 1, threads >= 1; "
                          f"got {max_concurrency}, {max_queue}, {max_new_tokens_cap}, {threads}")
+    if not (isinstance(request_timeout, (int, float)) and math.isfinite(request_timeout) and request_timeout > 0):
+        raise ValueError(f"request_timeout={request_timeout!r} must be a number of seconds > 0")
     if weights not in WEIGHTS:
         raise ValueError(f"weights={weights!r}: choose one of {', '.join(WEIGHTS)}")
     device = pick_device(device)
@@ -327,7 +354,7 @@ def create_app(out_dir: str | Path, device: str = "cpu", *, best: bool = False, 
         "step": ckpt.get("step"),
         "val_loss": finite_or_none(last_val_loss(Path(out_dir), ckpt.get("step"))),
         "best_val_loss": finite_or_none(ckpt.get("best_val_loss")),  # inf when the run never evaluated
-        "num_params": model.num_params(),
+        "num_params": logical_num_params(model),
         "weights": weights,
         "config": ckpt["config"].get("model", {}),
         "train_config": ckpt["config"].get("train", {}),
@@ -336,7 +363,7 @@ def create_app(out_dir: str | Path, device: str = "cpu", *, best: bool = False, 
         "eot_id": eos_id,
         "limits": {"max_new_tokens": max_new_tokens_cap, "max_prompt_tokens": block_size,
                    "max_prompt_chars": max_prompt_chars, "max_concurrency": max_concurrency,
-                   "max_queue": max_queue},
+                   "max_queue": max_queue, "request_timeout_s": request_timeout},
     }
 
     @asynccontextmanager
@@ -388,11 +415,13 @@ def create_app(out_dir: str | Path, device: str = "cpu", *, best: bool = False, 
                 raise Overloaded
             stats.queued += 1
         try:
-            await slots.acquire()
+            await asyncio.wait_for(slots.acquire(), max(0.0, arrived + request_timeout - time.perf_counter()))
+        except TimeoutError:
+            raise TimedOut from None
         finally:
             with stats.lock:
                 stats.queued -= 1
-        job = Job(params, len(ids), stream, arrived, asyncio.get_running_loop())
+        job = Job(params, len(ids), stream, arrived, asyncio.get_running_loop(), deadline=arrived + request_timeout)
         with stats.lock:
             stats.inflight += 1
             stats.prompt_tokens += len(ids)
@@ -417,16 +446,52 @@ def create_app(out_dir: str | Path, device: str = "cpu", *, best: bool = False, 
             raise Overloaded from None
         return job
 
-    async def events(job: Job):
-        """(kind, value) from the engine until "end"; sets the cancel flag if our consumer goes away."""
+    async def events(job: Job, request: Request | None = None):
+        """(kind, value) from the engine until "end"; raises TimedOut past the job's deadline.
+
+        Sets the cancel flag if our consumer goes away (a stream's client disconnecting), when the deadline
+        passes, and, given the request, as soon as its client disconnects: a non-streaming handler only awaits
+        the engine, so without a watcher nothing would notice.
+        """
+        watcher = asyncio.create_task(until_disconnect(request, job)) if request is not None else None
         try:
             while True:
-                kind, value = await job.events.get()
+                try:
+                    kind, value = await asyncio.wait_for(job.events.get(), max(0.0, job.deadline - time.perf_counter()))
+                except TimeoutError:
+                    raise TimedOut from None
                 if kind == "end":
                     return
                 yield kind, value
         finally:
-            job.cancel.set()  # no-op when finished; takes the row out of the batch when the client disconnected
+            if watcher is not None:
+                watcher.cancel()
+            job.cancel.set()  # no-op when finished; takes the row out of the batch otherwise
+
+    async def until_disconnect(request: Request, job: Job) -> None:
+        # The body has been read, so the next ASGI message is http.disconnect: the client closed the connection.
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        job.disconnected = True
+        job.cancel.set()
+
+    def timeout_message(where: str) -> str:
+        return (f"the request ran past this server's time limit of {request_timeout:g} s ({where}) and was stopped; "
+                "ask for fewer tokens, or retry when the server is less busy (the limit is --request_timeout)")
+
+    async def collect(job: Job, request: Request) -> list[str] | JSONResponse:
+        """A non-streaming job's text pieces, or the error answer (500 failed, 504 too slow, 499 client gone)."""
+        pieces = []
+        try:
+            async for kind, value in events(job, request):
+                if kind == "error":
+                    return error_response(500, value)
+                pieces.append(value)
+        except TimedOut:
+            return error_response(504, timeout_message("while generating"))
+        if job.disconnected:
+            return error_response(499, "the client closed the connection before the answer was ready")
+        return pieces
 
     async def admit(prompt: str, stop: list[str] | None, params: dict, stream: bool, arrived: float,
                     field: dict | None = None) -> Job | JSONResponse:
@@ -465,9 +530,11 @@ def create_app(out_dir: str | Path, device: str = "cpu", *, best: bool = False, 
             return error_response(503, f"server busy: {max_concurrency} generations running and {max_queue} "
                                        "queued; retry after the number of seconds in Retry-After",
                                   headers={"Retry-After": retry_after()})
+        except TimedOut:
+            return error_response(504, timeout_message("waiting in the queue"))
 
     @app.post("/v1/generate")
-    async def generate(req: GenerateRequest):
+    async def generate(req: GenerateRequest, request: Request):
         params = dict(max_new_tokens=req.max_new_tokens, temperature=req.temperature, top_k=req.top_k or None,
                       top_p=req.top_p, repetition_penalty=req.repetition_penalty, seed=req.seed)
         job = await admit(req.prompt, req.stop, params, req.stream, time.perf_counter())
@@ -476,27 +543,29 @@ def create_app(out_dir: str | Path, device: str = "cpu", *, best: bool = False, 
 
         if req.stream:
             async def body():
-                async for kind, value in events(job):
-                    if kind == "error":
-                        yield sse("error", {"error": value})
-                        return
-                    yield sse("token", {"text": value})
+                try:
+                    async for kind, value in events(job):
+                        if kind == "error":
+                            yield sse("error", {"error": value})
+                            return
+                        yield sse("token", {"text": value})
+                except TimedOut:
+                    yield sse("error", {"error": timeout_message("while generating")})
+                    return
                 yield sse("done", {**job.timings(), "seed": req.seed})
 
             return StreamingResponse(body(), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-        pieces = []
-        async for kind, value in events(job):
-            if kind == "error":
-                return error_response(500, value)
-            pieces.append(value)
+        pieces = await collect(job, request)
+        if isinstance(pieces, JSONResponse):
+            return pieces
         return {"text": "".join(pieces), **job.timings(), "seed": req.seed}
 
     model_name = Path(out_dir).name or "minilm"
 
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest):
+    async def completions(req: CompletionRequest, request: Request):
         """OpenAI's legacy completions API (one choice, no logprobs), so OpenAI clients can talk to the model."""
         prompt = req.prompt if isinstance(req.prompt, str) else (req.prompt[0] if len(req.prompt) == 1 else None)
         if prompt is None:
@@ -513,22 +582,25 @@ def create_app(out_dir: str | Path, device: str = "cpu", *, best: bool = False, 
 
         if req.stream:
             async def body():
-                async for kind, value in events(job):
-                    if kind == "error":
-                        yield f"data: {json.dumps({'error': {'message': value, 'type': 'server_error'}})}\n\n"
-                        return
-                    yield f"data: {json.dumps({**head, 'choices': [choice(value, None)]})}\n\n"
+                try:
+                    async for kind, value in events(job):
+                        if kind == "error":
+                            yield f"data: {json.dumps({'error': {'message': value, 'type': 'server_error'}})}\n\n"
+                            return
+                        yield f"data: {json.dumps({**head, 'choices': [choice(value, None)]})}\n\n"
+                except TimedOut:
+                    message = timeout_message("while generating")
+                    yield f"data: {json.dumps({'error': {'message': message, 'type': 'timeout'}})}\n\n"
+                    return
                 yield f"data: {json.dumps({**head, 'choices': [choice('', job.finish_reason)]})}\n\n"
                 yield "data: [DONE]\n\n"
 
             return StreamingResponse(body(), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-        pieces = []
-        async for kind, value in events(job):
-            if kind == "error":
-                return error_response(500, value)
-            pieces.append(value)
+        pieces = await collect(job, request)
+        if isinstance(pieces, JSONResponse):
+            return pieces
         usage = {"prompt_tokens": job.prompt_tokens, "completion_tokens": job.completion_tokens,
                  "total_tokens": job.prompt_tokens + job.completion_tokens}
         return {**head, "choices": [choice("".join(pieces), job.finish_reason)], "usage": usage}
@@ -583,7 +655,8 @@ class RequestCounter:
         finally:
             stats.count(stats.http, (path, status))
             if status >= 400:
-                kind = "overloaded" if status == 503 else "bad_request" if status < 500 else "internal"
+                kind = {503: "overloaded", 504: "timeout", 499: "disconnected"}.get(
+                    status, "bad_request" if status < 500 else "internal")
                 stats.count(stats.errors, kind)
 
 

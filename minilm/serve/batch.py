@@ -224,6 +224,10 @@ class Engine:
         try:
             if not seq.started:
                 self._begin(seq)
+                if seq.params["max_new_tokens"] == 0:  # nothing to sample: no forward pass, no token
+                    seq.finish_reason = "length"
+                    self._leave(seq, "ok")
+                    return
                 window = seq.ids
             else:
                 window = seq.tokens[-(self.block_size // 2) :]
