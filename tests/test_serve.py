@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -353,8 +354,77 @@ def test_openai_completions_route(url, reference):
 
     stopped = httpx.post(f"{url}/v1/completions", json={**body, "stop": "\n", "max_tokens": 60}).json()
     assert "\n" not in stopped["choices"][0]["text"]
-    for bad, fragment in [({"n": 2}, "n"), ({"max_tokens": 10_000}, "max_tokens: 10000 is above"),
-                          ({"logprobs": 3}, "valid fields are model, prompt, max_tokens"),
-                          ({"prompt": ["a", "b"]}, "one string")]:
-        r = httpx.post(f"{url}/v1/completions", json={**body, **bad})
-        assert r.status_code == 422 and fragment in r.json()["error"], (bad, r.text)
+    for bad, fragment in [({"max_tokens": 10_000}, "max_tokens: 10000 is above"),
+                          ({"logprobs": 6}, "logprobs"), ({"prompt": []}, "empty list"),
+                          ({"temprature": 1}, "valid fields are model, prompt, max_tokens")]:
+        r = httpx.post(f"{url}/v1/completions", json={**body, **bad})  # OpenAI's status and shape
+        assert r.status_code == 400 and fragment in r.json()["error"]["message"], (bad, r.text)
+
+
+@pytest.mark.parametrize("weights", ["bf16", "int8", "w8a8"])
+def test_model_info_counts_the_weights_whatever_their_format(run_dir, weights):
+    fp32 = load_run(run_dir, "cpu")[0].num_params()
+    app = create_app(run_dir, weights=weights, max_concurrency=1)
+    with serve_in_thread(app) as base:
+        info = httpx.get(f"{base}/v1/model").json()
+    assert info["weights"] == weights and info["num_params"] == fp32
+
+
+def raw_post(base: str, body: dict) -> socket.socket:
+    """Send a POST /v1/generate over a bare socket and return the socket (the response unread)."""
+    host, port = base.removeprefix("http://").rsplit(":", 1)
+    sock = socket.create_connection((host, int(port)))
+    data = json.dumps(body).encode()
+    sock.sendall(b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
+    return sock
+
+
+def test_non_streaming_client_that_disconnects_frees_its_row(run_dir, reference):
+    n = 600
+    seed = pick_long_seed(reference, n)
+    app = create_app(run_dir, max_concurrency=1, max_queue=1, max_new_tokens_cap=n)
+    engine = app.state.engine
+    with serve_in_thread(app) as base, httpx.Client(base_url=base, timeout=60) as c:
+        sock = raw_post(base, {"prompt": "def ", "max_new_tokens": n, "temperature": 1.0, "top_k": None,
+                               "seed": seed})
+        wait_for(lambda: engine.decode_steps > 0, "the request to be decoding")
+        sock.close()  # the client gives up before the answer
+        text = wait_for(lambda: (t := c.get("/metrics").text) and
+                        metric(t, "minilm_generations_total", '{stream="false",outcome="cancelled"}') == 1 and t,
+                        "the abandoned request to be cancelled")
+        assert not engine.running and c.get("/health").json()["inflight"] == 0  # its row is free
+        assert 1 <= metric(text, "minilm_generated_tokens_total") < n / 2  # stopped well before its 600 tokens
+        r = c.post("/v1/generate", json={"prompt": "z", "max_new_tokens": 3, "seed": 1})
+        assert r.status_code == 200  # and the slot was released
+        wait_for(lambda: metric(c.get("/metrics").text, "minilm_errors_total", '{kind="disconnected"}') == 1,
+                 "the disconnect to be counted")
+
+
+def test_request_time_limit_gives_504_and_frees_the_rows(run_dir, reference):
+    n = 600
+    seed = pick_long_seed(reference, n)
+    long = {"prompt": "def ", "max_new_tokens": n, "temperature": 1.0, "top_k": None, "seed": seed}
+    t0 = time.perf_counter()
+    reference(**long)
+    alone = time.perf_counter() - t0
+    limit = alone / 4  # well below what the request needs
+    app = create_app(run_dir, max_concurrency=1, max_queue=2, max_new_tokens_cap=n, request_timeout=limit)
+    with serve_in_thread(app) as base, httpx.Client(base_url=base, timeout=60) as c:
+        with ThreadPoolExecutor(2) as pool:  # the second waits in the queue and runs out of time there or later
+            got = list(pool.map(lambda _: c.post("/v1/generate", json=long), range(2)))
+        with c.stream("POST", "/v1/generate", json={**long, "stream": True}) as s:
+            events = sse_events(s.iter_lines())
+        completion = c.post("/v1/completions", json={"prompt": "def ", "max_tokens": n, "seed": seed})
+        wait_for(lambda: c.get("/health").json()["inflight"] == 0, "the rows to be free")
+        text = c.get("/metrics").text
+        ok = c.post("/v1/generate", json={"prompt": "z", "max_new_tokens": 3, "seed": 1})
+    for r in [*got, completion]:
+        assert r.status_code == 504, r.text
+        assert f"time limit of {limit:g} s" in r.text and "--request_timeout" in r.text
+    assert events[-1][0] == "error" and "time limit" in events[-1][1]["error"]
+    assert metric(text, "minilm_errors_total", '{kind="timeout"}') == 3
+    assert metric(text, "minilm_generated_tokens_total") < 4 * n / 2
+    assert ok.status_code == 200
+    with pytest.raises(ValueError, match="request_timeout"):
+        create_app(run_dir, request_timeout=0)

@@ -172,3 +172,14 @@ def test_batched_equals_alone_with_converted_weights(tiny_run, weights):
     while engine.busy():
         engine.step()
     assert [(s.text, s.tokens) for s in sinks] == want
+
+
+def test_zero_new_tokens_emits_nothing(run):
+    model, tok, eos = run
+    engine = Engine(model, tok, eos, max_batch=2)
+    sink = Collect()
+    engine.submit(Sequence(encode_prompt(tok, "def ", model, eos), params(0), sink))
+    while engine.busy():
+        engine.step()
+    assert sink.outcome == "ok" and sink.tokens == 0 and sink.text == "" and sink.finish_reason == "length"
+    assert engine.prefills == 0 and engine.decode_steps == 0  # no forward pass either

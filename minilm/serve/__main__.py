@@ -23,6 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max_concurrency", type=int, default=8, help="generations decoding together in one batch")
     p.add_argument("--max_queue", type=int, default=32, help="requests that may wait for a worker before 503")
     p.add_argument("--max_new_tokens_cap", type=int, default=512, help="largest max_new_tokens a request may ask")
+    p.add_argument("--request_timeout", type=float, default=300.0,
+                   help="seconds a request may take, queue included, before it is stopped with 504")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads of the batching thread")
     p.add_argument("--weights", default="fp32", choices=WEIGHTS, help="weight format (bf16/int8/w8a8: faster decoding)")
     p.add_argument("--log_level", default="info")
@@ -39,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         app = create_app(a.out_dir, a.device, best=a.best, data_dir=a.data_dir, max_concurrency=a.max_concurrency,
                          max_queue=a.max_queue, max_new_tokens_cap=a.max_new_tokens_cap,
-                         threads=a.threads, weights=a.weights)
+                         threads=a.threads, weights=a.weights, request_timeout=a.request_timeout)
     except (CheckpointError, DataError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

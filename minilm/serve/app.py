@@ -4,15 +4,17 @@
     uvicorn.run(app, host="127.0.0.1", port=8000)
 
 Routes: POST /v1/generate (JSON, or server-sent events with "stream": true), POST /v1/completions (OpenAI's
-completions API: one choice, no logprobs; errors keep this server's {"error": "..."} shape), GET /health,
+completions API: string, batched or token-id prompts, n, logprobs, echo, stream, usage; errors in OpenAI's
+{"error": {"message", "type", "param", "code"}} shape, see minilm.serve.completions), GET /v1/models, GET /health,
 GET /v1/model, GET /metrics (Prometheus text format) and GET / (the playground page).
 
 Generation is CPU-bound torch code, so it never runs on the event loop: one engine thread decodes the running
 requests together, one forward pass per step for all of them (continuous batching, minilm.serve.batch), and hands
 each request's text to the loop through an asyncio.Queue. At most `max_concurrency` requests run in the batch;
 requests beyond that wait, up to `max_queue` of them, and join the batch as soon as a row frees up. Past that the
-server answers 503 with Retry-After rather than letting latency grow without bound. A streaming client that
-disconnects sets its job's cancel flag, and its row leaves the batch at the next step.
+server answers 503 with Retry-After rather than letting latency grow without bound. A client that disconnects
+(streaming or not) sets its job's cancel flag, and its row leaves the batch at the next step; so does a request
+that runs past the server's time limit (request_timeout, queue included), which is answered 504.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import secrets
 import socket
 import threading
 import time
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import aclosing, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,13 +38,15 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
 from minilm.model import check_sampling_args
-from minilm.quantize import WEIGHTS
+from minilm.quantize import WEIGHTS, BF16Linear, Int8Linear
 from minilm.sample import encode_prompt, eos_of, load_run, pick_device
 from minilm.serve.batch import Engine, Sequence
+from minilm.serve.completions import CompletionRequest, TokenText, logprobs_payload, merge_logprobs, openai_error
 
 PLAYGROUND = Path(__file__).with_name("playground.html")
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-KNOWN_PATHS = ("/", "/health", "/metrics", "/v1/generate", "/v1/completions", "/v1/model")
+KNOWN_PATHS = ("/", "/health", "/metrics", "/v1/generate", "/v1/completions", "/v1/model", "/v1/models")
+OPENAI_PATHS = ("/v1/completions", "/v1/models")
 
 
 class GenerateRequest(BaseModel):
@@ -64,25 +68,36 @@ class GenerateRequest(BaseModel):
     stream: bool = Field(False, strict=True, description="send tokens as server-sent events as they are generated")
 
 
-class CompletionRequest(BaseModel):
-    """The body of POST /v1/completions, OpenAI's fields and defaults (a subset: one choice, no logprobs)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    model: str | None = Field(None, description="echoed back; this server has one model")
-    prompt: str | list[str] = Field(description="text to continue (or a list holding one string)")
-    max_tokens: int = Field(16, ge=1, strict=True)
-    temperature: float = Field(1.0, ge=0.0, le=2.0, strict=True, allow_inf_nan=False)
-    top_p: float = Field(1.0, gt=0.0, le=1.0, strict=True, allow_inf_nan=False)
-    stop: str | list[str] | None = Field(None, max_length=4)
-    seed: int | None = Field(None, ge=0, le=2**63 - 1, strict=True)
-    stream: bool = Field(False, strict=True)
-    n: int = Field(1, ge=1, le=1, strict=True, description="only 1 choice per request")
-    user: str | None = None
-
-
 class Overloaded(Exception):
     """The batch is full and so is the queue."""
+
+
+class TimedOut(Exception):
+    """The request ran past the server's time limit."""
+
+
+class RequestError(Exception):
+    """A request the server answers with an error: status, a sentence saying what was wrong and what to do."""
+
+    def __init__(self, status: int, message: str, headers: dict | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.headers, self.code = status, message, headers, code
+
+
+def logical_num_params(model) -> int:
+    """The model's weights counted as the fp32 model counts them, whatever format they are stored in.
+
+    Quantized layers (minilm.quantize) hold their weights as buffers, so num_params() alone misses them; a head
+    tied to the embedding is counted once, as GPT.num_params does.
+    """
+    n = model.num_params()
+    tied = getattr(model.config, "tie_embeddings", False)
+    for name, mod in model.named_modules():
+        if isinstance(mod, (Int8Linear, BF16Linear)):  # W8A8Linear is an Int8Linear
+            if not (tied and name == "lm_head"):
+                n += mod.weight.numel()
+            n += mod.bias.numel() if mod.bias is not None else 0
+    return n
 
 
 def format_validation_errors(errors, fields=None) -> tuple[int, str]:
@@ -107,6 +122,17 @@ def format_validation_errors(errors, fields=None) -> tuple[int, str]:
 
 def error_response(status: int, message: str, headers: dict | None = None) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def error_for(path: str, status: int, message: str, headers: dict | None = None,
+              code: str | None = None) -> JSONResponse:
+    """This server's {"error": "..."} for its own routes; OpenAI's shape, and 400 for bad input, on OpenAI's."""
+    if not path.startswith(OPENAI_PATHS):
+        return error_response(status, message, headers)
+    status = 400 if status == 422 else status
+    head = message.split(":", 1)[0].split("[", 1)[0].split(".", 1)[0]
+    param = head if ":" in message and head.isidentifier() else None  # messages start "field: ..."
+    return JSONResponse(openai_error(status, message, param, code), status_code=status, headers=headers)
 
 
 @dataclass
@@ -169,9 +195,10 @@ def render_metrics(s: Stats, engine: Engine | None = None) -> str:
         family("minilm_http_requests_total", "counter", "HTTP requests by path and status code.",
                [(f'{{path="{p}",code="{c}"}}', n) for (p, c), n in sorted(s.http.items())])
         family("minilm_errors_total", "counter",
-               "Failed requests: bad_request (4xx), overloaded (503), internal (5xx), generation (failed mid-stream).",
+               "Failed requests: bad_request (4xx), overloaded (503), internal (5xx), generation (failed mid-stream), "
+               "timeout (504: over the time limit), disconnected (499: the client left before the answer).",
                [(f'{{kind="{k}"}}', s.errors.get(k, 0)) for k in ("bad_request", "overloaded", "internal",
-                                                                    "generation")])
+                                                                    "generation", "timeout", "disconnected")])
         family("minilm_generations_total", "counter", "Finished generations by mode and outcome.",
                [(f'{{stream="{st}",outcome="{o}"}}', n) for (st, o), n in sorted(s.generations.items())])
         family("minilm_prompt_tokens_total", "counter", "Prompt tokens of accepted generations.",
@@ -197,7 +224,8 @@ def render_metrics(s: Stats, engine: Engine | None = None) -> str:
 
 @dataclass(eq=False)
 class Job:
-    """One generation: the engine thread fills `events` (a Job is its Sequence's sink); the handler drains it."""
+    """One generation (one choice): the engine thread fills `events` (a Job is its Sequence's sink) with
+    (job, kind, value); the jobs of one request share the queue, and the handler drains it."""
 
     params: dict
     prompt_tokens: int
@@ -211,11 +239,19 @@ class Job:
     finished: float | None = None
     completion_tokens: int = 0
     finish_reason: str | None = None
+    deadline: float = math.inf  # perf_counter time past which the server gives up on it
+    disconnected: bool = False  # the client went away before the answer
     on_done: object = None  # called with (job, outcome) in the engine thread when the generation is over
+    index: int = 0  # the choice's place in its request
+    ids: list[int] = field(default_factory=list)  # the prompt
+    prompt_logprobs: list | None = None  # from on_prompt (echo)
+    prompt_tops: list | None = None
+    pieces: list[str] = field(default_factory=list)  # what the handler collected
+    records: list[tuple] = field(default_factory=list)  # (token, logprob, top alternatives) per sampled token
 
     def put(self, kind: str, value=None) -> None:
         try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (self, kind, value))
         except RuntimeError:  # the loop closed (server shutting down): nobody is listening any more
             self.cancel.set()
 
@@ -226,6 +262,13 @@ class Job:
     def on_piece(self, piece: str) -> None:
         self.first = self.first or time.perf_counter()
         self.put("piece", piece)
+
+    def on_token(self, token: int, logprob: float, top: list) -> None:
+        self.put("token", (token, logprob, top))
+
+    def on_prompt(self, logprobs: list | None, tops: list | None) -> None:
+        self.prompt_logprobs, self.prompt_tops = logprobs, tops
+        self.put("prompt")
 
     def on_end(self, outcome: str, error: str | None, seq) -> None:
         self.finished = time.perf_counter()
@@ -299,17 +342,20 @@ def sse(event: str, data: dict) -> bytes:
 def create_app(out_dir: str | Path, device: str = "cpu", *, best: bool = False, data_dir: str | None = None,
                max_concurrency: int = 8, max_queue: int = 32, max_new_tokens_cap: int = 512,
                max_prompt_chars: int = 20_000, max_body_bytes: int = 1_000_000, threads: int = 1,
-               weights: str = "fp32") -> FastAPI:
+               weights: str = "fp32", request_timeout: float = 300.0) -> FastAPI:
     """Load a run once and return the FastAPI app that serves it.
 
     Up to max_concurrency generations decode together in one batch; up to max_queue more wait; beyond that
     requests get 503. Prompts longer than the model's block_size tokens are rejected (422), as are
     max_new_tokens above max_new_tokens_cap. threads is torch's intra-op thread count in the engine thread (1
-    leaves a core to the event loop and the tokenizer). weights is fp32, bf16 or int8 (minilm.quantize).
+    leaves a core to the event loop and the tokenizer). weights is fp32, bf16, int8 or w8a8 (minilm.quantize).
+    request_timeout (seconds, waiting in the queue included) stops a generation that runs longer: 504.
     """
     if max_concurrency < 1 or max_queue < 0 or max_new_tokens_cap < 1 or threads < 1:
         raise ValueError(f"need max_concurrency >= 1, max_queue >= 0, max_new_tokens_cap >= 1, threads >= 1; "
                          f"got {max_concurrency}, {max_queue}, {max_new_tokens_cap}, {threads}")
+    if not (isinstance(request_timeout, (int, float)) and math.isfinite(request_timeout) and request_timeout > 0):
+        raise ValueError(f"request_timeout={request_timeout!r} must be a number of seconds > 0")
     if weights not in WEIGHTS:
         raise ValueError(f"weights={weights!r}: choose one of {', '.join(WEIGHTS)}")
     device = pick_device(device)
@@ -327,7 +373,7 @@ def create_app(out_dir: str | Path, device: str = "cpu", *, best: bool = False, 
         "step": ckpt.get("step"),
         "val_loss": finite_or_none(last_val_loss(Path(out_dir), ckpt.get("step"))),
         "best_val_loss": finite_or_none(ckpt.get("best_val_loss")),  # inf when the run never evaluated
-        "num_params": model.num_params(),
+        "num_params": logical_num_params(model),
         "weights": weights,
         "config": ckpt["config"].get("model", {}),
         "train_config": ckpt["config"].get("train", {}),
@@ -336,7 +382,7 @@ def create_app(out_dir: str | Path, device: str = "cpu", *, best: bool = False, 
         "eot_id": eos_id,
         "limits": {"max_new_tokens": max_new_tokens_cap, "max_prompt_tokens": block_size,
                    "max_prompt_chars": max_prompt_chars, "max_concurrency": max_concurrency,
-                   "max_queue": max_queue},
+                   "max_queue": max_queue, "request_timeout_s": request_timeout},
     }
 
     @asynccontextmanager
@@ -351,14 +397,18 @@ def create_app(out_dir: str | Path, device: str = "cpu", *, best: bool = False, 
     app = FastAPI(title="minilm inference API", version="0.1.0", lifespan=lifespan)
 
     @app.exception_handler(HTTPException)
-    async def http_error(request: Request, exc: HTTPException):  # 404, 405, 413: same {"error": ...} shape
-        return error_response(exc.status_code, str(exc.detail), headers=exc.headers)
+    async def http_error(request: Request, exc: HTTPException):  # 404, 405, 413: the route's error shape
+        return error_for(request.url.path, exc.status_code, str(exc.detail), headers=exc.headers)
+
+    @app.exception_handler(RequestError)
+    async def request_error(request: Request, exc: RequestError):
+        return error_for(request.url.path, exc.status, exc.message, exc.headers, exc.code)
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(request: Request, exc: RequestValidationError):
         fields = CompletionRequest.model_fields if request.url.path == "/v1/completions" else None
         status, message = format_validation_errors(exc.errors(), fields)
-        return error_response(status, message)
+        return error_for(request.url.path, status, message)
 
     @app.get("/", response_class=HTMLResponse)
     async def playground():
@@ -381,18 +431,18 @@ def create_app(out_dir: str | Path, device: str = "cpu", *, best: bool = False, 
         mean = stats.latency.total / stats.latency.n if stats.latency.n else 1.0
         return str(max(1, min(60, math.ceil(mean * (stats.queued + 1) / max_concurrency))))
 
-    async def start(params: dict, ids: list[int], stream: bool, arrived: float) -> Job:
-        """Wait for a row in the batch (or raise Overloaded) and submit the job to the engine."""
-        with stats.lock:
-            if stats.inflight + stats.queued >= max_concurrency + max_queue:
-                raise Overloaded
-            stats.queued += 1
+    async def start(params: dict, ids: list[int], stream: bool, arrived: float, queue: asyncio.Queue,
+                    index: int = 0) -> Job:
+        """Wait for a row in the batch (stats.queued already counts this job) and submit the job to the engine."""
         try:
-            await slots.acquire()
+            await asyncio.wait_for(slots.acquire(), max(0.0, arrived + request_timeout - time.perf_counter()))
+        except TimeoutError:
+            raise TimedOut from None
         finally:
             with stats.lock:
                 stats.queued -= 1
-        job = Job(params, len(ids), stream, arrived, asyncio.get_running_loop())
+        job = Job(params, len(ids), stream, arrived, asyncio.get_running_loop(), events=queue,
+                  deadline=arrived + request_timeout, index=index, ids=ids)
         with stats.lock:
             stats.inflight += 1
             stats.prompt_tokens += len(ids)
@@ -417,121 +467,279 @@ def create_app(out_dir: str | Path, device: str = "cpu", *, best: bool = False, 
             raise Overloaded from None
         return job
 
-    async def events(job: Job):
-        """(kind, value) from the engine until "end"; sets the cancel flag if our consumer goes away."""
-        try:
-            while True:
-                kind, value = await job.events.get()
-                if kind == "end":
-                    return
-                yield kind, value
-        finally:
-            job.cancel.set()  # no-op when finished; takes the row out of the batch when the client disconnected
+    async def queue_jobs(specs: list[tuple[list[int], dict]], stream: bool, arrived: float) -> list[Job]:
+        """Submit one job per (prompt ids, params), all or none: RequestError 503 when they do not fit, 504 when
+        the time limit passes while they wait."""
+        with stats.lock:
+            if stats.inflight + stats.queued + len(specs) > max_concurrency + max_queue:
+                overloaded = True
+            else:
+                overloaded = False
+                stats.queued += len(specs)
+        if overloaded:
+            raise RequestError(503, f"server busy: {max_concurrency} generations running and {max_queue} queued; "
+                                    "retry after the number of seconds in Retry-After",
+                               headers={"Retry-After": retry_after()}, code="overloaded")
+        queue: asyncio.Queue = asyncio.Queue()
+        results = await asyncio.gather(*(start(params, ids, stream, arrived, queue, i)
+                                         for i, (ids, params) in enumerate(specs)), return_exceptions=True)
+        jobs = [r for r in results if isinstance(r, Job)]
+        failed = [r for r in results if not isinstance(r, Job)]
+        if failed:
+            for job in jobs:
+                job.cancel.set()
+            if isinstance(failed[0], TimedOut):
+                raise RequestError(504, timeout_message("waiting in the queue"), code="timeout")
+            if isinstance(failed[0], Overloaded):
+                raise RequestError(503, "the server is shutting down; retry in a moment",
+                                   headers={"Retry-After": "1"}, code="overloaded")
+            raise failed[0]
+        return jobs
 
-    async def admit(prompt: str, stop: list[str] | None, params: dict, stream: bool, arrived: float,
-                    field: dict | None = None) -> Job | JSONResponse:
-        """Check a request against the model's and the server's limits, then queue it: a Job or an error answer.
+    async def events(jobs: list[Job], request: Request | None = None):
+        """(job, kind, value) from the engine, each job's "end" included, until all ended; raises TimedOut past
+        the deadline.
+
+        Sets the jobs' cancel flags if our consumer goes away (a stream's client disconnecting), when the
+        deadline passes, and, given the request, as soon as its client disconnects: a non-streaming handler only
+        awaits the engine, so without a watcher nothing would notice.
+        """
+        watcher = asyncio.create_task(until_disconnect(request, jobs)) if request is not None else None
+        queue, open_jobs = jobs[0].events, len(jobs)
+        deadline = min(job.deadline for job in jobs)
+        try:
+            while open_jobs:
+                try:
+                    job, kind, value = await asyncio.wait_for(queue.get(), max(0.0, deadline - time.perf_counter()))
+                except TimeoutError:
+                    raise TimedOut from None
+                open_jobs -= kind == "end"
+                yield job, kind, value
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+            for job in jobs:
+                job.cancel.set()  # no-op when finished; takes the row out of the batch otherwise
+
+    async def until_disconnect(request: Request, jobs: list[Job]) -> None:
+        # The body has been read, so the next ASGI message is http.disconnect: the client closed the connection.
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        for job in jobs:
+            job.disconnected = True
+            job.cancel.set()
+
+    def timeout_message(where: str) -> str:
+        return (f"the request ran past this server's time limit of {request_timeout:g} s ({where}) and was stopped; "
+                "ask for fewer tokens, or retry when the server is less busy (the limit is --request_timeout)")
+
+    async def collect(jobs: list[Job], request: Request) -> None:
+        """Drain non-streaming jobs into job.pieces and job.records; RequestError 500 (failed), 504 (too slow) or
+        499 (the client left)."""
+        try:
+            async with aclosing(events(jobs, request)) as stream:
+                async for job, kind, value in stream:
+                    if kind == "error":
+                        raise RequestError(500, value)
+                    if kind == "piece":
+                        job.pieces.append(value)
+                    elif kind == "token":
+                        job.records.append(value)
+        except TimedOut:
+            raise RequestError(504, timeout_message("while generating"), code="timeout") from None
+        if any(job.disconnected for job in jobs):
+            raise RequestError(499, "the client closed the connection before the answer was ready")
+
+    def check_params(params: dict, stop: list[str] | None, field: dict | None = None) -> None:
+        """The model's and the server's limits on sampling parameters and stop strings (RequestError 422).
 
         `field` renames parameters in the messages for routes that call them differently (OpenAI's max_tokens).
         """
         name = lambda n: (field or {}).get(n, n)
-        if not prompt:
-            return error_response(422, "prompt: is empty; send some text for the model to continue (e.g. \"def \")")
-        if not all(valid_unicode(t) for t in [prompt, *(stop or [])]):
-            return error_response(422, "prompt/stop: contains a lone UTF-16 surrogate (e.g. \\ud800), which is not "
-                                       "text; send valid Unicode")
+        if not all(valid_unicode(t) for t in stop or []):
+            raise RequestError(422, "stop: contains a lone UTF-16 surrogate (e.g. \\ud800), which is not text; "
+                                    "send valid Unicode")
         try:  # the model's own rules for sampling parameters, checked before the request takes a row
             check_sampling_args(params["max_new_tokens"], params["temperature"], params["top_k"], params["top_p"],
                                 params["repetition_penalty"], model.config.vocab_size, eos_id)
         except ValueError as e:
-            return error_response(422, str(e).replace("max_new_tokens", name("max_new_tokens")))
+            raise RequestError(422, str(e).replace("max_new_tokens", name("max_new_tokens"))) from None
+        if params["max_new_tokens"] > max_new_tokens_cap:
+            raise RequestError(422, f"{name('max_new_tokens')}: {params['max_new_tokens']} is above this "
+                                    f"server's cap of {max_new_tokens_cap}; ask for fewer (the cap is "
+                                    "--max_new_tokens_cap)")
+        if stop is not None and any(not s or len(s) > 64 for s in stop):
+            raise RequestError(422, "stop: each stop string must be 1 to 64 characters long")
+
+    def encode_text(prompt: str, allow_empty: bool = False, where: str = "prompt") -> list[int]:
+        """A text prompt's token ids, checked against the limits (RequestError 422)."""
+        if not prompt and not allow_empty:
+            raise RequestError(422, f"{where}: is empty; send some text for the model to continue (e.g. \"def \")")
+        if not valid_unicode(prompt):
+            raise RequestError(422, f"{where}: contains a lone UTF-16 surrogate (e.g. \\ud800), which is not text; "
+                                    "send valid Unicode")
         if len(prompt) > max_prompt_chars:
-            return error_response(422, f"prompt: {len(prompt)} characters is over this server's limit of "
-                                       f"{max_prompt_chars}; shorten it")
+            raise RequestError(422, f"{where}: {len(prompt)} characters is over this server's limit of "
+                                    f"{max_prompt_chars}; shorten it")
         n_prompt = len(tokenizer.encode(prompt).ids)  # before encode_prompt cuts it to block_size
         if n_prompt > block_size:
-            return error_response(422, f"prompt: {n_prompt} tokens is longer than the model's context of "
-                                       f"{block_size} tokens (block_size); shorten it")
-        if params["max_new_tokens"] > max_new_tokens_cap:
-            return error_response(422, f"{name('max_new_tokens')}: {params['max_new_tokens']} is above this "
-                                       f"server's cap of {max_new_tokens_cap}; ask for fewer (the cap is "
-                                       "--max_new_tokens_cap)")
-        if stop is not None and any(not s or len(s) > 64 for s in stop):
-            return error_response(422, "stop: each stop string must be 1 to 64 characters long")
-        try:
-            return await start({**params, "stop": stop}, encode_prompt(tokenizer, prompt, model, eos_id), stream,
-                               arrived)
-        except Overloaded:
-            return error_response(503, f"server busy: {max_concurrency} generations running and {max_queue} "
-                                       "queued; retry after the number of seconds in Retry-After",
-                                  headers={"Retry-After": retry_after()})
+            raise RequestError(422, f"{where}: {n_prompt} tokens is longer than the model's context of "
+                                    f"{block_size} tokens (block_size); shorten it")
+        return encode_prompt(tokenizer, prompt, model, eos_id)
+
+    def check_ids(ids: list[int], where: str = "prompt") -> list[int]:
+        if not ids:
+            raise RequestError(422, f"{where}: is an empty list of token ids; send at least one")
+        bad = next((t for t in ids if not 0 <= t < model.config.vocab_size), None)
+        if bad is not None:
+            raise RequestError(422, f"{where}: token id {bad} is outside the vocabulary [0, "
+                                    f"{model.config.vocab_size})")
+        if len(ids) > block_size:
+            raise RequestError(422, f"{where}: {len(ids)} tokens is longer than the model's context of "
+                                    f"{block_size} tokens (block_size); shorten it")
+        return list(ids)
 
     @app.post("/v1/generate")
-    async def generate(req: GenerateRequest):
+    async def generate(req: GenerateRequest, request: Request):
+        arrived = time.perf_counter()
         params = dict(max_new_tokens=req.max_new_tokens, temperature=req.temperature, top_k=req.top_k or None,
-                      top_p=req.top_p, repetition_penalty=req.repetition_penalty, seed=req.seed)
-        job = await admit(req.prompt, req.stop, params, req.stream, time.perf_counter())
-        if isinstance(job, JSONResponse):
-            return job
+                      top_p=req.top_p, repetition_penalty=req.repetition_penalty, seed=req.seed, stop=req.stop)
+        ids = encode_text(req.prompt)
+        check_params(params, req.stop)
+        (job,) = await queue_jobs([(ids, params)], req.stream, arrived)
 
         if req.stream:
             async def body():
-                async for kind, value in events(job):
-                    if kind == "error":
-                        yield sse("error", {"error": value})
-                        return
-                    yield sse("token", {"text": value})
+                try:
+                    async with aclosing(events([job])) as stream:
+                        async for _, kind, value in stream:
+                            if kind == "error":
+                                yield sse("error", {"error": value})
+                                return
+                            if kind == "piece":
+                                yield sse("token", {"text": value})
+                except TimedOut:
+                    yield sse("error", {"error": timeout_message("while generating")})
+                    return
                 yield sse("done", {**job.timings(), "seed": req.seed})
 
             return StreamingResponse(body(), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-        pieces = []
-        async for kind, value in events(job):
-            if kind == "error":
-                return error_response(500, value)
-            pieces.append(value)
-        return {"text": "".join(pieces), **job.timings(), "seed": req.seed}
+        await collect([job], request)
+        return {"text": "".join(job.pieces), **job.timings(), "seed": req.seed}
 
     model_name = Path(out_dir).name or "minilm"
+    model_card = {"id": model_name, "object": "model", "created": int(time.time()), "owned_by": "minilm"}
+    token_text = TokenText(tokenizer)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [model_card]}
+
+    @app.get("/v1/models/{name}")
+    async def one_model(name: str):
+        if name != model_name:
+            raise RequestError(404, f"model: no model {name!r} here; this server has {model_name!r}",
+                               code="model_not_found")
+        return model_card
+
+    def completion_prompts(prompt) -> list[tuple[list[int], str]]:
+        """(token ids, text) of each prompt of a completions request: a string, strings, ids or lists of ids."""
+        if isinstance(prompt, str):
+            return [(encode_text(prompt, allow_empty=True), prompt)]
+        if not prompt:
+            raise RequestError(422, "prompt: is an empty list; send a string, a list of strings, a list of token "
+                                    "ids or a list of such lists")
+        if isinstance(prompt[0], int):
+            ids = check_ids(prompt)
+            return [(ids, tokenizer.decode(ids))]
+        if isinstance(prompt[0], str):
+            return [(encode_text(p, allow_empty=True, where=f"prompt[{i}]"), p) for i, p in enumerate(prompt)]
+        out = []
+        for i, p in enumerate(prompt):
+            ids = check_ids(p, where=f"prompt[{i}]")
+            out.append((ids, tokenizer.decode(ids)))
+        return out
 
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest):
-        """OpenAI's legacy completions API (one choice, no logprobs), so OpenAI clients can talk to the model."""
-        prompt = req.prompt if isinstance(req.prompt, str) else (req.prompt[0] if len(req.prompt) == 1 else None)
-        if prompt is None:
-            return error_response(422, "prompt: send one string (a list of several prompts is not supported)")
+    async def completions(req: CompletionRequest, request: Request):
+        """OpenAI's completions API: batched prompts, n, logprobs, echo, stream; errors in OpenAI's shape."""
+        arrived = time.perf_counter()
+        prompts = completion_prompts(req.prompt)
         stop = [req.stop] if isinstance(req.stop, str) else req.stop
-        params = dict(max_new_tokens=req.max_tokens, temperature=req.temperature, top_k=None, top_p=req.top_p,
-                      repetition_penalty=1.0, seed=req.seed)
-        job = await admit(prompt, stop, params, req.stream, time.perf_counter(), {"max_new_tokens": "max_tokens"})
-        if isinstance(job, JSONResponse):
-            return job
+        base = dict(max_new_tokens=req.max_tokens, temperature=req.temperature, top_k=None, top_p=req.top_p,
+                    repetition_penalty=1.0, stop=stop, logprobs=req.logprobs, echo=req.echo)
+        check_params(base, stop, {"max_new_tokens": "max_tokens"})
+        if len(prompts) * req.n > max_concurrency + max_queue:
+            raise RequestError(422, f"prompt: {len(prompts)} prompts x n={req.n} choices is more than this server "
+                                    f"takes at once ({max_concurrency + max_queue}); send fewer per request")
+        specs = [(ids, {**base, "seed": None if req.seed is None else req.seed + j})
+                 for ids, _ in prompts for j in range(req.n)]
+        jobs = await queue_jobs(specs, req.stream, arrived)
+        texts = [text for _, text in prompts for _ in range(req.n)]  # job.index -> its prompt's text
         head = {"id": f"cmpl-{secrets.token_hex(12)}", "object": "text_completion", "created": int(time.time()),
                 "model": req.model or model_name}
-        choice = lambda text, reason: {"text": text, "index": 0, "logprobs": None, "finish_reason": reason}
+        usage = lambda: {"prompt_tokens": sum(len(ids) for ids, _ in prompts),
+                         "completion_tokens": sum(job.completion_tokens for job in jobs),
+                         "total_tokens": sum(len(ids) for ids, _ in prompts) +
+                         sum(job.completion_tokens for job in jobs)}
+
+        def logprobs_of(job: Job, records: list, start: int, prompt: bool) -> dict | None:
+            if req.logprobs is None:
+                return None
+            parts = [logprobs_payload(token_text, job.ids, job.prompt_logprobs, job.prompt_tops)] if prompt else []
+            parts.append(logprobs_payload(token_text, [r[0] for r in records], [r[1] for r in records],
+                                          [r[2] for r in records], start))
+            return merge_logprobs(parts)
 
         if req.stream:
-            async def body():
-                async for kind, value in events(job):
-                    if kind == "error":
-                        yield f"data: {json.dumps({'error': {'message': value, 'type': 'server_error'}})}\n\n"
-                        return
-                    yield f"data: {json.dumps({**head, 'choices': [choice(value, None)]})}\n\n"
-                yield f"data: {json.dumps({**head, 'choices': [choice('', job.finish_reason)]})}\n\n"
-                yield "data: [DONE]\n\n"
-
-            return StreamingResponse(body(), media_type="text/event-stream",
+            return StreamingResponse(stream_completion(jobs, texts, head, logprobs_of, usage, req),
+                                     media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-        pieces = []
-        async for kind, value in events(job):
-            if kind == "error":
-                return error_response(500, value)
-            pieces.append(value)
-        usage = {"prompt_tokens": job.prompt_tokens, "completion_tokens": job.completion_tokens,
-                 "total_tokens": job.prompt_tokens + job.completion_tokens}
-        return {**head, "choices": [choice("".join(pieces), job.finish_reason)], "usage": usage}
+        await collect(jobs, request)
+        choices = []
+        for job in jobs:
+            echo = texts[job.index] if req.echo else ""
+            choices.append({"text": echo + "".join(job.pieces), "index": job.index,
+                            "logprobs": logprobs_of(job, job.records, len(echo), req.echo),
+                            "finish_reason": job.finish_reason})
+        return {**head, "choices": choices, "usage": usage()}
+
+    async def stream_completion(jobs, texts, head, logprobs_of, usage, req):
+        """Server-sent events as OpenAI streams them: a chunk per text piece of each choice, with the logprobs of
+        the tokens it completes, a last one per choice with its finish_reason, then usage (if asked) and [DONE]."""
+        pending = {job: [] for job in jobs}  # token records not sent yet
+        offset = {job: 0 for job in jobs}  # characters of the choice's text sent so far
+
+        def chunk(job: Job, text: str, reason: str | None = None, prompt: bool = False) -> str:
+            records, pending[job] = pending[job], []
+            lp = logprobs_of(job, [] if prompt else records, offset[job], prompt)
+            offset[job] += len(text)
+            body = {**head, "choices": [{"text": text, "index": job.index, "logprobs": lp, "finish_reason": reason}]}
+            return f"data: {json.dumps(body)}\n\n"
+
+        try:
+            async with aclosing(events(jobs)) as stream:
+                async for job, kind, value in stream:
+                    if kind == "error":
+                        yield f"data: {json.dumps(openai_error(500, value))}\n\n"
+                        return
+                    if kind == "prompt" and req.echo:
+                        yield chunk(job, texts[job.index], prompt=True)
+                    elif kind == "token":
+                        pending[job].append(value)
+                    elif kind == "piece":
+                        yield chunk(job, value)
+                    elif kind == "end":
+                        yield chunk(job, "", job.finish_reason)
+        except TimedOut:
+            yield f"data: {json.dumps(openai_error(504, timeout_message('while generating'), code='timeout'))}\n\n"
+            return
+        if req.stream_options is not None and req.stream_options.include_usage:
+            yield f"data: {json.dumps({**head, 'choices': [], 'usage': usage()})}\n\n"
+        yield "data: [DONE]\n\n"
 
     app.add_middleware(RequestCounter, stats=stats, max_body_bytes=max_body_bytes)
     app.state.stats = stats
@@ -576,14 +784,15 @@ class RequestCounter:
         try:
             length = int(dict(scope["headers"]).get(b"content-length", b"0") or 0)
             if length > max_body_bytes:
-                await error_response(413, f"request body of {length} bytes is over the limit of "
-                                          f"{max_body_bytes} bytes")(scope, receive, send_and_note)
+                await error_for(scope["path"], 413, f"request body of {length} bytes is over the limit of "
+                                                     f"{max_body_bytes} bytes")(scope, receive, send_and_note)
             else:
                 await app(scope, receive_limited, send_and_note)
         finally:
             stats.count(stats.http, (path, status))
             if status >= 400:
-                kind = "overloaded" if status == 503 else "bad_request" if status < 500 else "internal"
+                kind = {503: "overloaded", 504: "timeout", 499: "disconnected"}.get(
+                    status, "bad_request" if status < 500 else "internal")
                 stats.count(stats.errors, kind)
 
 

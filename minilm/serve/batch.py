@@ -99,7 +99,10 @@ class Sequence:
     """One request. `sink` receives the text: sink.on_start(), sink.on_piece(text), sink.on_end(outcome, error,
     seq) with outcome "ok" | "cancelled" | "error"; a set sink.cancel (threading.Event) stops it.
 
-    params: max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop (as minilm.sample).
+    params: max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop (as minilm.sample), and
+    optionally logprobs (k: the sink's on_token(id, logprob, top k) gets each sampled token's raw log-probability
+    and the k likeliest alternatives) and echo (the sink's on_prompt(logprobs, tops) gets the prompt's, from its
+    prefill; the first token's is None).
     """
 
     ids: list[int]  # the prompt, already encoded and cut to block_size (minilm.sample.encode_prompt)
@@ -111,6 +114,14 @@ class Sequence:
     started: bool = False
     text: TextStream | None = None
     gen: torch.Generator | None = None
+
+
+def top_alternatives(logprobs: torch.Tensor, k: int) -> list[list[tuple[int, float]]]:
+    """The k likeliest (id, logprob) of each row of logprobs (rows, vocab), likeliest first."""
+    if k == 0:
+        return [[] for _ in range(logprobs.size(0))]
+    values, ids = torch.topk(logprobs, min(k, logprobs.size(-1)), dim=-1)
+    return [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
 
 
 class Engine:
@@ -222,8 +233,13 @@ class Engine:
 
     def _prefill(self, seq: Sequence) -> None:
         try:
-            if not seq.started:
+            first = not seq.started
+            if first:
                 self._begin(seq)
+                if seq.params["max_new_tokens"] == 0 and not seq.params.get("echo"):
+                    seq.finish_reason = "length"  # nothing to sample or score: no forward pass, no token
+                    self._leave(seq, "ok")
+                    return
                 window = seq.ids
             else:
                 window = seq.tokens[-(self.block_size // 2) :]
@@ -233,10 +249,27 @@ class Engine:
             logits, _ = self.model(idx, cache=RowView(self.cache, row), pos=pos)
             self.cache.lengths[row] = len(window)
             self.prefills += 1
+            if first and seq.params.get("echo"):
+                self._score_prompt(seq, logits[0])
         except Exception as e:  # this request fails; the others go on
             self._leave(seq, "error", f"generation failed: {type(e).__name__}: {e}")
             return
+        if seq.params["max_new_tokens"] == 0:  # scored, nothing to sample
+            seq.finish_reason = "length"
+            self._leave(seq, "ok")
+            return
         self._sample(seq, logits[:, -1, :].float())
+
+    def _score_prompt(self, seq: Sequence, logits: torch.Tensor) -> None:
+        """The prompt's own log-probabilities from its prefill logits (T, vocab): token i given tokens < i."""
+        k = seq.params.get("logprobs")
+        if k is None:
+            seq.sink.on_prompt(None, None)
+            return
+        lp = logits[:-1].float().log_softmax(dim=-1)
+        chosen = lp.gather(1, torch.tensor(seq.ids[1:], device=lp.device)[:, None])[:, 0].tolist()
+        tops = top_alternatives(lp, k)
+        seq.sink.on_prompt([None, *chosen], [None, *tops])
 
     def _begin(self, seq: Sequence) -> None:
         seq.started = True
@@ -280,6 +313,9 @@ class Engine:
             return
         seq.tokens.append(tok)
         seq.generated += 1
+        if p.get("logprobs") is not None:  # the raw model's, from the logits this token was sampled from
+            lp = logits.log_softmax(dim=-1)
+            seq.sink.on_token(tok, float(lp[0, tok]), top_alternatives(lp, p["logprobs"])[0])
         piece = seq.text.push(tok)
         if piece:
             seq.sink.on_piece(piece)
