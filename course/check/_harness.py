@@ -51,6 +51,7 @@ import inspect
 import json
 import os
 import random
+import sys
 import threading
 import time
 import traceback
@@ -380,14 +381,16 @@ def _salted(x) -> bool:
 
 
 @contextmanager
-def salted_hash_calls() -> Iterator[list]:
-    """Record hash() calls on salted values (Python's hash of a str differs between processes) while the block
-    runs: a MinHash built on them gives other signatures in the next process, so deduplication runs disagree."""
+def salted_hash_calls(fn) -> Iterator[list]:
+    """Record the hash() calls fn's own code (code sharing its globals) makes on salted values while the block runs:
+    Python's hash of a str differs between processes, so a MinHash built on it gives other signatures in the next
+    process and deduplication runs disagree. Library code's own hash() calls are not fn's and are not recorded."""
     calls: list = []
     original = builtins.hash
+    mine = {id(g) for g in _namespaces(fn)}
 
     def watched_hash(obj):
-        if _salted(obj):
+        if _salted(obj) and id(sys._getframe(1).f_globals) in mine:
             calls.append(type(obj).__name__)
         return original(obj)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections import Counter
 from collections.abc import Callable
 
 import torch
@@ -14,9 +15,15 @@ from course.check._harness import (
     _crash,
     _finish,
     _seed,
+    watching,
 )
 
 # ----------------------------------------------------------------------------- mixed precision
+
+
+WATCH_SCALER = ("efficient_training.amp.LossScaler.scale", "efficient_training.amp.LossScaler.unscale_",
+                "efficient_training.amp.LossScaler.step", "efficient_training.amp.LossScaler.update",
+                "efficient_training.amp.LossScaler.get_scale")
 
 
 @_check
@@ -31,6 +38,7 @@ def loss_scaler(scaler_cls: Callable, trials: int = 3, seed: int | None = None, 
     from efficient_training.amp import LossScaler, compare_with_grad_scaler
 
     s = _seed(seed)
+    called = Counter()
     rng = random.Random(s)
     for trial in range(trials):
         steps = rng.randint(10, 16)
@@ -42,8 +50,9 @@ def loss_scaler(scaler_cls: Callable, trials: int = 3, seed: int | None = None, 
                 f"init_scale={kw['init_scale']:g}, growth_interval={kw['growth_interval']}, "
                 f"backoff_factor={kw['backoff_factor']}")
         try:
-            r = compare_with_grad_scaler(scaler_cls, steps=steps, overflow_steps=overflow, nan_steps=nan,
-                                         seed=rng.randrange(10_000), **kw)
+            with watching(WATCH_SCALER, called, scaler_cls):
+                r = compare_with_grad_scaler(scaler_cls, steps=steps, overflow_steps=overflow, nan_steps=nan,
+                                             seed=rng.randrange(10_000), **kw)
         except Exception as e:
             return _finish("loss_scaler", False, _crash(e, what), s, log)
         if r["ok"]:
@@ -67,5 +76,5 @@ def loss_scaler(scaler_cls: Callable, trials: int = 3, seed: int | None = None, 
         return _finish("loss_scaler", False, msg, s, log)
     return _finish("loss_scaler", True, f"{trials} scripted runs with injected inf/NaN gradients: same scale sequence, "
                    "same skipped steps and the same parameters as torch.amp.GradScaler", s, log,
-                   uses_reference=_calls_reference(scaler_cls, {"LossScaler", "GradScaler"},
+                   uses_reference=called or _calls_reference(scaler_cls, {"LossScaler", "GradScaler"},
                                                    (LossScaler, torch.amp.GradScaler)))

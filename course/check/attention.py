@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Callable
 
 import numpy as np
@@ -20,9 +21,16 @@ from course.check._harness import (
     _seed,
     _tensor_brief,
     _which_variant,
+    watching,
 )
 
 # ----------------------------------------------------------------------------- attention
+
+# What each check watches while the learner's function runs (see _harness.watching).
+WATCH_ATTENTION = ("torch.nn.functional.scaled_dot_product_attention", "torch.nn.MultiheadAttention.forward",
+                   "torch.nn.functional.multi_head_attention_forward", "course.check.attention._attention_ref")
+WATCH_LAYER = ("minilm.model.CausalSelfAttention.forward", "torch.nn.MultiheadAttention.forward")
+WATCH_ROPE = ("minilm.model.apply_rope", "minilm.model.rope_tables", "course.check.attention._rope_ref")
 
 
 def _attention_ref(q, k, v, causal=True, scale=None):
@@ -48,28 +56,45 @@ def _attention_hint(q, k, v, got) -> str:
     return ""
 
 
-@_check
+@_check(hints=(
+    "each query scores every key with a dot product scaled by 1/sqrt(head_dim), and position t may only look at "
+    "keys 0..t; a query's weights over the keys are a softmax (positive, summing to 1). Invariant to test yourself: "
+    "changing q, k or v at later positions leaves output row t unchanged.",
+    "scores = q @ k^T / sqrt(head_dim) is (B, n_head, T, T); put -inf above the diagonal before the softmax over "
+    "the last dim (a weight of exactly 0), then weights @ v. Writing the softmax yourself, subtract each row's max "
+    "first: exp() of a score above ~88 is inf in float32, and softmax does not change when a row is shifted."))
 def attention(fn: Callable, trials: int = 6, seed: int | None = None, log: bool = True) -> Result:
     """fn(q, k, v) -> y: causal scaled dot-product attention on (B, n_head, T, head_dim) float32 tensors.
 
     Reference: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True); tolerance 1e-5 absolute
-    plus 1e-4 relative.
+    plus 1e-4 relative. The last two trials have q and k ten times larger (scores of a few hundred).
     """
     s = _seed(seed)
     g = torch.Generator().manual_seed(s)
+    called = Counter()
     for trial in range(trials):
         b, h, t, d = (int(torch.randint(lo, hi, (1,), generator=g)) for lo, hi in ((1, 4), (1, 5), (1, 18), (2, 17)))
         q, k, v = (torch.randn(b, h, t, d, generator=g) for _ in range(3))
-        what = f"trial {trial}: q, k, v of shape (B={b}, n_head={h}, T={t}, head_dim={d}), standard normal"
+        big = trial >= max(trials - 2, 1)  # scores of a few hundred: exp() overflows unless the max is subtracted
+        if big:
+            q, k = q * 10, k * 10
+        what = (f"trial {trial}: q, k, v of shape (B={b}, n_head={h}, T={t}, head_dim={d}), "
+                + ("q and k ~ N(0, 10^2), v standard normal" if big else "standard normal"))
         expected = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         try:
-            got = fn(q.clone(), k.clone(), v.clone())
+            with watching(WATCH_ATTENTION, called, fn):
+                got = fn(q.clone(), k.clone(), v.clone())
         except Exception as e:
             return _finish("attention", False, _crash(e, what), s, log)
         if not isinstance(got, torch.Tensor) or got.shape != expected.shape:
             shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
             return _finish("attention", False, f"{what}\n  expected a tensor of shape {tuple(expected.shape)}, "
                            f"got {shape}", s, log)
+        if not torch.isfinite(got).all():
+            top = float((q @ k.transpose(-2, -1)).abs().max()) / math.sqrt(d)
+            return _finish("attention", False, f"{what}\n  your output holds NaN or inf (expected finite values); the "
+                           f"scores reach {top:.4g} in size and exp() of more than ~88 is inf in float32: softmax is "
+                           "unchanged by subtracting each row's max first", s, log)
         err = (got.float() - expected).abs()
         if not torch.allclose(got.float(), expected, atol=1e-5, rtol=1e-4):
             i = np.unravel_index(int(err.argmax()), err.shape)
@@ -79,7 +104,7 @@ def attention(fn: Callable, trials: int = 6, seed: int | None = None, log: bool 
             return _finish("attention", False, msg, s, log)
     return _finish("attention", True, f"{trials} random (B, n_head, T, head_dim) inputs, T from 1 to 17: "
                    "equal to scaled_dot_product_attention(is_causal=True) within 1e-5", s, log,
-                   uses_reference=_calls_reference(fn, {"scaled_dot_product_attention"}))
+                   uses_reference=called or _calls_reference(fn, {"scaled_dot_product_attention"}))
 
 
 def _csa_hint(x: torch.Tensor, attn, got: torch.Tensor) -> str:
@@ -116,7 +141,7 @@ def causal_self_attention(fn: Callable, trials: int = 5, seed: int | None = None
 
     s = _seed(seed)
     g = torch.Generator().manual_seed(s)
-    calls: list[int] = []
+    called = Counter()
     for trial in range(trials):
         n_head = int(torch.randint(1, 5, (1,), generator=g))
         n_embd = n_head * int(torch.randint(2, 9, (1,), generator=g)) * 2
@@ -130,13 +155,11 @@ def causal_self_attention(fn: Callable, trials: int = 5, seed: int | None = None
         what = f"trial {trial}: x of shape (B={b}, T={t}, n_embd={n_embd}), n_head={n_head}, bias={bias}"
         with torch.no_grad():
             expected = attn(x)
-            hook = attn.register_forward_hook(lambda *_: calls.append(1))  # notices fn calling the layer itself
             try:
-                got = fn(x.clone(), attn)
+                with watching(WATCH_LAYER, called, fn):  # attn(x) and attn.forward(x) both count as the layer's own
+                    got = fn(x.clone(), attn)
             except Exception as e:
                 return _finish("causal_self_attention", False, _crash(e, what), s, log)
-            finally:
-                hook.remove()
         if not isinstance(got, torch.Tensor) or got.shape != expected.shape:
             shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
             return _finish("causal_self_attention", False,
@@ -160,7 +183,7 @@ def causal_self_attention(fn: Callable, trials: int = 5, seed: int | None = None
             return _finish("causal_self_attention", False, msg, s, log)
     return _finish("causal_self_attention", True, f"{trials} random layers (1-4 heads, with and without bias) "
                    "and inputs: equal to minilm's CausalSelfAttention within 1e-5", s, log,
-                   uses_reference=bool(calls))
+                   uses_reference=called or _calls_reference(fn, {"CausalSelfAttention"}))
 
 def _rope_ref(x: torch.Tensor, theta: float) -> torch.Tensor:
     """minilm's apply_rope with rope_tables when this minilm has them, else the same formula (Llama convention)."""
@@ -187,6 +210,7 @@ def rope(fn: Callable, trials: int = 5, seed: int | None = None, log: bool = Tru
     """
     s = _seed(seed)
     g = torch.Generator().manual_seed(s)
+    called = Counter()
     for trial in range(trials):
         b, h, t, hd = _randint(g, 1, 3), _randint(g, 1, 4), _randint(g, 2, 40), 2 * _randint(g, 1, 17)
         theta = [10000.0, 500.0, 10000.0, 1e6, 100.0][trial % 5]
@@ -194,7 +218,8 @@ def rope(fn: Callable, trials: int = 5, seed: int | None = None, log: bool = Tru
         what = f"trial {trial}: x of shape (B={b}, n_head={h}, T={t}, head_dim={hd}), theta={theta:g}"
         expected = _rope_ref(x, theta)
         try:
-            got = fn(x.clone(), theta)
+            with watching(WATCH_ROPE, called, fn):
+                got = fn(x.clone(), theta)
         except Exception as e:
             return _finish("rope", False, _crash(e, what), s, log)
         msg = _mismatch(what, got, expected, 1e-5, 1e-4)
@@ -213,4 +238,4 @@ def rope(fn: Callable, trials: int = 5, seed: int | None = None, log: bool = Tru
             return _finish("rope", False, msg + _which_variant(got, variants), s, log)
     return _finish("rope", True, f"{trials} random inputs (head_dim 2-32, theta 100 to 1e6): equal to minilm's "
                    "apply_rope within 1e-5", s, log,
-                   uses_reference=_calls_reference(fn, {"apply_rope", "rope_tables"}))
+                   uses_reference=called or _calls_reference(fn, {"apply_rope", "rope_tables"}))

@@ -16,6 +16,8 @@ from course.check._harness import (
     _crash,
     _finish,
     _seed,
+    salted_hash_calls,
+    watching,
 )
 from course.check.tokenization import _random_text
 
@@ -35,6 +37,10 @@ def _set_pair(rng: random.Random, j: float, size: int, start: int) -> tuple[set[
     return a, b, len(a & b) / len(a | b)
 
 
+WATCH_MINHASH = ("dataset_curation.minhash.minhash_signatures", "dataset_curation.minhash.signatures_from_hashes",
+                 "datasketch.MinHash.update")
+
+
 @_check
 def minhash(fn: Callable, num_perm: int = 256, seed: int | None = None, log: bool = True) -> Result:
     """fn(shingle_sets, num_perm, seed) -> signatures: a numpy array of shape (len(shingle_sets), num_perm).
@@ -48,6 +54,7 @@ def minhash(fn: Callable, num_perm: int = 256, seed: int | None = None, log: boo
     from dataset_curation.minhash import minhash_signatures
 
     s = _seed(seed)
+    called = Counter()
     rng = random.Random(s)
     sets, exact = [], []
     for k in range(33):
@@ -55,19 +62,35 @@ def minhash(fn: Callable, num_perm: int = 256, seed: int | None = None, log: boo
         sets += [a, b]
         exact.append(j)
     exact = np.array(exact)
+    # Small sets (12-24 shingles) at Jaccard 0.3-0.7: independent hash functions give a binomial scatter around the
+    # truth; functions that share parameters (one multiplier, one permutation shifted) move together and scatter more.
+    small, small_exact = [], []
+    for k in range(40):
+        a, b, j = _set_pair(rng, (0.3, 0.5, 0.7)[k % 3], rng.randint(12, 24), 100_000 + 1000 * k)
+        small += [a, b]
+        small_exact.append(j)
+    small_exact = np.array(small_exact)
     what = f"{len(sets)} shingle sets in {len(exact)} pairs, exact Jaccard 0.0 .. 1.0, num_perm={num_perm}, seed={s}"
+    n = len(sets) + len(small)
     try:
-        sig = np.asarray(fn([set(x) for x in sets], num_perm, s))
-        again = np.asarray(fn([set(x) for x in sets], num_perm, s))
+        with salted_hash_calls(fn) as salted, watching(WATCH_MINHASH, called, fn):
+            sig = np.asarray(fn([set(x) for x in sets + small], num_perm, s))
+            again = np.asarray(fn([set(x) for x in sets + small], num_perm, s))
     except Exception as e:
         return _finish("minhash", False, _crash(e, what), s, log)
-    if sig.shape != (len(sets), num_perm):
-        return _finish("minhash", False, f"{what}\n  expected signatures of shape {(len(sets), num_perm)}, got "
-                       f"{sig.shape}", s, log)
+    if sig.shape != (n, num_perm):
+        return _finish("minhash", False, f"{what}\n  expected signatures of shape {(n, num_perm)} (plus "
+                       f"{len(small)} small sets), got {sig.shape}", s, log)
+    if salted:
+        return _finish("minhash", False, f"{what}\n  your code called hash() on a {salted[0]} ({len(salted)} calls): "
+                       "Python salts that hash per process (PYTHONHASHSEED), so the next run, or a worker process, "
+                       "gets other signatures and documents deduplicated in different runs never match; hash the "
+                       "bytes with a fixed function such as zlib.crc32(s.encode())", s, log)
     if not np.array_equal(sig, again):
         return _finish("minhash", False, f"{what}\n  two calls with the same seed gave different signatures: the "
                        "hash functions must come from the seed alone (Python's hash() of str is salted per process; "
                        "use a fixed hash such as zlib.crc32)", s, log)
+    sig, sig_small = sig[: len(sets)], sig[len(sets):]
     ref = minhash_signatures(sets, num_perm=num_perm, seed=s)
     est = (sig[0::2] == sig[1::2]).mean(axis=1)
     est_ref = (ref[0::2] == ref[1::2]).mean(axis=1)
@@ -85,8 +108,18 @@ def minhash(fn: Callable, num_perm: int = 256, seed: int | None = None, log: boo
         elif est.std() < 0.05:
             hint = "\n  hint: your estimates hardly vary with the true similarity: keep the MINIMUM hash per function"
         return _finish("minhash", False, f"{what}\n  {summary}{hint}", s, log)
+    est_small = (sig_small[0::2] == sig_small[1::2]).mean(axis=1)
+    mse, binomial = float(((est_small - small_exact) ** 2).mean()), float((small_exact * (1 - small_exact)).mean())
+    # 2.5x the binomial variance: a correct function goes over it about once in 10^7 runs (chi-square, 40 pairs).
+    if mse > 2.5 * binomial / num_perm:
+        return _finish("minhash", False, f"{what}\n  on {len(small_exact)} pairs of small sets (12-24 shingles, "
+                       f"Jaccard 0.3-0.7) your estimates scatter too much: mean squared error {mse:.4f}, while "
+                       f"{num_perm} independent hash functions give {binomial / num_perm:.4f} on average\n  hint: "
+                       "the num_perm functions must be independent, each with its own random parameters; functions "
+                       "sharing a multiplier (a shifted copy of one permutation) pick related minima", s, log)
     return _finish("minhash", True, f"{what}\n  {summary}", s, log,
-                   uses_reference=_calls_reference(fn, {"minhash_signatures", "signatures_from_hashes", "MinHash"}))
+                   uses_reference=called or _calls_reference(
+                       fn, {"minhash_signatures", "signatures_from_hashes", "MinHash"}))
 
 # ----------------------------------------------------------------------------- LSH, clustering, filters, BPE encoding
 
@@ -99,7 +132,14 @@ def _planted_signatures(rng: np.random.Generator, n: int, num_perm: int, rows: i
         start = int(rng.integers(0, num_perm))
         length = int(rng.integers(1, 2 * rows + 1))
         sig[j, start : start + length] = sig[i, start : start + length]
+    for _ in range(max(2, n // 10)):  # buckets of 3-5 documents: every two of them are a candidate pair
+        docs = rng.choice(n, int(rng.integers(3, 6)), replace=False)
+        k = int(rng.integers(0, num_perm // rows))
+        sig[docs[1:], k * rows : (k + 1) * rows] = sig[docs[0], k * rows : (k + 1) * rows]
     return sig
+
+
+WATCH_LSH = ("dataset_curation.minhash.lsh_candidate_pairs", "dataset_curation.minhash.near_duplicate_clusters")
 
 
 @_check
@@ -113,6 +153,7 @@ def lsh_candidates(fn: Callable, trials: int = 4, seed: int | None = None, log: 
     from dataset_curation.minhash import lsh_candidate_pairs
 
     s = _seed(seed)
+    called = Counter()
     rng = np.random.default_rng(s)
     for trial in range(trials):
         bands, rows = int(rng.integers(2, 12)), int(rng.integers(1, 6))
@@ -122,7 +163,8 @@ def lsh_candidates(fn: Callable, trials: int = 4, seed: int | None = None, log: 
         what = f"trial {trial}: {n} signatures of {num_perm} values, bands={bands}, rows={rows}"
         expected = {tuple(p) for p in lsh_candidate_pairs(sig, bands, rows, max_bucket=10**9).tolist()}
         try:
-            got = {tuple(int(i) for i in p) for p in fn(sig.copy(), bands, rows)}
+            with watching(WATCH_LSH, called, fn):
+                got = {tuple(int(i) for i in p) for p in fn(sig.copy(), bands, rows)}
         except Exception as e:
             return _finish("lsh_candidates", False, _crash(e, what), s, log)
         if got != expected:
@@ -134,6 +176,12 @@ def lsh_candidates(fn: Callable, trials: int = 4, seed: int | None = None, log: 
                          if (sig[i, k * rows:(k + 1) * rows] == sig[j, k * rows:(k + 1) * rows]).all())
                 msg += f"\n  missing {missing[:5]}: e.g. documents {i} and {j} agree on all of band {k} " \
                        f"(columns {k * rows}..{(k + 1) * rows - 1})"
+                cols = sig[:, k * rows:(k + 1) * rows]
+                bucket = [d for d in range(n) if (cols[d] == cols[i]).all()]
+                if len(bucket) > 2:
+                    msg += (f"\n  hint: documents {bucket} all fall in one bucket of band {k}: every two documents "
+                            f"in a bucket are a candidate pair ({len(bucket) * (len(bucket) - 1) // 2} pairs here), "
+                            "not only each with the bucket's first")
             if extra:
                 i, j = extra[0]
                 bad = [p for p in extra if p[0] >= p[1]]
@@ -144,7 +192,10 @@ def lsh_candidates(fn: Callable, trials: int = 4, seed: int | None = None, log: 
             return _finish("lsh_candidates", False, msg, s, log)
     return _finish("lsh_candidates", True, f"{trials} random signature sets with planted shared bands: the same "
                    "candidate pairs as dataset_curation.minhash.lsh_candidate_pairs", s, log,
-                   uses_reference=_calls_reference(fn, {"lsh_candidate_pairs", "near_duplicate_clusters"}))
+                   uses_reference=called or _calls_reference(fn, {"lsh_candidate_pairs", "near_duplicate_clusters"}))
+
+
+WATCH_CLUSTERS = ("dataset_curation.minhash.union_find_clusters", "dataset_curation.minhash.near_duplicate_clusters")
 
 
 @_check
@@ -157,6 +208,7 @@ def clusters(fn: Callable, trials: int = 5, seed: int | None = None, log: bool =
     from dataset_curation.minhash import union_find_clusters
 
     s = _seed(seed)
+    called = Counter()
     rng = random.Random(s)
     for trial in range(trials):
         n = rng.randint(5, 80)
@@ -164,7 +216,8 @@ def clusters(fn: Callable, trials: int = 5, seed: int | None = None, log: bool =
         what = f"trial {trial}: n={n}, {len(pairs)} pairs, first {pairs[:6]}"
         expected = sorted(sorted(c) for c in union_find_clusters(n, np.array(pairs, dtype=np.int64).reshape(-1, 2)))
         try:
-            got = sorted(sorted(int(i) for i in c) for c in fn(n, [tuple(p) for p in pairs]))
+            with watching(WATCH_CLUSTERS, called, fn):
+                got = sorted(sorted(int(i) for i in c) for c in fn(n, [tuple(p) for p in pairs]))
         except Exception as e:
             return _finish("clusters", False, _crash(e, what), s, log)
         if got != expected:
@@ -176,7 +229,7 @@ def clusters(fn: Callable, trials: int = 5, seed: int | None = None, log: bool =
             return _finish("clusters", False, f"{what}\n  expected {len(expected)} clusters, first "
                            f"{expected[:3]}\n  got {len(got)}, first {got[:3]}{hint}", s, log)
     return _finish("clusters", True, f"{trials} random graphs: the same clusters as union_find_clusters", s, log,
-                   uses_reference=_calls_reference(fn, {"union_find_clusters", "near_duplicate_clusters"}))
+                   uses_reference=called or _calls_reference(fn, {"union_find_clusters", "near_duplicate_clusters"}))
 
 
 def band_cost(bands: int, rows: int, threshold: float, points: int = 401) -> float:
@@ -197,6 +250,9 @@ def best_bands(num_perm: int, threshold: float) -> tuple[int, int]:
                key=lambda br: band_cost(*br, threshold))
 
 
+WATCH_BANDS = ("course.check.curation.best_bands", "course.check.best_bands")
+
+
 @_check
 def choose_bands(fn: Callable, seed: int | None = None, log: bool = True) -> Result:
     """fn(num_perm, threshold) -> (bands, rows) with bands * rows <= num_perm minimising check.band_cost.
@@ -205,13 +261,15 @@ def choose_bands(fn: Callable, seed: int | None = None, log: bool = True) -> Res
     negatives (pairs above t that do not). Yours passes when its cost is within 1e-3 of the best over all (b, r).
     """
     s = _seed(seed)
+    called = Counter()
     rng = random.Random(s)
     settings = [(rng.choice([64, 112, 128, 256]), t) for t in rng.sample([0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9], 4)]
     for num_perm, t in settings:
         what = f"num_perm={num_perm}, threshold={t}"
         best = best_bands(num_perm, t)
         try:
-            b, r = (int(v) for v in fn(num_perm, t))
+            with watching(WATCH_BANDS, called, fn):
+                b, r = (int(v) for v in fn(num_perm, t))
         except Exception as e:
             return _finish("choose_bands", False, _crash(e, what), s, log)
         if b < 1 or r < 1 or b * r > num_perm:
@@ -240,6 +298,9 @@ def _repeated_text(rng: random.Random) -> str:
     return "\n".join(lines)
 
 
+WATCH_DUP_LINES = ("dataset_curation.filters._dup_fraction", "dataset_curation.filters.gopher_repetition")
+
+
 @_check
 def dup_lines(fn: Callable, trials: int = 30, seed: int | None = None, log: bool = True) -> Result:
     """fn(text) -> (fraction of lines that repeat an earlier line, fraction of line characters in those repeats).
@@ -252,6 +313,7 @@ def dup_lines(fn: Callable, trials: int = 30, seed: int | None = None, log: bool
     from dataset_curation.filters import _dup_fraction
 
     s = _seed(seed)
+    called = Counter()
     rng = random.Random(s)
     for trial in range(trials):
         text = _repeated_text(rng) if trial else ""
@@ -259,7 +321,8 @@ def dup_lines(fn: Callable, trials: int = 30, seed: int | None = None, log: bool
         expected = _dup_fraction(lines)
         what = f"trial {trial}: {len(lines)} non-empty lines, {len(set(lines))} distinct; text {text[:70]!r}"
         try:
-            got = tuple(float(v) for v in fn(text))
+            with watching(WATCH_DUP_LINES, called, fn):
+                got = tuple(float(v) for v in fn(text))
         except Exception as e:
             return _finish("dup_lines", False, _crash(e, what), s, log)
         if len(got) != 2 or any(abs(a - b) > 1e-9 for a, b in zip(got, expected)):
@@ -268,9 +331,21 @@ def dup_lines(fn: Callable, trials: int = 30, seed: int | None = None, log: bool
             hint = ""
             if got and abs(got[0] - every) <= 1e-9 and every != expected[0]:
                 hint = "\n  hint: you count the first occurrence too; only the lines after it are repeats"
-            elif len(text.split("\n")) != len(lines):
-                hint = "\n  hint: strip each line and leave out the empty ones before counting"
+            else:
+                raw = text.split("\n")
+                variants = {  # the hint names a mistake only when your numbers are that mistake's
+                    "strip each line: your numbers are those of unstripped lines, where '  x' and 'x' differ":
+                        [ln for ln in raw if ln.strip()],
+                    "leave out the empty lines: your numbers count the lines that are blank after strip()":
+                        [ln.strip() for ln in raw],
+                    "strip each line and leave out the empty ones before counting: your numbers are those of the "
+                    "raw lines": raw,
+                }
+                for why, items in variants.items():
+                    if len(got) == 2 and all(abs(a - b) <= 1e-9 for a, b in zip(got, _dup_fraction(items))):
+                        hint = f"\n  hint: {why}"
+                        break
             return _finish("dup_lines", False, f"{what}\n  expected {expected}, got {got}{hint}", s, log)
     return _finish("dup_lines", True, f"{trials} random documents (repeated lines, blank lines, stray spaces, one "
                    "empty): equal to dataset_curation's duplicate-line rule", s, log,
-                   uses_reference=_calls_reference(fn, {"_dup_fraction", "gopher_repetition"}))
+                   uses_reference=called or _calls_reference(fn, {"_dup_fraction", "gopher_repetition"}))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections import Counter
 from collections.abc import Callable
 
 import numpy as np
@@ -17,6 +18,7 @@ from course.check._harness import (
     _crash,
     _finish,
     _seed,
+    watching,
 )
 
 # ----------------------------------------------------------------------------- metrics
@@ -52,14 +54,30 @@ def _score_of(x, field: str):
 def _bleu_hint(got: float, expected, hyps: list[str], refs: list[list[str]]) -> str:
     from metrics.bleu import sentence_bleu
 
+    sys_len = expected.sys_len
+    closest = ("sacrebleu's ref_len takes per segment the reference length closest to the hypothesis length, a tie "
+               f"going to the shorter ({expected.ref_len} here)")
+    shortest = sum(min(len(r[i].split()) for r in refs) for i in range(len(hyps)))
     if expected.bp < 1 and abs(got - expected.score / expected.bp) <= 1e-6:
-        return "your score equals the reference's without the brevity penalty (hypotheses shorter than references)"
+        also = (f"; if you took the shortest reference of each segment (ref_len {shortest}, not above sys_len "
+                f"{sys_len}) that is why: {closest}") if shortest != expected.ref_len and shortest <= sys_len else ""
+        return ("your score equals the reference's without the brevity penalty (hypotheses shorter than references)"
+                + also)
+    for pick_len, name in ((min, "the shortest"), (max, "the longest")):
+        ref_len = sum(pick_len(len(r[i].split()) for r in refs) for i in range(len(hyps)))
+        bp = 1.0 if sys_len >= ref_len or sys_len == 0 else math.exp(1 - ref_len / sys_len)
+        if ref_len != expected.ref_len and expected.bp > 0 and abs(got - expected.score / expected.bp * bp) <= 1e-6:
+            return f"your brevity penalty uses {name} reference of each segment (ref_len {ref_len}); {closest}"
     mean = np.mean([sentence_bleu(h, [r[i] for r in refs], smooth_method="none", use_effective_order=False).score
                     for i, h in enumerate(hyps)])
     if abs(got - mean) <= 1e-6:
         return "that is the mean of sentence BLEUs: corpus BLEU sums clipped counts over all segments, then divides"
     return ("compare your clipped n-gram counts (max count over references), totals, sys_len and ref_len "
             "with the pieces above")
+
+
+WATCH_BLEU = ("metrics.bleu.corpus_bleu", "metrics.bleu.sentence_bleu", "metrics.bleu.score_from_stats",
+              "sacrebleu.corpus_bleu", "sacrebleu.metrics.bleu.BLEU.corpus_score")
 
 
 @_check
@@ -75,6 +93,7 @@ def bleu(fn: Callable, trials: int = 4, seed: int | None = None, log: bool = Tru
     from metrics.bleu import corpus_bleu
 
     s = _seed(seed)
+    called = Counter()
     rng = random.Random(s)
     for trial in range(trials):
         n_seg, n_refs = rng.randint(5, 30), rng.randint(1, 3)
@@ -87,7 +106,8 @@ def bleu(fn: Callable, trials: int = 4, seed: int | None = None, log: bool = Tru
                 f"{hyps_s[0]!r}, reference 0 = {refs_s[0][0]!r}")
         expected = corpus_bleu(hyps_s, refs_s, smooth_method="none")
         try:
-            got = _score_of(fn(list(hyps_s), [list(r) for r in refs_s]), "score")
+            with watching(WATCH_BLEU, called, fn):
+                got = _score_of(fn(list(hyps_s), [list(r) for r in refs_s]), "score")
         except Exception as e:
             msg = _crash(e, what)
             if isinstance(e, (ValueError, ZeroDivisionError)):
@@ -103,7 +123,11 @@ def bleu(fn: Callable, trials: int = 4, seed: int | None = None, log: bool = Tru
             return _finish("bleu", False, msg, s, log)
     return _finish("bleu", True, f"{trials} random corpora (1-3 references, with and without the brevity penalty): "
                    "equal to metrics.bleu.corpus_bleu within 1e-6", s, log,
-                   uses_reference=_calls_reference(fn, {"corpus_bleu", "sacrebleu", "BLEU"}))
+                   uses_reference=called or _calls_reference(fn, {"corpus_bleu", "sacrebleu", "BLEU"}))
+
+
+WATCH_ROUGE = ("metrics.rouge.rouge_pair", "metrics.rouge.rouge_scores",
+               "rouge_score.rouge_scorer.RougeScorer.score")
 
 
 @_check
@@ -116,6 +140,7 @@ def rouge(fn: Callable, pairs: int = 40, seed: int | None = None, log: bool = Tr
     from metrics.rouge import rouge_pair
 
     s = _seed(seed)
+    called = Counter()
     rng = random.Random(s)
     for i in range(pairs):
         ref = _random_sentence(rng, 1, 20)
@@ -124,7 +149,8 @@ def rouge(fn: Callable, pairs: int = 40, seed: int | None = None, log: bool = Tr
         what = f"pair {i}: prediction {p!r}, reference {r!r}"
         expected = rouge_pair(p, r, ["rouge1", "rouge2", "rougeL"])
         try:
-            got = fn(p, r)
+            with watching(WATCH_ROUGE, called, fn):
+                got = fn(p, r)
             got = {k: _score_of(got[k], "fmeasure") for k in ("rouge1", "rouge2", "rougeL")}
         except Exception as e:
             return _finish("rouge", False, _crash(e, what), s, log)
@@ -139,7 +165,8 @@ def rouge(fn: Callable, pairs: int = 40, seed: int | None = None, log: bool = Tr
                 return _finish("rouge", False, msg, s, log)
     return _finish("rouge", True, f"{pairs} random pairs (noisy copies, unrelated and empty predictions): rouge1, "
                    "rouge2 and rougeL F equal to metrics.rouge within 1e-9", s, log,
-                   uses_reference=_calls_reference(fn, {"rouge_pair", "rouge_scores", "rouge_scorer", "RougeScorer"}))
+                   uses_reference=called or _calls_reference(
+                       fn, {"rouge_pair", "rouge_scores", "rouge_scorer", "RougeScorer"}))
 
 def _all_targets_ppl(model_fn, ids: torch.Tensor, window: int, stride: int) -> float:
     """A classic mistake: every window scores all of its targets, so overlapping tokens count several times."""
@@ -152,6 +179,9 @@ def _all_targets_ppl(model_fn, ids: torch.Tensor, window: int, stride: int) -> f
         if e == len(ids) - 1:
             return math.exp(nll / n)
         b += stride
+
+
+WATCH_PERPLEXITY = ("metrics.perplexity.perplexity", "course.check.metrics._all_targets_ppl")
 
 
 @_check
@@ -171,6 +201,7 @@ def perplexity(fn: Callable, trials: int = 4, seed: int | None = None, log: bool
     from minilm.model import GPT
 
     s = _seed(seed)
+    called = Counter()
     g = torch.Generator().manual_seed(s)
     model = GPT(ModelConfig(vocab_size=50, block_size=32, n_layer=2, n_head=2, n_embd=32)).eval()
     with torch.no_grad():
@@ -190,7 +221,8 @@ def perplexity(fn: Callable, trials: int = 4, seed: int | None = None, log: bool
                 f"ids start {ids[:8].tolist()}")
         expected = ref_perplexity(model_fn, ids, window, stride).perplexity
         try:
-            got = _score_of(fn(model_fn, ids.clone(), window, stride), "perplexity")
+            with watching(WATCH_PERPLEXITY, called, fn):
+                got = _score_of(fn(model_fn, ids.clone(), window, stride), "perplexity")
         except Exception as e:
             return _finish("perplexity", False, _crash(e, what), s, log)
         if not abs(got - expected) <= 1e-4 * expected:
@@ -206,4 +238,4 @@ def perplexity(fn: Callable, trials: int = 4, seed: int | None = None, log: bool
                            s, log)
     return _finish("perplexity", True, f"{trials} random streams, windows and strides (one non-overlapping): equal to "
                    "metrics.perplexity.perplexity within 1e-4 (relative)", s, log,
-                   uses_reference=_calls_reference(fn, {"perplexity", "ref_perplexity"}))
+                   uses_reference=called or _calls_reference(fn, {"perplexity", "ref_perplexity"}))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 
 import torch
@@ -20,6 +21,7 @@ from course.check._harness import (
     _randint,
     _seed,
     _which_variant,
+    watching,
 )
 
 # ----------------------------------------------------------------------------- MLP, block, the whole GPT
@@ -49,6 +51,9 @@ def _mlp_case(kind: str, c: int, bias: bool, g: torch.Generator):
     return m, lambda x: m.c_proj(F.silu(m.c_fc(x).chunk(2, dim=-1)[0]) * m.c_fc(x).chunk(2, dim=-1)[1])
 
 
+WATCH_MLP = ("minilm.model.MLP.forward", "course.check.reference._mlp_formula")
+
+
 @_check
 def mlp(fn: Callable, kinds: tuple[str, ...] = ("gelu",), trials: int = 3, seed: int | None = None,
         log: bool = True) -> Result:
@@ -59,6 +64,7 @@ def mlp(fn: Callable, kinds: tuple[str, ...] = ("gelu",), trials: int = 3, seed:
     "swiglu") to check all three. Reference: minilm.model.MLP; tolerance 1e-5 abs + 1e-4 rel.
     """
     s = _seed(seed)
+    called = Counter()
     g = torch.Generator().manual_seed(s)
     for kind in kinds:
         if kind not in ("gelu", "relu2", "swiglu"):
@@ -71,7 +77,8 @@ def mlp(fn: Callable, kinds: tuple[str, ...] = ("gelu",), trials: int = 3, seed:
             with torch.no_grad():
                 expected = ref(x)
                 try:
-                    got = fn(x.clone(), m, kind)
+                    with watching(WATCH_MLP, called, fn):
+                        got = fn(x.clone(), m, kind)
                 except Exception as e:
                     return _finish("mlp", False, _crash(e, what), s, log)
                 msg = _mismatch(what, got, expected, 1e-5, 1e-4)
@@ -92,7 +99,10 @@ def mlp(fn: Callable, kinds: tuple[str, ...] = ("gelu",), trials: int = 3, seed:
                                     "the square comes before the ReLU (negative inputs come back)": m.c_proj(h ** 2)}
                     return _finish("mlp", False, msg + _which_variant(got, variants), s, log)
     return _finish("mlp", True, f"{trials} random layers per kind {list(kinds)}: equal to minilm's MLP within 1e-5",
-                   s, log, uses_reference=_calls_reference(fn, {"MLP"}))
+                   s, log, uses_reference=called or _calls_reference(fn, {"MLP"}))
+
+
+WATCH_BLOCK = ("minilm.model.Block.forward",)
 
 
 @_check
@@ -106,8 +116,8 @@ def block(fn: Callable, trials: int = 4, seed: int | None = None, log: bool = Tr
     from minilm.model import Block
 
     s = _seed(seed)
+    called = Counter()
     g = torch.Generator().manual_seed(s)
-    calls: list[int] = []
     for trial in range(trials):
         n_head = _randint(g, 1, 4)
         c, bias = n_head * 2 * _randint(g, 1, 6), trial != 1
@@ -116,13 +126,11 @@ def block(fn: Callable, trials: int = 4, seed: int | None = None, log: bool = Tr
         what = f"trial {trial}: x of shape {tuple(x.shape)}, n_head={n_head}, bias={bias}"
         with torch.no_grad():
             expected = blk(x)
-            hook = blk.register_forward_hook(lambda *_: calls.append(1))
             try:
-                got = fn(x.clone(), blk)
+                with watching(WATCH_BLOCK, called, fn):
+                    got = fn(x.clone(), blk)
             except Exception as e:
                 return _finish("block", False, _crash(e, what), s, log)
-            finally:
-                hook.remove()
             msg = _mismatch(what, got, expected, 1e-4, 1e-4)
             if msg:
                 a = x + blk.attn(blk.ln_1(x))
@@ -136,7 +144,7 @@ def block(fn: Callable, trials: int = 4, seed: int | None = None, log: bool = Tr
                 }
                 return _finish("block", False, msg + _which_variant(got, variants, 1e-4, 1e-4), s, log)
     return _finish("block", True, f"{trials} random blocks (1-3 heads, with and without bias): equal to minilm's "
-                   "Block within 1e-4", s, log, uses_reference=bool(calls))
+                   "Block within 1e-4", s, log, uses_reference=called or _calls_reference(fn, {"Block"}))
 
 
 # The modern recipe's switches, one setting per extra trial of check.gpt(..., modern=True).
@@ -145,6 +153,10 @@ MODERN_RECIPES = (
     dict(pos="rope", norm="layernorm", mlp="relu2", qk_norm=False, tie_embeddings=True, bias=True, rope_theta=500.0),
     dict(pos="learned", norm="rmsnorm", mlp="gelu", qk_norm=True, tie_embeddings=True, bias=False),
 )
+
+
+WATCH_GPT = ("minilm.model.GPT.forward", "minilm.model.Block.forward", "minilm.model.CausalSelfAttention.forward",
+             "minilm.model.MLP.forward", "minilm.model.RMSNorm.forward")
 
 
 @_check
@@ -162,6 +174,7 @@ def gpt(model_cls: Callable, trials: int = 3, modern: bool = False, seed: int | 
     from minilm.model import GPT
 
     s = _seed(seed)
+    called = Counter()
     g = torch.Generator().manual_seed(s)
     recipes = [{}] * trials + (list(MODERN_RECIPES) if modern and _has_config_field("pos") else [])
     for trial, recipe in enumerate(recipes):
@@ -193,8 +206,9 @@ def gpt(model_cls: Callable, trials: int = 3, modern: bool = False, seed: int | 
         with torch.no_grad():
             exp_logits, exp_loss = ref(idx, targets)
             try:
-                got_logits, got_loss = mine(idx.clone(), targets.clone())
-                plain = mine(idx.clone())
+                with watching(WATCH_GPT, called, model_cls):
+                    got_logits, got_loss = mine(idx.clone(), targets.clone())
+                    plain = mine(idx.clone())
             except Exception as e:
                 return _finish("gpt", False, _crash(e, what), s, log)
             msg = _mismatch(what, got_logits, exp_logits, 1e-4, 1e-4, "logits")
@@ -229,10 +243,17 @@ def gpt(model_cls: Callable, trials: int = 3, modern: bool = False, seed: int | 
     return _finish("gpt", True, f"{len(recipes)} random GPTs (1-3 layers; {len(recipes) - trials} with the modern "
                    "switches) with minilm's weights loaded: same logits (1e-4) and loss (1e-5, targets -1 ignored) as "
                    "minilm.model.GPT", s, log,
-                   uses_reference=_calls_reference(model_cls, {"GPT", "Block", "CausalSelfAttention", "MLP"},
+                   uses_reference=called or _calls_reference(model_cls, {"GPT", "Block", "CausalSelfAttention", "MLP"},
                                                    (GPT,)))
 
 # ----------------------------------------------------------------------------- the loss
+
+
+WATCH_CROSS_ENTROPY = ("torch.nn.functional.cross_entropy", "torch.nn.functional.nll_loss",
+                       "torch.nn.functional.log_softmax", "torch.log_softmax", "torch.Tensor.log_softmax",
+                       "torch.special.log_softmax", "torch.logsumexp", "torch.Tensor.logsumexp",
+                       "torch.nn.CrossEntropyLoss.forward", "torch.nn.NLLLoss.forward",
+                       "torch.nn.LogSoftmax.forward")
 
 
 @_check
@@ -244,6 +265,7 @@ def cross_entropy(fn: Callable, trials: int = 6, seed: int | None = None, log: b
     max first. Reference: torch.nn.functional.cross_entropy (in float64); tolerance 1e-5 relative.
     """
     s = _seed(seed)
+    called = Counter()
     g = torch.Generator().manual_seed(s)
     for trial in range(trials):
         n, v = _randint(g, 2, 60), _randint(g, 2, 200)
@@ -258,7 +280,8 @@ def cross_entropy(fn: Callable, trials: int = 6, seed: int | None = None, log: b
                 f"{int(drop.sum())} of {n} targets ignored")
         expected = F.cross_entropy(logits.double(), targets, ignore_index=ignore)
         try:
-            got = fn(logits.clone(), targets.clone(), ignore_index=ignore)
+            with watching(WATCH_CROSS_ENTROPY, called, fn):
+                got = fn(logits.clone(), targets.clone(), ignore_index=ignore)
         except Exception as e:
             return _finish("cross_entropy", False, _crash(e, what) + (
                 "\n  hint: an ignored target is not a valid index: mask those positions before gathering"
@@ -275,4 +298,5 @@ def cross_entropy(fn: Callable, trials: int = 6, seed: int | None = None, log: b
             return _finish("cross_entropy", False, msg + _which_variant(got.reshape(()), variants, 0, 1e-5), s, log)
     return _finish("cross_entropy", True, f"{trials} random batches (logits up to 2e4 in size, ignore_index -1 and "
                    "-100): equal to F.cross_entropy within 1e-5", s, log,
-                   uses_reference=_calls_reference(fn, {"cross_entropy", "log_softmax", "nll_loss", "logsumexp"}))
+                   uses_reference=called or _calls_reference(
+                       fn, {"cross_entropy", "log_softmax", "nll_loss", "logsumexp"}))

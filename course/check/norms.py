@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 
 import torch
@@ -17,6 +18,7 @@ from course.check._harness import (
     _randint,
     _seed,
     _which_variant,
+    watching,
 )
 
 # ----------------------------------------------------------------------------- normalisation layers
@@ -38,6 +40,10 @@ def _layer_norm_variants(x, w, b, eps):
     }
 
 
+WATCH_LAYER_NORM = ("torch.nn.functional.layer_norm", "torch.layer_norm", "torch.native_layer_norm",
+                    "torch.nn.LayerNorm.forward", "torch.nn.functional.group_norm", "minilm.model.LayerNorm.forward")
+
+
 @_check
 def layer_norm(fn: Callable, trials: int = 6, seed: int | None = None, log: bool = True) -> Result:
     """fn(x, weight, bias, eps) -> y: LayerNorm over the last dim of x, bias may be None.
@@ -46,6 +52,7 @@ def layer_norm(fn: Callable, trials: int = 6, seed: int | None = None, log: bool
     Reference: torch.nn.functional.layer_norm; tolerance 1e-5 abs + 1e-4 rel.
     """
     s = _seed(seed)
+    called = Counter()
     g = torch.Generator().manual_seed(s)
     for trial in range(trials):
         b, t, c = _randint(g, 1, 4), _randint(g, 1, 12), _randint(g, 2, 65)
@@ -58,7 +65,8 @@ def layer_norm(fn: Callable, trials: int = 6, seed: int | None = None, log: bool
                 f"bias {'None' if bias is None else 'given'}")
         expected = F.layer_norm(x, (c,), w, bias, eps)
         try:
-            got = fn(x.clone(), w.clone(), None if bias is None else bias.clone(), eps)
+            with watching(WATCH_LAYER_NORM, called, fn):
+                got = fn(x.clone(), w.clone(), None if bias is None else bias.clone(), eps)
         except Exception as e:
             return _finish("layer_norm", False, _crash(e, what), s, log)
         msg = _mismatch(what, got, expected, 1e-5, 1e-4)
@@ -67,7 +75,7 @@ def layer_norm(fn: Callable, trials: int = 6, seed: int | None = None, log: bool
                            log)
     return _finish("layer_norm", True, f"{trials} random inputs (shifted, scaled, eps up to 0.5, with and without "
                    "bias): equal to torch.nn.functional.layer_norm within 1e-5", s, log,
-                   uses_reference=_calls_reference(fn, {"layer_norm", "LayerNorm"}))
+                   uses_reference=called or _calls_reference(fn, {"layer_norm", "LayerNorm"}))
 
 
 def _rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -83,14 +91,34 @@ def _rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Te
         return m(x)
 
 
+def _bf16_rounding(what: str, got: torch.Tensor, expected: torch.Tensor) -> str | None:
+    """None when got is expected up to a rare one-step rounding difference; else how often and how far it differs."""
+    d = (got.float() - expected.float()).abs()
+    step = torch.finfo(torch.bfloat16).eps * expected.float().abs()
+    frac, worst = float((d > 0).float().mean()), float((d / step.clamp_min(1e-30)).max())
+    if frac <= 0.02 and worst <= 1.0 + 1e-6:
+        return None
+    return (f"{what}\n  {100 * frac:.1f}% of your bfloat16 outputs differ from the reference (by up to {worst:.2f} "
+            "bfloat16 steps); a float32 computation rounded once at the end matches in nearly all of them\n  hint: "
+            "the arithmetic ran in bfloat16 (8 significant bits, every operation rounds): do it in x.float(), then "
+            "cast the result back to x.dtype once")
+
+
+WATCH_RMS_NORM = ("torch.nn.functional.rms_norm", "torch.rms_norm", "torch.nn.RMSNorm.forward",
+                  "minilm.model.RMSNorm.forward", "course.check.norms._rms_norm_ref")
+
+
 @_check
 def rms_norm(fn: Callable, trials: int = 6, seed: int | None = None, log: bool = True) -> Result:
     """fn(x, weight, eps) -> y: RMSNorm over the last dim, y = x / sqrt(mean(x^2) + eps) * weight.
 
     Compute in float32 and return x's dtype (one trial gives bfloat16 x). Reference: minilm.model.RMSNorm;
-    tolerance 1e-5 abs + 1e-4 rel in float32, 1e-2 rel in bfloat16.
+    tolerance 1e-5 abs + 1e-4 rel in float32. In bfloat16 the float32 result rounded once matches the reference in
+    nearly every entry: at most 2% of the entries may differ, by at most one bfloat16 step (2^-7 relative);
+    arithmetic done in bfloat16 rounds at every operation and differs in about half of them.
     """
     s = _seed(seed)
+    called = Counter()
     g = torch.Generator().manual_seed(s)
     for trial in range(trials):
         b, t, c = _randint(g, 1, 4), _randint(g, 1, 12), _randint(g, 2, 65)
@@ -101,7 +129,8 @@ def rms_norm(fn: Callable, trials: int = 6, seed: int | None = None, log: bool =
         what = f"trial {trial}: x of shape {(b, t, c)}, dtype {str(dtype).replace('torch.', '')}, eps={eps:g}"
         expected = _rms_norm_ref(x, w, eps)
         try:
-            got = fn(x.clone(), w.clone(), eps)
+            with watching(WATCH_RMS_NORM, called, fn):
+                got = fn(x.clone(), w.clone(), eps)
         except Exception as e:
             return _finish("rms_norm", False, _crash(e, what), s, log)
         if isinstance(got, torch.Tensor) and got.dtype != x.dtype:
@@ -121,5 +150,9 @@ def rms_norm(fn: Callable, trials: int = 6, seed: int | None = None, log: bool =
                     xf * torch.rsqrt(xf.pow(2).sum(-1, keepdim=True) + eps) * w,
             }
             return _finish("rms_norm", False, msg + _which_variant(got, variants, *tol), s, log)
+        if dtype == torch.bfloat16:
+            msg = _bf16_rounding(what, got, expected)
+            if msg:
+                return _finish("rms_norm", False, msg, s, log)
     return _finish("rms_norm", True, f"{trials} random inputs (eps up to 0.5, one in bfloat16): equal to "
-                   "minilm's RMSNorm", s, log, uses_reference=_calls_reference(fn, {"RMSNorm", "rms_norm"}))
+                   "minilm's RMSNorm", s, log, uses_reference=called or _calls_reference(fn, {"RMSNorm", "rms_norm"}))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections import Counter
 from collections.abc import Callable
 
 import torch
@@ -17,6 +18,7 @@ from course.check._harness import (
     _randint,
     _seed,
     _which_variant,
+    watching,
 )
 
 # ----------------------------------------------------------------------------- the optimizer and the loop
@@ -33,6 +35,10 @@ def _adamw_variant(p, g, m, v, t, lr, b1, b2, eps, wd, kind):
     return p - lr * mh / den, m, v
 
 
+WATCH_ADAMW = ("torch.optim.AdamW.step", "torch.optim.Adam.step", "torch.optim.adamw.adamw", "torch.optim.adam.adam",
+               "course.check.optim._adamw_variant")
+
+
 @_check
 def adamw(fn: Callable, trials: int = 3, steps: int = 20, seed: int | None = None, log: bool = True) -> Result:
     """fn(p, grad, m, v, t, lr, beta1, beta2, eps, weight_decay) -> (p, m, v): one AdamW step, t = 1, 2, ...
@@ -42,6 +48,7 @@ def adamw(fn: Callable, trials: int = 3, steps: int = 20, seed: int | None = Non
     `steps` steps with fresh random gradients next to torch.optim.AdamW; tolerance 1e-6 abs + 1e-5 rel each step.
     """
     s = _seed(seed)
+    called = Counter()
     g = torch.Generator().manual_seed(s)
     for trial in range(trials):
         shape = (_randint(g, 1, 6), _randint(g, 1, 9))
@@ -63,7 +70,8 @@ def adamw(fn: Callable, trials: int = 3, steps: int = 20, seed: int | None = Non
             shadow = {k: _adamw_variant(*shadow[k][:1], grad, *shadow[k][1:], t, lr, b1, b2, eps, wd, k)
                       for k in kinds}
             try:
-                p, m, v = fn(p, grad.clone(), m, v, t, lr, b1, b2, eps, wd)
+                with watching(WATCH_ADAMW, called, fn):
+                    p, m, v = fn(p, grad.clone(), m, v, t, lr, b1, b2, eps, wd)
             except Exception as e:
                 return _finish("adamw", False, _crash(e, what + f", step t={t}"), s, log)
             msg = _mismatch(what + f"\n  after step t={t} of {steps}", p, ref.detach(), 1e-6, 1e-5, "p")
@@ -76,7 +84,10 @@ def adamw(fn: Callable, trials: int = 3, steps: int = 20, seed: int | None = Non
                 return _finish("adamw", False, msg + hint, s, log)
     return _finish("adamw", True, f"{trials} random parameters, {steps} steps each (weight decay 0 to 0.5, eps up to "
                    "1e-3): equal to torch.optim.AdamW after every step within 1e-5", s, log,
-                   uses_reference=_calls_reference(fn, {"AdamW", "adamw", "Adam"}))
+                   uses_reference=called or _calls_reference(fn, {"AdamW", "adamw", "Adam"}))
+
+
+WATCH_LR = ("minilm.train.get_lr",)
 
 
 @_check
@@ -93,6 +104,7 @@ def lr_schedule(fn: Callable, trials: int = 4, seed: int | None = None, log: boo
     from minilm.train import get_lr
 
     s = _seed(seed)
+    called = Counter()
     rng = random.Random(s)
     for trial in range(trials):
         warm = [0, rng.randint(1, 30), rng.randint(50, 100), rng.randint(1, 10)][trial % 4]
@@ -104,7 +116,8 @@ def lr_schedule(fn: Callable, trials: int = 4, seed: int | None = None, log: boo
         for it in range(decay + 20):
             expected = get_lr(it, t)
             try:
-                got = float(fn(it, warm, decay, lr, min_lr))
+                with watching(WATCH_LR, called, fn):
+                    got = float(fn(it, warm, decay, lr, min_lr))
             except Exception as e:
                 return _finish("lr_schedule", False, _crash(e, f"{what}, it={it}"), s, log)
             if not abs(got - expected) <= 1e-9 * lr:
@@ -116,7 +129,14 @@ def lr_schedule(fn: Callable, trials: int = 4, seed: int | None = None, log: boo
                 return _finish("lr_schedule", False, f"{what}\n  it={it} ({phase}): expected {expected:.8g}, got "
                                f"{got:.8g}\n  hint: {hint}", s, log)
     return _finish("lr_schedule", True, f"{trials} random schedules (with and without warm-up and min_lr), every step: "
-                   "equal to minilm.train.get_lr", s, log, uses_reference=_calls_reference(fn, {"get_lr"}))
+                   "equal to minilm.train.get_lr", s, log, uses_reference=called or _calls_reference(fn, {"get_lr"}))
+
+
+WATCH_CLIP = ("torch.nn.utils.clip_grad_norm_", "torch.nn.utils.clip_grad_norm",
+              "torch.nn.utils.clip_grad.clip_grad_norm_", "torch.nn.utils.clip_grad.clip_grad_norm",
+              "torch.nn.utils.clip_grad_value_", "torch.nn.utils.get_total_norm",
+              "torch.nn.utils.clip_grads_with_norm_", "torch.nn.utils.clip_grad.get_total_norm",
+              "torch.nn.utils.clip_grad.clip_grads_with_norm_")
 
 
 @_check
@@ -124,10 +144,12 @@ def clip_grad_norm(fn: Callable, trials: int = 6, seed: int | None = None, log: 
     """fn(parameters, max_norm) -> total norm: global-norm gradient clipping, in place.
 
     total = sqrt(sum of every gradient's squared entries), over all parameters whose .grad is not None; when
-    total > max_norm every gradient is multiplied by max_norm / total (never scaled up). Return the norm before
-    clipping. Reference: torch.nn.utils.clip_grad_norm_; tolerance 1e-5 relative.
+    total > max_norm every gradient is multiplied by max_norm / (total + 1e-6) (never scaled up; torch adds 1e-6
+    so that a zero norm never divides by zero). Return the norm before clipping. Reference:
+    torch.nn.utils.clip_grad_norm_; tolerance 1e-5 relative on the norm, 1e-7 + 1e-5 relative on the gradients.
     """
     s = _seed(seed)
+    called = Counter()
     g = torch.Generator().manual_seed(s)
     for trial in range(trials):
         k = _randint(g, 1, 6)
@@ -145,7 +167,8 @@ def clip_grad_norm(fn: Callable, trials: int = 6, seed: int | None = None, log: 
         what = (f"trial {trial}: {k} parameters ({sum(p.grad is None for p in params)} without .grad), total norm "
                 f"{float(total):.4g}, max_norm={max_norm:.4g}")
         try:
-            got_norm = float(fn(params, max_norm))
+            with watching(WATCH_CLIP, called, fn):
+                got_norm = float(fn(params, max_norm))
         except Exception as e:
             return _finish("clip_grad_norm", False, _crash(e, what), s, log)
         if not abs(got_norm - expected_norm) <= 1e-5 * expected_norm:
@@ -165,4 +188,5 @@ def clip_grad_norm(fn: Callable, trials: int = 6, seed: int | None = None, log: 
                 return _finish("clip_grad_norm", False, msg + _which_variant(p.grad, variants, 1e-7, 1e-5), s, log)
     return _finish("clip_grad_norm", True, f"{trials} random parameter sets (norms above and below max_norm, some "
                    "without gradients): same norm and gradients as torch.nn.utils.clip_grad_norm_", s, log,
-                   uses_reference=_calls_reference(fn, {"clip_grad_norm_", "clip_grad_norm", "clip_grad_value_"}))
+                   uses_reference=called or _calls_reference(
+                       fn, {"clip_grad_norm_", "clip_grad_norm", "clip_grad_value_"}))

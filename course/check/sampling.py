@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 
 import torch
@@ -13,6 +14,7 @@ from course.check._harness import (
     _crash,
     _finish,
     _seed,
+    watching,
 )
 
 # ----------------------------------------------------------------------------- sampling
@@ -33,6 +35,9 @@ def filtered_probs(logits: torch.Tensor, temperature: float, top_k: int | None, 
     return z.softmax(dim=-1)
 
 
+WATCH_SAMPLING = ("minilm.model.sample_next", "course.check.sampling.filtered_probs", "course.check.filtered_probs")
+
+
 @_check
 def sampling(fn: Callable, rows: int = 512, seed: int | None = None, log: bool = True) -> Result:
     """fn(logits, temperature, top_k, top_p) -> probs: the distribution a sampler draws the next token from.
@@ -46,6 +51,7 @@ def sampling(fn: Callable, rows: int = 512, seed: int | None = None, log: bool =
     from minilm.model import sample_next
 
     s = _seed(seed)
+    called = Counter()
     g = torch.Generator().manual_seed(s)
     settings = [(1.0, None, None), (0.7, 5, None), (1.3, None, 0.9), (0.9, 20, 0.6), (1.0, 1, None),
                 (2.0, None, 0.3)]
@@ -55,7 +61,8 @@ def sampling(fn: Callable, rows: int = 512, seed: int | None = None, log: bool =
         what = (f"logits of shape ({rows}, {vocab}) ~ N(0, 2.5^2), temperature={temperature}, top_k={top_k}, "
                 f"top_p={top_p}")
         try:
-            probs = fn(logits.clone(), temperature, top_k, top_p)
+            with watching(WATCH_SAMPLING, called, fn):
+                probs = fn(logits.clone(), temperature, top_k, top_p)
         except Exception as e:
             return _finish("sampling", False, _crash(e, what), s, log)
         if not isinstance(probs, torch.Tensor) or probs.shape != logits.shape:
@@ -91,4 +98,4 @@ def sampling(fn: Callable, rows: int = 512, seed: int | None = None, log: bool =
     return _finish("sampling", True, f"{len(settings)} settings of temperature/top-k/top-p, {rows} random rows each: "
                    "every draw from your distribution equals minilm.model.sample_next's with the same generator",
                    s, log,
-                   uses_reference=_calls_reference(fn, {"sample_next", "filtered_probs"}))
+                   uses_reference=called or _calls_reference(fn, {"sample_next", "filtered_probs"}))

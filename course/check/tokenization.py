@@ -13,6 +13,7 @@ from course.check._harness import (
     _crash,
     _finish,
     _seed,
+    watching,
 )
 
 _SYLLABLES = ("th", "e", "an", "in", "er", "s", "ing", "re", "on", "at", "é", "ü", "x", "qu", "o", "a")
@@ -80,6 +81,9 @@ def _bpe_mismatch(text: str, got: list, expected: list, what: str) -> str:
     return msg
 
 
+WATCH_BPE = ("dataset_curation.bpe.train_bpe", "tokenizers.trainers.BpeTrainer.__init__")
+
+
 @_check
 def bpe(fn: Callable, trials: int = 3, seed: int | None = None, log: bool = True) -> Result:
     """fn(text, num_merges) -> merges: a byte-level BPE trainer, a list of (id, id) pairs in the order learned.
@@ -93,6 +97,7 @@ def bpe(fn: Callable, trials: int = 3, seed: int | None = None, log: bool = True
     from dataset_curation.bpe import train_bpe
 
     s = _seed(seed)
+    called = Counter()
     rng = random.Random(s)
     for trial in range(trials):
         text = _random_text(rng, rng.randint(150, 400))
@@ -100,7 +105,8 @@ def bpe(fn: Callable, trials: int = 3, seed: int | None = None, log: bool = True
         what = f"trial {trial}: {len(text)} characters of random syllables, num_merges={n}; text starts {text[:60]!r}"
         expected = train_bpe(text, vocab_size=256 + n + 1).merges
         try:
-            got = [tuple(int(i) for i in m) for m in fn(text, n)]
+            with watching(WATCH_BPE, called, fn):
+                got = [tuple(int(i) for i in m) for m in fn(text, n)]
         except Exception as e:
             return _finish("bpe", False, _crash(e, what), s, log)
         if got == expected:
@@ -112,7 +118,11 @@ def bpe(fn: Callable, trials: int = 3, seed: int | None = None, log: bool = True
         return _finish("bpe", False, msg, s, log)
     return _finish("bpe", True, f"{trials} random texts (with multi-byte characters), 20-60 merges each: every merge "
                    "equal to dataset_curation.bpe.train_bpe's, in order", s, log,
-                   uses_reference=_calls_reference(fn, {"train_bpe"}))
+                   uses_reference=called or _calls_reference(fn, {"train_bpe"}))
+
+WATCH_BPE_ENCODE = ("dataset_curation.bpe.BPETokenizer.encode", "dataset_curation.bpe.BPETokenizer._encode_word",
+                    "tokenizers.Tokenizer.encode")
+
 
 @_check
 def bpe_encode(fn: Callable, trials: int = 3, seed: int | None = None, log: bool = True) -> Result:
@@ -125,6 +135,7 @@ def bpe_encode(fn: Callable, trials: int = 3, seed: int | None = None, log: bool
     from dataset_curation.bpe import BPETokenizer, pretokenize, train_bpe
 
     s = _seed(seed)
+    called = Counter()
     rng = random.Random(s)
     for trial in range(trials):
         merges = train_bpe(_random_text(rng, rng.randint(150, 300)), vocab_size=256 + rng.randint(30, 90) + 1,
@@ -134,7 +145,8 @@ def bpe_encode(fn: Callable, trials: int = 3, seed: int | None = None, log: bool
         what = f"trial {trial}: {len(merges)} merges, text of {len(text)} characters starting {text[:50]!r}"
         expected = tok.encode(text)
         try:
-            got = [int(i) for i in fn(text, [tuple(m) for m in merges])]
+            with watching(WATCH_BPE_ENCODE, called, fn):
+                got = [int(i) for i in fn(text, [tuple(m) for m in merges])]
         except Exception as e:
             return _finish("bpe_encode", False, _crash(e, what), s, log)
         if got != expected:
@@ -156,4 +168,4 @@ def bpe_encode(fn: Callable, trials: int = 3, seed: int | None = None, log: bool
             return _finish("bpe_encode", False, msg, s, log)
     return _finish("bpe_encode", True, f"{trials} random merge lists and texts (with multi-byte characters): the same "
                    "ids as dataset_curation.bpe.BPETokenizer.encode", s, log,
-                   uses_reference=_calls_reference(fn, {"BPETokenizer", "_encode_word", "Tokenizer"}))
+                   uses_reference=called or _calls_reference(fn, {"BPETokenizer", "_encode_word", "Tokenizer"}))

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Callable
 
 import torch
 
 from course.check._harness import (
     Result,
+    _calls_reference,
     _check,
     _crash,
     _finish,
     _model_config,
     _seed,
+    watching,
 )
 
 
@@ -22,6 +25,9 @@ def _tiny_gpt(g: torch.Generator, vocab: int = 32, n_embd: int = 16, n_layer: in
 
     torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=g)))  # the model's init draws from the global RNG
     return GPT(_model_config(vocab_size=vocab, block_size=16, n_layer=n_layer, n_head=2, n_embd=n_embd, dropout=0.0))
+
+
+WATCH_ACCUMULATE = ("course.check.reference._accumulate_ref",)
 
 
 @_check
@@ -36,6 +42,7 @@ def accumulate(fn: Callable, trials: int = 2, seed: int | None = None, log: bool
     import copy
 
     s = _seed(seed)
+    called = Counter()
     g = torch.Generator().manual_seed(s)
     for trial in range(trials):
         model = _tiny_gpt(g)
@@ -53,7 +60,8 @@ def accumulate(fn: Callable, trials: int = 2, seed: int | None = None, log: bool
             ref_opt.step()
             loss = loss.item()
             try:
-                got_loss = float(fn(model, opt, [(x.clone(), y.clone()) for x, y in batches]))
+                with watching(WATCH_ACCUMULATE, called, fn):
+                    got_loss = float(fn(model, opt, [(x.clone(), y.clone()) for x, y in batches]))
             except Exception as e:
                 return _finish("accumulate", False, _crash(e, what), s, log)
             dr = torch.cat([(p.detach() - b).flatten() for p, b in zip(ref.parameters(), before)])
@@ -77,7 +85,10 @@ def accumulate(fn: Callable, trials: int = 2, seed: int | None = None, log: bool
                 return _finish("accumulate", False, f"{what}\n  step {step + 1}: expected the mean loss "
                                f"{loss:.6f} (over all micro-batches), got {got_loss:.6f}", s, log)
     return _finish("accumulate", True, f"{trials} runs of two steps with 3-4 micro-batches: the same parameters as "
-                   "the big-batch steps within 1e-5", s, log)
+                   "the big-batch steps within 1e-5", s, log, uses_reference=called or _calls_reference(fn, set()))
+
+
+WATCH_OVERFIT = ("course.check.reference._overfit_ref",)
 
 
 @_check
@@ -89,6 +100,7 @@ def overfit(fn: Callable, steps: int = 150, target: float = 0.3, seed: int | Non
     steps: the check measures the loss on (x, y) itself afterwards.
     """
     s = _seed(seed)
+    called = Counter()
     g = torch.Generator().manual_seed(s)
     model = _tiny_gpt(g, vocab=64, n_embd=32, n_layer=1)
     x, y = torch.randint(0, 64, (2, 16), generator=g), torch.randint(0, 64, (2, 16), generator=g)
@@ -97,10 +109,16 @@ def overfit(fn: Callable, steps: int = 150, target: float = 0.3, seed: int | Non
         start = float(model.eval()(x, y)[1])
     model.train()
     what = f"a 1-layer GPT (vocab 64), one batch of (2, 16) random tokens, {steps} steps; loss at the start {start:.3f}"
+    stale: list[bool] = []  # per backward pass: did .grad still hold the previous step's gradient?
+    first = next(model.parameters())
+    hook = first.register_hook(lambda grad: stale.append(first.grad is not None and bool(first.grad.abs().sum() > 0)))
     try:
-        losses = [float(v) for v in fn(model, x.clone(), y.clone(), steps)]
+        with watching(WATCH_OVERFIT, called, fn):
+            losses = [float(v) for v in fn(model, x.clone(), y.clone(), steps)]
     except Exception as e:
         return _finish("overfit", False, _crash(e, what), s, log)
+    finally:
+        hook.remove()
     with torch.no_grad():
         end = float(model.eval()(x, y)[1])
     if len(losses) != steps:
@@ -109,14 +127,17 @@ def overfit(fn: Callable, steps: int = 150, target: float = 0.3, seed: int | Non
         changed = any(not torch.equal(p.detach(), b) for p, b in zip(model.parameters(), before))
         if not changed:
             hint = "the parameters never changed: loss.backward() then optimizer.step() in every step"
+        elif len(stale) > 1 and sum(stale[1:]) > 0.5 * (len(stale) - 1):
+            hint = (f"in {sum(stale[1:])} of {len(stale) - 1} backward passes after the first, .grad still held the "
+                    "earlier steps' gradients: backward() adds to .grad, so each step used the sum of all gradients "
+                    "so far; zero them (optimizer.zero_grad()) before every backward")
         elif not math.isfinite(end):
             hint = "the loss diverged: lower the learning rate"
         elif end > 0.8 * start:
-            hint = ("the loss hardly moved: the learning rate is far too low (try AdamW with lr 1e-2), or zero_grad "
-                    "is missing")
+            hint = "the loss hardly moved: the learning rate is far too low (AdamW with lr 1e-2 gets there)"
         else:
             hint = "falling but not fast enough: a larger learning rate (AdamW 1e-2) gets there"
         return _finish("overfit", False, f"{what}\n  loss after training {end:.4f}, needed below {target} (your last "
                        f"logged loss {losses[-1]:.4f})\n  hint: {hint}", s, log)
     return _finish("overfit", True, f"{what}\n  loss after training {end:.4f} (below {target}): the loop learns", s,
-                   log)
+                   log, uses_reference=called or _calls_reference(fn, set()))
