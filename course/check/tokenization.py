@@ -1,0 +1,171 @@
+"""Self-checks for byte-level BPE: training the merges and encoding with them."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from collections.abc import Callable
+
+from course.check._harness import (
+    Result,
+    _calls_reference,
+    _check,
+    _crash,
+    _finish,
+    _seed,
+    watching,
+)
+
+_SYLLABLES = ("th", "e", "an", "in", "er", "s", "ing", "re", "on", "at", "é", "ü", "x", "qu", "o", "a")
+
+
+def _random_text(rng: random.Random, words: int) -> str:
+    out = []
+    for _ in range(words):
+        w = "".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(1, 4)))
+        out.append(w.capitalize() if rng.random() < 0.1 else w)
+        out.append(rng.choice([" "] * 12 + [", ", ". ", "\n", "  ", " 42 ", "'s "]))
+    return "".join(out)
+
+
+def _pair_counts(words: Counter, merges: list[tuple[int, int]]) -> Counter:
+    """Pair counts over pre-tokens (weighted by frequency) after applying merges in order."""
+    counts: Counter = Counter()
+    for w, f in words.items():
+        seq = list(w.encode("utf-8"))
+        for r, (a, b) in enumerate(merges):
+            out, i = [], 0
+            while i < len(seq):  # left to right, non-overlapping
+                if i + 1 < len(seq) and seq[i] == a and seq[i + 1] == b:
+                    out.append(256 + r)
+                    i += 2
+                else:
+                    out.append(seq[i])
+                    i += 1
+            seq = out
+        for p in zip(seq, seq[1:]):
+            counts[p] += f
+    return counts
+
+
+def _bpe_mismatch(text: str, got: list, expected: list, what: str) -> str:
+    """Where the learner's merges first differ, with both pairs' bytes and counts at that step."""
+    from dataset_curation.bpe import pretokenize
+
+    r = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b), min(len(got), len(expected)))
+    counts = _pair_counts(Counter(pretokenize(text)), expected[:r])
+    vocab = [bytes([i]) for i in range(256)]
+    for a, b in expected:
+        vocab.append(vocab[a] + vocab[b])
+
+    def show(p):
+        try:
+            return f"{p} = {(vocab[p[0]] + vocab[p[1]]).decode('utf-8', 'replace')!r} (count {counts.get(p, 0)})"
+        except (IndexError, TypeError):
+            return f"{p} (ids outside the vocabulary so far)"
+
+    if r >= len(got):
+        return (f"{what}\n  you returned {len(got)} merges; the reference learns {len(expected)}: "
+                f"the next is {show(expected[r])}")
+    if r >= len(expected):
+        return f"{what}\n  the reference stops after {len(expected)} merges (no pair occurs twice); you go on"
+    msg = f"{what}\n  merge {r} (new id {256 + r}): expected {show(expected[r])}, got {show(got[r])}"
+    if counts.get(got[r], 0) == 0:
+        msg += ("\n  hint: your pair never occurs inside a pre-token: count and merge within the pieces of "
+                "pretokenize(text) only, never across them")
+    elif counts.get(got[r], 0) == counts.get(expected[r], 0):
+        msg += "\n  hint: a tie in counts: break it by taking the smallest pair of ids"
+    elif counts.get(got[r], 0) < counts.get(expected[r], 0):
+        msg += ("\n  hint: the expected pair occurs more often: count pairs in every pre-token, weighted by how "
+                "often it occurs, after applying all earlier merges")
+    return msg
+
+
+WATCH_BPE = ("dataset_curation.bpe.train_bpe", "tokenizers.trainers.BpeTrainer.__init__")
+
+
+@_check
+def bpe(fn: Callable, trials: int = 3, seed: int | None = None, log: bool = True) -> Result:
+    """fn(text, num_merges) -> merges: a byte-level BPE trainer, a list of (id, id) pairs in the order learned.
+
+    Split text into pre-tokens with dataset_curation.bpe.pretokenize (merges never cross a pre-token), start from
+    the UTF-8 bytes (ids 0..255), count every adjacent pair in every pre-token (weighted by how often the
+    pre-token occurs), merge the most frequent pair into the new id 256 + r everywhere (left to right), repeat.
+    Ties go to the smallest pair (compare the id tuples); stop early when no pair occurs twice.
+    Reference: dataset_curation.bpe.train_bpe, compared merge by merge (exact).
+    """
+    from dataset_curation.bpe import train_bpe
+
+    s = _seed(seed)
+    called = Counter()
+    rng = random.Random(s)
+    for trial in range(trials):
+        text = _random_text(rng, rng.randint(150, 400))
+        n = rng.randint(20, 60)
+        what = f"trial {trial}: {len(text)} characters of random syllables, num_merges={n}; text starts {text[:60]!r}"
+        expected = train_bpe(text, vocab_size=256 + n + 1).merges
+        try:
+            with watching(WATCH_BPE, called, fn):
+                got = [tuple(int(i) for i in m) for m in fn(text, n)]
+        except Exception as e:
+            return _finish("bpe", False, _crash(e, what), s, log)
+        if got == expected:
+            continue
+        if len(got) != len(expected) and got == expected[: len(got)]:
+            return _finish("bpe", False, f"{what}\n  your first {len(got)} merges are right, but the reference "
+                           f"learns {len(expected)} (stop only when no pair occurs twice)", s, log)
+        msg = _bpe_mismatch(text, got, expected, what)
+        return _finish("bpe", False, msg, s, log)
+    return _finish("bpe", True, f"{trials} random texts (with multi-byte characters), 20-60 merges each: every merge "
+                   "equal to dataset_curation.bpe.train_bpe's, in order", s, log,
+                   uses_reference=called or _calls_reference(fn, {"train_bpe"}))
+
+WATCH_BPE_ENCODE = ("dataset_curation.bpe.BPETokenizer.encode", "dataset_curation.bpe.BPETokenizer._encode_word",
+                    "tokenizers.Tokenizer.encode")
+
+
+@_check
+def bpe_encode(fn: Callable, trials: int = 3, seed: int | None = None, log: bool = True) -> Result:
+    """fn(text, merges) -> token ids: encode text with learned byte-level BPE merges (a list of (id, id) pairs).
+
+    Split text with dataset_curation.bpe.pretokenize; in each piece start from its UTF-8 bytes, then repeatedly
+    merge the adjacent pair with the lowest rank (merge r makes id 256 + r) everywhere in the piece, until no
+    adjacent pair is a merge. Reference: dataset_curation.bpe.BPETokenizer(merges, special_tokens=()).encode (exact).
+    """
+    from dataset_curation.bpe import BPETokenizer, pretokenize, train_bpe
+
+    s = _seed(seed)
+    called = Counter()
+    rng = random.Random(s)
+    for trial in range(trials):
+        merges = train_bpe(_random_text(rng, rng.randint(150, 300)), vocab_size=256 + rng.randint(30, 90) + 1,
+                           special_tokens=()).merges
+        text = _random_text(rng, rng.randint(20, 60))
+        tok = BPETokenizer(merges, special_tokens=())
+        what = f"trial {trial}: {len(merges)} merges, text of {len(text)} characters starting {text[:50]!r}"
+        expected = tok.encode(text)
+        try:
+            with watching(WATCH_BPE_ENCODE, called, fn):
+                got = [int(i) for i in fn(text, [tuple(m) for m in merges])]
+        except Exception as e:
+            return _finish("bpe_encode", False, _crash(e, what), s, log)
+        if got != expected:
+            msg = f"{what}\n  expected {len(expected)} ids, got {len(got)}"
+            for piece in pretokenize(text):
+                want = tok.encode(piece)
+                try:
+                    mine = [int(i) for i in fn(piece, [tuple(m) for m in merges])]
+                except Exception:
+                    break
+                if mine != want:
+                    vocab = tok.vocab
+                    show = lambda ids, vocab=vocab: [vocab[i].decode("utf-8", "replace") if 0 <= i < len(vocab) else i
+                                                     for i in ids]
+                    msg += (f"\n  first piece that differs: {piece!r}\n  expected {want} = {show(want)}\n"
+                            f"  got      {mine} = {show(mine)}\n  hint: among the adjacent pairs that are merges, "
+                            "merge the one learned first (lowest rank), not the leftmost or the longest token")
+                    break
+            return _finish("bpe_encode", False, msg, s, log)
+    return _finish("bpe_encode", True, f"{trials} random merge lists and texts (with multi-byte characters): the same "
+                   "ids as dataset_curation.bpe.BPETokenizer.encode", s, log,
+                   uses_reference=called or _calls_reference(fn, {"BPETokenizer", "_encode_word", "Tokenizer"}))
