@@ -1873,3 +1873,10 @@ def reference(name: str) -> Callable:
     if name not in table:
         raise KeyError(f"no exercise named {name!r}; the checks are listed by `python -m course checks`")
     return table[name]
+
+
+def scaling_fit(fn: Callable, *args, **kwargs) -> Result:
+    """The scaling-law fit exercise (week 18, 08): see course.scaling_check.scaling_fit."""
+    from course.scaling_check import scaling_fit as run  # its own module, which imports this one's helpers
+
+    return run(fn, *args, **kwargs)

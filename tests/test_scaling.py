@@ -147,3 +147,48 @@ def test_a_run_cut_short_resumes_from_its_checkpoint(tiny_data_dir, tmp_path):
     assert again["resumed"] and not first["resumed"]
     assert again["D"] == first["D"]
     assert again["loss"] == pytest.approx(first["loss"], abs=1e-6)
+
+
+# ----------------------------------------------------------------------------- the notebook's self-check
+
+
+def test_check_passes_the_course_solution_and_fails_a_fit_without_the_data_term(capsys):
+    from course import check
+    from course.solutions import my_fit_law
+
+    assert check.scaling_fit(my_fit_law, seed=5, log=False)
+    r = check.scaling_fit(lambda N, D, L: scaling.fit_loss_of_n(N, L), seed=5, log=False)
+    assert not r and "do not change with D" in r.message
+
+
+def test_check_fails_plausible_bugs(capsys):
+    from course import check
+    from course.solutions import my_fit_law
+
+    def swapped(N, D, L):  # N and D exchanged
+        return my_fit_law(D, N, L)
+
+    def one_start(N, D, L):  # a single poor start: stuck far from the optimum
+        from scipy.optimize import minimize
+
+        lN, lD, lL = np.log(N), np.log(D), np.log(L)
+        res = minimize(lambda t: np.sum((np.logaddexp(np.logaddexp(t[0] - t[3] * lN, t[1] - t[4] * lD), t[2])
+                                         - lL) ** 2), [25.0, 25.0, -1.0, 2.0, 2.0], method="L-BFGS-B",
+                       options={"maxiter": 5})
+        a, b, e, alpha, beta = res.x
+        return {"E": np.exp(e), "A": np.exp(a), "B": np.exp(b), "alpha": alpha, "beta": beta}
+
+    for bad in (swapped, one_start, lambda N, D, L: {"E": 1.0}):
+        assert not check.scaling_fit(bad, seed=5, log=False)
+
+
+def test_check_says_not_implemented_for_a_stub_and_flags_the_reference(capsys):
+    from course import check
+
+    def stub(N, D, L):
+        raise NotImplementedError("not yet")
+
+    r = check.scaling_fit(stub, log=False)
+    assert r.not_implemented and not r
+    r = check.scaling_fit(lambda N, D, L: scaling.fit_law(N, D, L), seed=1, log=False)
+    assert r and r.uses_reference
