@@ -46,7 +46,7 @@ def sizes(dry_run: bool, out_dir: Path) -> dict:
     """Everything that differs between the real run and the dry run; the code path is the same."""
     if dry_run:
         return {"data_dir": out_dir / "data", "build": ["--recipe", "builtin", "--vocab_size", "512",
-                                                       "--max_files", "60"],
+                                                       "--max_files", "120", "--set", "val_fraction=0.1"],
                 "train": ["--preset=mini_lm", "--n_layer=2", "--n_head=2", "--n_embd=64", "--block_size=64",
                           "--batch_size=8", "--grad_accum=1", "--max_iters=40", "--warmup_iters=4",
                           "--eval_interval=20", "--eval_iters=2", "--sample_tokens=0", "--dtype=float32"],

@@ -49,8 +49,8 @@ class Spec:
 
 # The tiny family: depth and width grow together, head size >= 16 and even (RoPE).
 SIZES = ((1, 2, 32), (2, 4, 64), (3, 4, 96), (4, 4, 128))
-BUDGETS = (1.3e12, 3.2e12, 8.0e12)
-HELD_OUT = ((5, 4, 160), 1.6e13)  # larger in N and in compute than every run of the fit
+BUDGETS = (1.0e12, 2.5e12, 6.0e12)
+HELD_OUT = ((5, 4, 160), 1.2e13)  # larger in N and in compute than every run of the fit
 
 
 # ----------------------------------------------------------------------------- the law and its fit
