@@ -126,7 +126,9 @@ def test_grid_runs_fits_writes_and_resumes(tiny_data_dir, tmp_path, capsys):
     assert scaling.main(argv) == 0
     assert capsys.readouterr().out.count("already done: skipped") == 6
     assert {p: p.stat().st_mtime_ns for p in out.glob("*/result.json")} == stamps
-    assert json.loads((docs / "scaling.json").read_text())["held_out"]["measured"] == held["measured"]
+    again = json.loads((docs / "scaling.json").read_text())["held_out"]
+    assert again["measured"] == held["measured"] and again["predicted"] == held["predicted"]
+    assert again["predicted_at"] == held["predicted_at"]  # the blind prediction is kept, not remade
 
 
 def test_a_run_dir_of_another_run_is_refused(tiny_data_dir, tmp_path):
