@@ -11,7 +11,7 @@ ARGS ?=
 export MPLBACKEND ?= Agg
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install train test lint test-py test-notebooks browser bench lab clean
+.PHONY: install train test lint test-py test-notebooks browser bench lab clean gpu-check
 
 CORE_STAMP := $(VENV)/.core-stamp
 
@@ -62,6 +62,11 @@ bench: $(STAMP)
 	$(BIN)/python -m metrics.bench
 	$(BIN)/python -m dataset_curation.bench
 	$(BIN)/python -m efficient_training.bench
+
+# The GPU project end to end on one CUDA machine (data, mini_lm's full schedule in a 10-minute H100 budget, evaluation,
+# serving, out/gpu_check/report.md). ARGS="--dry_run --out_dir DIR": the same code path on the CPU at tiny sizes.
+gpu-check: $(STAMP)
+	$(BIN)/python -m minilm.gpu_check $(ARGS)
 
 lab: $(STAMP)
 	$(BIN)/jupyter lab --notebook-dir=notebooks $(if $(filter 0,$(shell id -u)),--allow-root,)

@@ -488,3 +488,26 @@ def my_probs(logits, temperature, top_k, top_p):
         probs = torch.zeros_like(probs).scatter(1, order, sorted_p)
         probs = probs / probs.sum(dim=-1, keepdim=True)
     return probs
+
+
+# ----------------------------------------------------------------------------- week 18: scaling laws
+
+
+def my_fit_law(N, D, L):
+    from scipy.optimize import minimize
+
+    lN, lD, lL = np.log(N), np.log(D), np.log(L)
+
+    def objective(t):
+        a, b, e, alpha, beta = t
+        r = np.logaddexp(np.logaddexp(a - alpha * lN, b - beta * lD), e) - lL
+        delta = 1e-3
+        return np.sum(np.where(np.abs(r) <= delta, 0.5 * r * r, delta * (np.abs(r) - 0.5 * delta)))
+
+    grid = np.stack(np.meshgrid([0.0, 5.0, 10.0, 15.0], [0.0, 5.0, 10.0, 15.0], [0.0, 0.5, 1.0], [0.3, 0.6, 1.0],
+                                [0.3, 0.6, 1.0]), -1).reshape(-1, 5)
+    starts = sorted(grid, key=objective)[:6]
+    best = min((minimize(objective, s, method="L-BFGS-B", options={"ftol": 1e-15, "gtol": 1e-12, "maxiter": 5000})
+                for s in starts), key=lambda r: r.fun)
+    a, b, e, alpha, beta = best.x
+    return {"E": np.exp(e), "A": np.exp(a), "B": np.exp(b), "alpha": alpha, "beta": beta}

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 NB_DIR = ROOT / "notebooks"
 EXPECTED = ["week17/01_data_curation.ipynb", "week17/02_tokenization.ipynb", "week17/03_metrics.ipynb",
             "week17/04_efficient_training.ipynb", "week18/05_training.ipynb", "week18/06_evaluation.ipynb",
-            "week18/07_serving.ipynb"]
+            "week18/07_serving.ipynb", "week18/08_scaling.ipynb"]
 NOTEBOOKS = sorted(NB_DIR.glob("week*/*.ipynb"))
 
 

@@ -15,7 +15,8 @@ implemented yet" (nothing is logged, the notebook goes on) and `check.pick(resul
 following cells the reference until yours passes. With COURSE_STRICT=1 (the solution run in CI) any check that
 does not pass raises AssertionError, so a notebook run fails on it.
 
-One module per topic (attention, norms, model, optim, training, sampling, amp, metrics, curation, tokenization)
+One module per topic (attention, norms, model, optim, training, sampling, amp, metrics, curation, tokenization,
+scaling)
 over a shared harness (course/check/_harness.py, whose docstring says how to write a check).
 """
 
@@ -29,6 +30,7 @@ from course.check.norms import layer_norm, rms_norm
 from course.check.optim import adamw, clip_grad_norm, lr_schedule
 from course.check.reference import reference
 from course.check.sampling import filtered_probs, sampling
+from course.check.scaling import scaling_fit
 from course.check.tokenization import bpe, bpe_encode
 from course.check.training import accumulate, overfit
 
@@ -37,5 +39,5 @@ __all__ = [
     "block", "bpe", "bpe_encode", "bleu", "causal_self_attention", "choose_bands", "clip_grad_norm", "clusters",
     "cross_entropy", "dup_lines", "filtered_probs", "gpt", "hint", "layer_norm", "log_path", "loss_scaler",
     "lr_schedule", "lsh_candidates", "minhash", "mlp", "overfit", "perplexity", "pick", "read_log", "reference",
-    "rms_norm", "rope", "rouge", "salted_hash_calls", "sampling", "watching",
+    "rms_norm", "rope", "rouge", "salted_hash_calls", "sampling", "scaling_fit", "watching",
 ]
