@@ -77,6 +77,7 @@ print(f"FAST={FAST}, device={DEVICE}, torch {torch.__version__}")
 # %%
 from course import check, nb
 from minilm.data import read_meta
+from minilm.evaluate import scored_bytes
 from minilm.sample import load_run
 
 data_dir = nb.data_dir(FAST)
@@ -87,7 +88,8 @@ V, T = model.config.vocab_size, model.config.block_size
 n_eval = 6_000 if FAST else 200_000
 val = np.fromfile(data_dir / "val.bin", dtype=meta["dtype"])[:n_eval].astype(np.int64)
 train_ids = np.fromfile(data_dir / "train.bin", dtype=meta["dtype"]).astype(np.int64)
-val_bytes = len(tok.decode(val.tolist()).encode("utf-8"))
+# the bytes of the scored targets val[1:], each end-of-text counted as one byte (the document separator)
+val_bytes = scored_bytes(tok, val, meta["eot_id"])
 print(f"model: {model.num_params():,} parameters, vocab {V}, context {T}")
 print(f"scoring {len(val):,} validation tokens = {val_bytes:,} bytes of text")
 
