@@ -448,3 +448,22 @@ def test_the_readme_gpu_command_line_starts_on_an_l4(fake_device, tiny_data_dir,
                  "--sample_tokens=0", "--final_eval=false", "--progress=false", "--tensorboard=false"]) == 0
     log = (out / "train.log").read_text()
     assert "device: cuda:0, dtype: bfloat16" in log and "optimizer: Muon, AdamW" in log
+
+
+def test_the_courses_day_10_command_on_a_colab_t4_starts_and_resumes(fake_device, tiny_data_dir, tmp_path):
+    """week18.md day 10: `python -m minilm.train --preset mini_lm --config configs/my_run.yaml`, then `--resume`."""
+    from minilm.train import main
+
+    fake_device("T4")
+    config = tmp_path / "my_run.yaml"  # the kind of file day 7 asks for; the shapes shrunk so the CPU can run it
+    config.write_text("preset: mini_lm\nbatch_size: 4\ngrad_accum: 2\nn_layer: 2\nn_embd: 64\nn_head: 2\n"
+                      "block_size: 64\neval_interval: 2\neval_iters: 1\nsample_tokens: 0\n")
+    out = tmp_path / "drive" / "run"  # Colab: the out_dir on Google Drive
+    common = ["--preset", "mini_lm", "--config", str(config), f"--data_dir={tiny_data_dir}", f"--out_dir={out}",
+              "--final_eval=false", "--progress=false", "--tensorboard=false"]
+    assert main([*common, "--max_iters=2"]) == 0
+    log = (out / "train.log").read_text()
+    assert "device: cuda:0, dtype: float16" in log
+    assert main([*common, "--max_iters=4", "--resume"]) == 0
+    log = (out / "train.log").read_text()
+    assert "resuming from" in log and "changed on resume: max_iters: 2 -> 4" in log

@@ -74,7 +74,7 @@ def test_grad_accum_must_divide_over_processes():
 def test_dtype_the_device_cannot_do_is_refused():
     from minilm.train import resolve_dtype
 
-    with pytest.raises(ConfigError, match="cannot do bfloat16.*--dtype=float16"):
+    with pytest.raises(ConfigError, match="no bfloat16.*--dtype=float16"):
         resolve_dtype("bfloat16", "cuda", bf16_supported=False)  # e.g. a T4 or V100
     assert resolve_dtype("auto", "cuda", bf16_supported=False)[0] == "float16"
     assert resolve_dtype("auto", "cuda", bf16_supported=True)[0] == "bfloat16"

@@ -284,7 +284,8 @@ def choose_bands(fn: Callable, seed: int | None = None, log: bool = True) -> Res
                            f"midpoint (1/b)^(1/r) = {(1 / b) ** (1 / r):.3f}); the best is bands={best[0]}, "
                            f"rows={best[1]}: cost {best_cost:.4f}{hint}", s, log)
     return _finish("choose_bands", True, f"{len(settings)} (num_perm, threshold) settings: your bands x rows within "
-                   "1e-3 of the least false-positive + false-negative mass", s, log)
+                   "1e-3 of the least false-positive + false-negative mass", s, log,
+                   uses_reference=called or _calls_reference(fn, {"best_bands"}))
 
 
 def _repeated_text(rng: random.Random) -> str:
