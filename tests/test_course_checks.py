@@ -168,12 +168,16 @@ def test_loss_scaler():
 # ----------------------------------------------------------------------------- metrics
 
 
-def _bleu_by_hand(hyps, refs, brevity=True):
+def _closest_length(h, rs):
+    return min((abs(len(r) - len(h)), len(r)) for r in rs)[1]  # sacrebleu: the closest, ties to the shorter
+
+
+def _bleu_by_hand(hyps, refs, brevity=True, ref_length=_closest_length):
     correct, total, sys_len, ref_len = [0] * 4, [0] * 4, 0, 0
     for i, hyp in enumerate(hyps):
         h, rs = hyp.split(), [stream[i].split() for stream in refs]
         sys_len += len(h)
-        ref_len += min((abs(len(r) - len(h)), len(r)) for r in rs)[1]
+        ref_len += ref_length(h, rs)
         for n in range(1, 5):
             grams = lambda toks, n=n: Counter(tuple(toks[k : k + n]) for k in range(len(toks) - n + 1))
             best = Counter()
@@ -586,23 +590,8 @@ def test_dup_lines_hint_names_blank_lines_only_when_that_is_the_mistake():
 
 
 def test_bleu_hint_names_the_shortest_reference():
-    def shortest_ref(hyps, refs):
-        correct, total, sys_len, ref_len = [0] * 4, [0] * 4, 0, 0
-        for i, hyp in enumerate(hyps):
-            h, rs = hyp.split(), [stream[i].split() for stream in refs]
-            sys_len += len(h)
-            ref_len += min(len(r) for r in rs)
-            for n in range(1, 5):
-                grams = lambda toks, n=n: Counter(tuple(toks[k : k + n]) for k in range(len(toks) - n + 1))
-                best = Counter()
-                for r in rs:
-                    best |= grams(r)
-                correct[n - 1] += sum(min(c, best[g]) for g, c in grams(h).items())
-                total[n - 1] += max(len(h) - n + 1, 0)
-        if min(correct) == 0:
-            return 0.0
-        bp = 1.0 if sys_len >= ref_len else math.exp(1 - ref_len / sys_len)
-        return 100 * bp * math.exp(sum(math.log(c / t) for c, t in zip(correct, total)) / 4)
+    def shortest_ref(hyps, refs):  # the brevity penalty against the shortest reference, not the closest
+        return _bleu_by_hand(hyps, refs, ref_length=lambda h, rs: min(len(r) for r in rs))
 
     for seed in (0, 5):
         r = check.bleu(shortest_ref, seed=seed)
