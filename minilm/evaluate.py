@@ -99,6 +99,19 @@ def scored_bytes(tokenizer, ids: np.ndarray, eot: int) -> int:
     return len(text.encode("utf-8")) + int((targets == eot).sum())
 
 
+def completion_task(tokenizer, train_ids: np.ndarray, val_ids: np.ndarray, eot: int, caps: dict, num_prompts: int,
+                    function_prompts: int, seed: int) -> dict:
+    """The completion task's examples from the validation documents, decontaminated against every training one.
+
+    caps (kind -> token cap) drops examples whose reference would not fit; minilm.lm_eval_tasks calls this too,
+    so lm-eval scores exactly these prompts.
+    """
+    fits = lambda ex: len(tokenizer.encode("\n" + ex["reference"]).ids) <= caps[ex["kind"]] - 2
+    index = TrainIndex(decode_documents(tokenizer, train_ids, eot))
+    return build_task(decode_documents(tokenizer, val_ids, eot), index, n_total=num_prompts,
+                      n_function=min(function_prompts, num_prompts), seed=seed, fits=fits)
+
+
 def tokens_seen(ckpt: dict) -> int:
     """Training tokens the run consumed: steps x batch_size x grad_accum x block_size."""
     c = ckpt["config"]
@@ -319,11 +332,7 @@ def evaluate(out_dir: str | Path, *, data_dir: str | Path | None = None, device:
     t0 = time.perf_counter()
     caps = {"function": function_tokens, "line": line_tokens}
     prompt_cap = max(8, cfg.block_size - 16)
-    fits = lambda ex: len(tokenizer.encode("\n" + ex["reference"]).ids) <= caps[ex["kind"]] - 2
-    index = TrainIndex(decode_documents(tokenizer, train_all, eot))
-    task = build_task(decode_documents(tokenizer, val_all, eot), index, n_total=num_prompts,
-                      n_function=min(function_prompts, num_prompts), seed=seed, fits=fits)
-    del index
+    task = completion_task(tokenizer, train_all, val_all, eot, caps, num_prompts, function_prompts, seed)
     examples = task["examples"]
     timings["task_build"] = time.perf_counter() - t0
     task_out: dict = {"prompts": len(examples), "counts": task["counts"], "caps": caps, "prompt_token_cap": prompt_cap,
