@@ -48,21 +48,35 @@ def server(setup):
         yield f"{base}/v1/completions"
 
 
+def picks(setup) -> dict[str, list[int]]:
+    """LIMIT examples of each task: the shortest validation documents (a rolling window is a request each), the
+    first completion examples."""
+    docs = (setup["tasks"] / "val_documents.jsonl").read_text().splitlines()
+    shortest = sorted(range(len(docs)), key=lambda i: len(docs[i]))[:LIMIT]
+    first = list(range(LIMIT))
+    return {"minilm_val_bpb": shortest, "minilm_completion_ll": first, "minilm_completion_function": first,
+            "minilm_completion_line": first}
+
+
 def evaluate(setup, tasks: list[str], model: str, model_args: str) -> dict:
     from lm_eval.tasks import TaskManager
 
-    return lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=tasks, limit=LIMIT, batch_size=1,
+    chosen = {k: v for k, v in picks(setup).items() if any(k.startswith(t) for t in tasks)}
+    return lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=tasks, samples=chosen, batch_size=1,
                                    device="cpu", log_samples=True, bootstrap_iters=0,
                                    task_manager=TaskManager(include_path=str(setup["tasks"])))
 
 
-def hf_args(setup, max_length: int) -> str:
-    return f"pretrained={setup['hf']},dtype=float32,max_length={max_length}"
+@pytest.fixture(scope="module")
+def hf(setup):
+    """Every task through the export; max_length B - 1 (see the tests for why)."""
+    return evaluate(setup, ["minilm_val_bpb", "minilm_completion_ll", "minilm_completion"], "hf",
+                    f"pretrained={setup['hf']},dtype=float32,max_length={setup['block'] - 1}")
 
 
-def api_args(setup, url: str, max_length: int) -> str:
-    return (f"base_url={url},tokenizer={setup['hf']},tokenizer_backend=huggingface,model=tiny,"
-            f"max_length={max_length},max_retries=1")
+def through_server(setup, url: str, tasks: list[str], max_length: int) -> dict:
+    return evaluate(setup, tasks, "local-completions", f"base_url={url},tokenizer={setup['hf']},"
+                    f"tokenizer_backend=huggingface,model=tiny,max_length={max_length},max_retries=1")
 
 
 def loglikelihoods(out: dict, task: str) -> list[float]:
@@ -114,18 +128,20 @@ def test_the_tasks_dir_holds_the_validation_split_with_minilm_evaluates_bytes(se
     assert "max_gen_toks: 32" in (tasks / "minilm_completion_function.yaml").read_text()  # half of block_size 64
 
 
-def test_loglikelihoods_through_the_server_equal_hf_and_minilms_own(setup, server):
+def test_loglikelihoods_through_the_server_equal_hf_and_minilms_own(setup, server, hf):
     """lm-eval's local-completions always asks for one generated token, so it keeps max_length - 2 positions for a
     rolling window, hf max_length: max_length B + 1 and B - 1 give both windows of B - 1 predictions."""
     B, model, tok, eot = setup["block"], setup["model"], setup["tok"], setup["eot"]
     tasks = ["minilm_val_bpb", "minilm_completion_ll"]
-    hf = evaluate(setup, tasks, "hf", hf_args(setup, B - 1))
-    api = evaluate(setup, tasks, "local-completions", api_args(setup, server, B + 1))
+    api = through_server(setup, server, tasks, B + 1)
     for task in tasks:
+        assert len(loglikelihoods(api, task)) == LIMIT and all(v < 0 for v in loglikelihoods(api, task))
         assert loglikelihoods(api, task) == pytest.approx(loglikelihoods(hf, task), abs=ABS), task
 
-    docs = [json.loads(line) for line in (setup["tasks"] / "val_documents.jsonl").read_text().splitlines()][:LIMIT]
+    lines = (setup["tasks"] / "val_documents.jsonl").read_text().splitlines()
+    docs = [json.loads(lines[i]) for i in sorted(picks(setup)["minilm_val_bpb"])]
     ours = [-rolling_nll(model, tok.encode(d["text"]).ids, eot, B - 1) for d in docs]
+    assert max(len(tok.encode(d["text"]).ids) for d in docs) > B  # more than one window
     assert loglikelihoods(api, "minilm_val_bpb") == pytest.approx(ours, abs=ABS)
     nbytes = sum(d["bytes"] for d in docs)
     for out in (hf, api):  # lm-eval's figure is summed NLL / (ln 2 x minilm.evaluate's bytes)
@@ -142,11 +158,9 @@ def test_loglikelihoods_through_the_server_equal_hf_and_minilms_own(setup, serve
     assert loglikelihoods(api, "minilm_completion_ll") == pytest.approx(ours, abs=ABS)
 
 
-def test_greedy_completions_through_the_server_equal_hf(setup, server):
+def test_greedy_completions_through_the_server_equal_hf(setup, server, hf):
     """Both keep max_length - max_gen_toks prompt tokens when max_length is B - 1 for hf and B for the server."""
-    B = setup["block"]
-    hf = evaluate(setup, ["minilm_completion"], "hf", hf_args(setup, B - 1))
-    api = evaluate(setup, ["minilm_completion"], "local-completions", api_args(setup, server, B))
+    api = through_server(setup, server, ["minilm_completion"], setup["block"])
     for kind in ("function", "line"):
         task = f"minilm_completion_{kind}"
         got = {s["doc_id"]: s["resps"][0][0] for s in api["samples"][task]}
