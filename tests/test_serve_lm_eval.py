@@ -64,7 +64,7 @@ def evaluate(setup, tasks: list[str], model: str, model_args: str) -> dict:
     chosen = {k: v for k, v in picks(setup).items() if any(k.startswith(t) for t in tasks)}
     return lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=tasks, samples=chosen, batch_size=1,
                                    device="cpu", log_samples=True, bootstrap_iters=0,
-                                   task_manager=TaskManager(include_path=str(setup["tasks"])))
+                                   task_manager=TaskManager(include_path=str(setup["tasks"]), include_defaults=False))
 
 
 @pytest.fixture(scope="module")
