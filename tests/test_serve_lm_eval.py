@@ -169,3 +169,8 @@ def test_greedy_completions_through_the_server_equal_hf(setup, server, hf):
         for metric in ("exact", "edit_sim", "rougeL", "bleu", "chrf"):
             assert api["results"][task][f"{metric},none"] == hf["results"][task][f"{metric},none"]
     assert 0 <= api["results"]["minilm_completion"]["edit_sim,none"] <= 1
+
+
+def test_a_missing_run_is_a_clear_error(tmp_path, capsys):
+    assert write_main(["--out_dir", str(tmp_path / "nope"), "--tasks_dir", str(tmp_path / "tasks")]) == 2
+    assert "no checkpoint at" in capsys.readouterr().err and not (tmp_path / "tasks").exists()
