@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -170,6 +171,8 @@ def run_state(out_dir: Path, data_dir: Path, device: str = "cpu", progress: bool
         out["eval_ok"], out["eval_detail"] = bad is None, bad or "eval.json agrees with the checkpoint"
     if not_yours:
         return {**out, "detail": not_yours}
+    if progress and len(train) > 20_000_000:  # np.unique over the pairs: tens of seconds at 100M tokens
+        print(f"status: counting the bigram baseline over {len(train):,} training tokens", file=sys.stderr)
     bigram = bigram_loss(train, val, vocab)
     step, extra = int(ckpt.get("step") or 0), ckpt["extra"]
     said = (f"{out_dir}: your run ({extra['model_class']}, {extra['optimizer_class']}), step {step:,}; validation "

@@ -350,8 +350,8 @@ def test_a_python_m_minilm_train_run_is_the_packages(package_run, abab_data_dir,
     assert "GPU project's reference" in row["artifact"] and "my_train" in row["artifact"]
 
 
-def test_the_packages_model_or_torchs_optimizer_in_a_learner_run(learner_run, abab_data_dir, tmp_path):
-    run = _copy(learner_run, tmp_path)
+def test_the_packages_model_or_torchs_optimizer_in_a_learner_run(evaluated_learner_run, abab_data_dir, tmp_path):
+    run = _copy(evaluated_learner_run, tmp_path)
     _edit_ckpt(run, extra={"model_class": "minilm.model.GPT"})
     row = _status(abab_data_dir, run, tmp_path)[3]
     assert not row["artifact_ok"] and "minilm.model.GPT, the package's model" in row["artifact"]
