@@ -147,6 +147,7 @@ def run_state(out_dir: Path, data_dir: Path, device: str = "cpu", progress: bool
     model, ckpt, problem = load_model(out_dir / "ckpt.pt", device)
     if problem:
         return {**out, "detail": problem}
+    out["eval_detail"] = f"eval.json was not checked against {out_dir / 'ckpt.pt'}: fix what task 4 says first"
     not_yours = provenance_problem(ckpt, out_dir / "ckpt.pt")
     has_eval = (out_dir / "eval.json").is_file()
     if not_yours and not has_eval:

@@ -308,6 +308,17 @@ def test_a_hand_typed_eval_json(evaluated_learner_run, abab_data_dir, tmp_path):
     assert rows[3]["artifact_ok"]  # the run itself is fine: status scored the checkpoint, not the file
     assert not rows[4]["artifact_ok"] and "hand-edited or is stale" in rows[4]["artifact"]
     assert "python -m minilm.evaluate" in rows[4]["artifact"]
+    r["run"]["step"] = 999  # an evaluation of another checkpoint
+    (run / "eval.json").write_text(json.dumps(r))
+    assert "is of step 999 but ckpt.pt is at step 150" in _status(abab_data_dir, run, tmp_path)[4]["artifact"]
+
+
+def test_a_run_scored_on_another_data_dir_is_refused(learner_run, tiny_data_dir, tmp_path):
+    run = _copy(learner_run, tmp_path)
+    ckpt = torch.load(run / "ckpt.pt", weights_only=True)
+    _edit_ckpt(run, config={**ckpt["config"], "train": {**ckpt["config"]["train"], "data_dir": "moved/away"}})
+    row = _status(tiny_data_dir, run, tmp_path)[3]
+    assert not row["artifact_ok"] and "was not trained on" in row["artifact"] and "--data_dir" in row["artifact"]
 
 
 def test_a_hand_typed_eval_json_on_an_untrained_run(abab_data_dir, tmp_path):
