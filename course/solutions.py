@@ -152,6 +152,58 @@ def my_bpe_encode(text, merges):
     return ids
 
 
+def my_train_bpe_incremental(text, num_merges):
+    import heapq
+
+    from dataset_curation.bpe import pretokenize
+
+    words = Counter(pretokenize(text))
+    seqs = [list(w.encode("utf-8")) for w in words]
+    freq = list(words.values())
+    counts, holders = Counter(), {}
+    for j, s in enumerate(seqs):
+        for p in zip(s, s[1:]):
+            counts[p] += freq[j]
+            holders.setdefault(p, set()).add(j)
+    heap = [(-c, p) for p, c in counts.items()]
+    heapq.heapify(heap)
+    merges = []
+    while len(merges) < num_merges and heap:
+        c, pair = heapq.heappop(heap)
+        if counts.get(pair) != -c:
+            continue  # pushed before its count last changed
+        if -c < 2:
+            break
+        new = 256 + len(merges)
+        merges.append(pair)
+        touched = set()
+        for j in holders.pop(pair, ()):
+            s, f = seqs[j], freq[j]
+            out, i = [], 0
+            while i < len(s):
+                if i + 1 < len(s) and s[i] == pair[0] and s[i + 1] == pair[1]:
+                    out.append(new)
+                    i += 2
+                else:
+                    out.append(s[i])
+                    i += 1
+            for p in zip(s, s[1:]):
+                counts[p] -= f
+                touched.add(p)
+            for p in zip(out, out[1:]):
+                counts[p] += f
+                holders.setdefault(p, set()).add(j)
+                touched.add(p)
+            seqs[j] = out
+        counts.pop(pair, None)
+        for p in touched:
+            if counts.get(p, 0) > 0:
+                heapq.heappush(heap, (-counts[p], p))
+            else:
+                counts.pop(p, None)
+    return merges
+
+
 # ----------------------------------------------------------------------------- week 17: metrics
 
 

@@ -89,6 +89,7 @@ def _reference_fn(name: str) -> Callable:
         "choose_bands": lambda num_perm, threshold: curation.best_bands(num_perm, threshold),
         "dup_lines": lambda text: filters._dup_fraction([ln.strip() for ln in text.split("\n") if ln.strip()]),
         "bpe": lambda text, num_merges: bpe.train_bpe(text, vocab_size=256 + num_merges + 1).merges,
+        "bpe_incremental": lambda text, num_merges: bpe.train_bpe(text, vocab_size=256 + num_merges + 1).merges,
         "bpe_encode": lambda text, merges: bpe.BPETokenizer(merges, special_tokens=()).encode(text),
         "perplexity": lambda model_fn, ids, window, stride: ppl.perplexity(model_fn, ids, window, stride).perplexity,
         "bleu": lambda hyps, refs: bleu.corpus_bleu(hyps, refs, smooth_method="none").score,

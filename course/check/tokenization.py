@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import time
 from collections import Counter
 from collections.abc import Callable
 
@@ -149,6 +150,13 @@ def bpe_encode(fn: Callable, trials: int = 3, seed: int | None = None, log: bool
                 got = [int(i) for i in fn(text, [tuple(m) for m in merges])]
         except Exception as e:
             return _finish("bpe_encode", False, _crash(e, what), s, log)
+        try:
+            hf = hf_encode(text, merges)  # Hugging Face tokenizers with the same merges: a second oracle
+        except ValueError:  # two merges spell the same bytes: a string-keyed vocabulary cannot hold them
+            hf = expected
+        if got == expected and got != hf:
+            return _finish("bpe_encode", False, f"{what}\n  equal to BPETokenizer, but HF tokenizers gives "
+                           f"{hf[:20]}... for the same merges: report this", s, log)
         if got != expected:
             msg = f"{what}\n  expected {len(expected)} ids, got {len(got)}"
             for piece in pretokenize(text):
@@ -167,5 +175,132 @@ def bpe_encode(fn: Callable, trials: int = 3, seed: int | None = None, log: bool
                     break
             return _finish("bpe_encode", False, msg, s, log)
     return _finish("bpe_encode", True, f"{trials} random merge lists and texts (with multi-byte characters): the same "
-                   "ids as dataset_curation.bpe.BPETokenizer.encode", s, log,
+                   "ids as dataset_curation.bpe.BPETokenizer.encode and as HF tokenizers given the same merges", s, log,
                    uses_reference=called or _calls_reference(fn, {"BPETokenizer", "_encode_word", "Tokenizer"}))
+
+
+# ----------------------------------------------------------------------------- the incremental trainer
+
+
+def _recount_bpe(text: str, num_merges: int) -> list[tuple[int, int]]:
+    """BPE merges by the definition: every pair recounted over every pre-token before each merge (slow, plain)."""
+    from dataset_curation.bpe import pretokenize
+
+    words = Counter(pretokenize(text))
+    seqs = {w: list(w.encode("utf-8")) for w in words}
+    merges: list[tuple[int, int]] = []
+    for r in range(num_merges):
+        counts: Counter = Counter()
+        for w, f in words.items():
+            for p in zip(seqs[w], seqs[w][1:]):
+                counts[p] += f
+        top = max(counts.values(), default=0)
+        if top < 2:
+            break
+        pair = min(p for p, c in counts.items() if c == top)
+        merges.append(pair)
+        for w, s in seqs.items():
+            out, i = [], 0
+            while i < len(s):
+                if s[i:i + 2] == list(pair):
+                    out.append(256 + r)
+                    i += 2
+                else:
+                    out.append(s[i])
+                    i += 1
+            seqs[w] = out
+    return merges
+
+
+def _timed(fn: Callable, *args) -> tuple[float, object]:
+    t0 = time.perf_counter()
+    out = fn(*args)
+    return time.perf_counter() - t0, out
+
+
+@_check(hints=(
+    "keep the pair counts from one merge to the next: merging a pair changes the counts of the words that hold it "
+    "only. Invariant: after every merge, your counts equal a full recount over the merged words.",
+    "keep, for every pair, the set of words that contain it. To merge, visit only those words: subtract each "
+    "word's old pairs (times its frequency), merge, add its new pairs. To find the most frequent pair fast, push "
+    "(-count, pair) on a heap whenever a count changes and skip popped entries whose count is out of date: the "
+    "heap's order also gives the tie-break (the smallest pair) for free."))
+def bpe_incremental(fn: Callable, trials: int = 3, seed: int | None = None, log: bool = True,
+                    min_speedup: float = 3.0) -> Result:
+    """fn(text, num_merges) -> merges, like check.bpe, but with pair counts updated per merge (no recount).
+
+    The merges must equal a recount-every-merge trainer's (the definition) on random texts, and on a larger text
+    fn must be at least min_speedup times faster than that recount, timed in this run.
+    Reference: the recount by the definition here (and dataset_curation.bpe.train_bpe, which is watched).
+    """
+    s = _seed(seed)
+    called = Counter()
+    rng = random.Random(s)
+    cases = [(_random_text(rng, rng.randint(150, 400)), rng.randint(20, 60)) for _ in range(trials)]
+    cases.append((_random_text(rng, 3000), 150))  # the timed one
+    for trial, (text, n) in enumerate(cases):
+        timed = trial == len(cases) - 1
+        what = (f"{'timed ' if timed else ''}trial {trial}: {len(text)} characters of random syllables, "
+                f"num_merges={n}; text starts {text[:60]!r}")
+        t_ref, expected = _timed(_recount_bpe, text, n)
+        try:
+            with watching(WATCH_BPE, called, fn):
+                t_fn, got = _timed(fn, text, n)
+                if timed:  # the faster of two runs: a busy machine slows one run, rarely both
+                    t_fn = min(t_fn, _timed(fn, text, n)[0])
+            got = [tuple(int(i) for i in m) for m in got]
+        except Exception as e:
+            return _finish("bpe_incremental", False, _crash(e, what), s, log)
+        if got != expected:
+            return _finish("bpe_incremental", False, _bpe_mismatch(text, got, expected, what), s, log)
+        if timed and t_fn * min_speedup > t_ref:
+            return _finish("bpe_incremental", False, (
+                f"{what}\n  your merges are right, but they took {t_fn:.2f} s against {t_ref:.2f} s for recounting "
+                f"every pair before each merge: at least {min_speedup:g}x faster is expected from updating the "
+                "counts of the words that hold the merged pair only"), s, log)
+    return _finish("bpe_incremental", True, (
+        f"{trials} random texts and a timed one of {len(cases[-1][0]):,} characters: every merge equal to a full "
+        f"recount's, {t_ref / max(t_fn, 1e-9):.1f}x faster than recounting ({t_fn:.2f} s vs {t_ref:.2f} s)"), s, log,
+        uses_reference=called or _calls_reference(fn, {"train_bpe"}))
+
+
+# ----------------------------------------------------------------------------- the same merges in HF tokenizers
+
+
+def _byte_chars() -> list[str]:
+    """The printable character byte-level BPE (GPT-2, HF ByteLevel) writes for each byte value 0..255."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return [chars[b] for b in range(256)]
+
+
+def hf_tokenizer(merges: list[tuple[int, int]]):
+    """A Hugging Face `tokenizers` BPE holding exactly these merges (merge r is id 256 + r), byte-level, with no
+    pre-tokenizer regex of its own: feed it the pieces of dataset_curation.bpe.pretokenize (see hf_encode)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    strings = _byte_chars()
+    for a, b in merges:
+        strings.append(strings[a] + strings[b])
+    vocab = {t: i for i, t in enumerate(strings)}
+    if len(vocab) != len(strings):
+        raise ValueError("two merges make the same string of bytes: a string-keyed vocabulary cannot hold both ids")
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[(strings[a], strings[b]) for a, b in merges]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def hf_encode(text: str, merges: list[tuple[int, int]], tok=None) -> list[int]:
+    """Token ids of text from HF `tokenizers` given the same merges and the same pre-tokens as ours."""
+    from dataset_curation.bpe import pretokenize
+
+    tok = tok or hf_tokenizer(merges)
+    pieces = pretokenize(text)
+    return [i for e in tok.encode_batch(pieces, add_special_tokens=False) for i in e.ids] if pieces else []

@@ -143,6 +143,51 @@ code = "def forward(self, x):\n    return self.proj(x)"
 print(len(code.encode()), "bytes ->", len(encode(code, ours.merges)), "tokens with the 256 merges trained above")
 
 # %% [markdown]
+# ### Exercise 3 — an incremental trainer, and your task-1 tokenizer
+#
+# `my_train_bpe` recounts every pair in every pre-token before each merge, so its cost is (number of merges) x
+# (size of the corpus): fine for 50 merges, far too slow for the 8,000 of a real vocabulary. But merging `(a, b)`
+# changes only the words that contain `(a, b)`; every other count stays as it was. Write
+# `my_train_bpe_incremental(text, num_merges)`: count the pairs once, remember which words hold each pair, and per
+# merge visit only those words (take their old pairs out of the counts, merge, put their new pairs in). Find the
+# most frequent pair with a heap rather than a scan of all counts. The merges must be exactly those of the
+# recount (ties: the smallest pair), and the check times both on the same text.
+
+# %%
+# YOUR CODE: my_train_bpe_incremental
+def my_train_bpe_incremental(text, num_merges):
+    """The same merges as my_train_bpe, with the pair counts updated per merge instead of recounted."""
+    raise NotImplementedError("count once; per merge, update only the words that contain the merged pair")
+
+
+# %%
+result = check.bpe_incremental(my_train_bpe_incremental)
+train_merges = check.pick(result, my_train_bpe_incremental)
+
+# %% [markdown]
+# Now your trainer learns the vocabulary of task 1 (8,192 tokens for `tiny`: 256 bytes, the merges and the
+# end-of-text token) from this notebook's training text, and your encoder tokenizes held-out text with it. Hugging
+# Face `tokenizers`, handed the same merges and the same pre-tokens, must give the very same ids.
+
+# %%
+from course.check.tokenization import hf_encode
+
+t0 = time.perf_counter()
+task1_merges = train_merges(train_text, 8192 - 256 - 1)
+t_train = time.perf_counter() - t0
+print(f"{len(task1_merges):,} merges from {len(train_text):,} characters in {t_train:.1f} s"
+      + (" (stopped early: no pair occurs twice any more)" if len(task1_merges) < 8192 - 257 else ""))
+sample = held_out[: 20_000 if FAST else 100_000]
+t0 = time.perf_counter()
+my_ids = encode(sample, task1_merges)
+t_enc = time.perf_counter() - t0
+hf_ids = hf_encode(sample, task1_merges)
+print(f"held-out sample: {len(sample.encode()):,} bytes -> {len(my_ids):,} tokens "
+      f"({len(sample.encode()) / len(my_ids):.2f} bytes/token), encoded in {t_enc:.2f} s")
+print("equal to HF tokenizers given the same merges:", my_ids == hf_ids)
+assert my_ids == hf_ids
+
+# %% [markdown]
 # ## 2. The same with Hugging Face `tokenizers`
 #
 # The library implements the same algorithm in Rust. Compression is measured in bytes of text per token on
