@@ -676,8 +676,9 @@ def _my_step(model, optimizers, batches, s, scaler, ctx):
 
 
 def my_train(model, optimizers, data_dir, out_dir="out/my_run", *, max_iters=500, batch_size=16, grad_accum=1,
-             lr=3e-3, min_lr=3e-4, warmup_iters=30, grad_clip=1.0, eval_interval=100, eval_iters=10,
-             log_interval=10, seed=0, device="cpu", dtype="float32", resume=False, final_eval=True):
+             lr=3e-3, min_lr=3e-4, warmup_iters=30, lr_decay_iters=None, grad_clip=1.0, eval_interval=100,
+             eval_iters=10, log_interval=10, seed=0, device="cpu", dtype="float32", resume=False, final_eval=True):
+    s = {k: v for k, v in locals().items() if k not in ("model", "optimizers")}  # the run's settings
     import contextlib
     import dataclasses
     import json
@@ -687,7 +688,6 @@ def my_train(model, optimizers, data_dir, out_dir="out/my_run", *, max_iters=500
 
     import yaml
 
-    s = {k: v for k, v in locals().items() if k not in ("model", "optimizers")}
     s["data_dir"], s["out_dir"] = str(data_dir), str(out_dir)
     out, block = Path(out_dir), model.config.block_size
     meta = json.loads((Path(data_dir) / "meta.json").read_text())
@@ -717,7 +717,7 @@ def my_train(model, optimizers, data_dir, out_dir="out/my_run", *, max_iters=500
 
     t0, seen, last = time.perf_counter(), 0, {}
     while step < max_iters:
-        rate = my_lr(step, warmup_iters, max_iters, lr, min_lr)
+        rate = my_lr(step, warmup_iters, lr_decay_iters or max_iters, lr, min_lr)
         for o in optimizers:
             for g in o.param_groups:  # every group keeps its own peak and follows one schedule
                 g["lr"] = g.get("peak_lr", lr) * rate / lr
