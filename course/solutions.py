@@ -321,7 +321,7 @@ def my_accumulate(model, optimizer, micro_batches):
 def my_attention(q, k, v):
     t, d = q.size(-2), q.size(-1)
     scores = q @ k.transpose(-2, -1) / math.sqrt(d)
-    future = torch.triu(torch.ones(t, t, dtype=torch.bool), diagonal=1)
+    future = torch.triu(torch.ones(t, t, dtype=torch.bool, device=q.device), diagonal=1)
     scores = scores.masked_fill(future, float("-inf"))
     return torch.softmax(scores, dim=-1) @ v
 
@@ -368,8 +368,8 @@ def my_block(x, block):
 
 def my_rope(x, theta):
     t, hd = x.size(-2), x.size(-1)
-    inv_freq = 1.0 / theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd)
-    angles = torch.arange(t, dtype=torch.float32)[:, None] * inv_freq[None, :]
+    inv_freq = 1.0 / theta ** (torch.arange(0, hd, 2, dtype=torch.float32, device=x.device) / hd)
+    angles = torch.arange(t, dtype=torch.float32, device=x.device)[:, None] * inv_freq[None, :]
     angles = torch.cat([angles, angles], dim=-1)  # dim i and dim i + hd/2 share an angle
     x1, x2 = x[..., : hd // 2], x[..., hd // 2:]
     rotated = torch.cat([-x2, x1], dim=-1)
