@@ -373,7 +373,7 @@ def my_accumulate(model, optimizer, micro_batches):
 def my_attention(q, k, v):
     t, d = q.size(-2), q.size(-1)
     scores = q @ k.transpose(-2, -1) / math.sqrt(d)
-    future = torch.triu(torch.ones(t, t, dtype=torch.bool), diagonal=1)
+    future = torch.triu(torch.ones(t, t, dtype=torch.bool, device=q.device), diagonal=1)
     scores = scores.masked_fill(future, float("-inf"))
     return torch.softmax(scores, dim=-1) @ v
 
@@ -420,8 +420,8 @@ def my_block(x, block):
 
 def my_rope(x, theta):
     t, hd = x.size(-2), x.size(-1)
-    inv_freq = 1.0 / theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd)
-    angles = torch.arange(t, dtype=torch.float32)[:, None] * inv_freq[None, :]
+    inv_freq = 1.0 / theta ** (torch.arange(0, hd, 2, dtype=torch.float32, device=x.device) / hd)
+    angles = torch.arange(t, dtype=torch.float32, device=x.device)[:, None] * inv_freq[None, :]
     angles = torch.cat([angles, angles], dim=-1)  # dim i and dim i + hd/2 share an angle
     x1, x2 = x[..., : hd // 2], x[..., hd // 2:]
     rotated = torch.cat([-x2, x1], dim=-1)
@@ -522,6 +522,281 @@ def my_overfit(model, x, y, steps):
         optimizer.step()
         losses.append(loss.item())
     return losses
+
+
+# ----------------------------------------------------------------------------- week 18: the training stack
+
+
+class MyAdamW(torch.optim.Optimizer):
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:  # the moments start at zero; the step count lives with them, so it is saved too
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                state["step"] += 1
+                t, m, v, g = state["step"], state["exp_avg"], state["exp_avg_sq"], p.grad
+                p.mul_(1 - lr * wd)  # decoupled: the decay never passes through m and v
+                m.lerp_(g, 1 - beta1)
+                v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                denom = (v.sqrt() / math.sqrt(1 - beta2**t)).add_(eps)
+                p.addcdiv_(m, denom, value=-lr / (1 - beta1**t))
+        return loss
+
+
+def my_newton_schulz(g, coefficients=(3.4445, -4.7750, 2.0315), steps=5, eps=1e-7):
+    a, b, c = coefficients
+    x = g.bfloat16()  # a copy: the momentum buffer is never scaled in place
+    tall = g.size(0) > g.size(1)
+    if tall:  # work on the wide side, so the Gram matrix x x^T is the small one
+        x = x.T
+    x = x / x.norm().clamp(min=eps)  # Frobenius norm >= spectral norm: every singular value is now <= 1
+    for _ in range(steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)  # a x + (b A + c A^2) x
+    return x.T if tall else x
+
+
+class MyMuon(torch.optim.Optimizer):
+    def __init__(self, params, lr=0.02, weight_decay=0.1, momentum=0.95, nesterov=True,
+                 coefficients=(3.4445, -4.7750, 2.0315), steps=5, eps=1e-7):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
+                                      coefficients=coefficients, steps=steps, eps=eps))
+        for group in self.param_groups:
+            if any(p.dim() != 2 for p in group["params"]):
+                raise ValueError("MyMuon updates 2-D matrices only; give vectors and embeddings to MyAdamW")
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, mu = group["lr"], group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                buf = state["momentum_buffer"]
+                buf.lerp_(p.grad, 1 - mu)
+                update = p.grad.lerp(buf, mu) if group["nesterov"] else buf
+                o = my_newton_schulz(update, group["coefficients"], group["steps"], group["eps"])
+                p.mul_(1 - lr * group["weight_decay"])
+                # every direction of o has size ~1; a tall matrix gets a larger step so its rows move as much
+                p.add_(o, alpha=-lr * math.sqrt(max(1.0, p.size(0) / p.size(1))))
+        return loss
+
+
+def my_optimizers(model, lr, muon_lr, weight_decay, betas=(0.9, 0.95), muon_momentum=0.95):
+    embedded = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    hidden, seen = [], set()
+    for name, m in model.named_modules():
+        w = getattr(m, "weight", None)
+        if (isinstance(m, nn.Linear) and not name.endswith("lm_head") and w.requires_grad
+                and id(w) not in embedded and id(w) not in seen):
+            seen.add(id(w))
+            hidden.append(w)
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in seen]
+    muon = MyMuon([{"params": hidden, "peak_lr": muon_lr}], lr=muon_lr, weight_decay=weight_decay,
+                  momentum=muon_momentum)
+    # as minilm: matrices decay (the embeddings and the head too), gains and biases do not
+    groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay, "peak_lr": lr},
+              {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0, "peak_lr": lr}]
+    return [muon, MyAdamW([g for g in groups if g["params"]], lr=lr, betas=betas)]
+
+
+def my_get_batch(tokens, batch_size, block_size, device, rng):
+    starts = rng.integers(0, len(tokens) - block_size, size=batch_size)
+    x = torch.from_numpy(np.stack([tokens[i:i + block_size] for i in starts]).astype(np.int64))
+    y = torch.from_numpy(np.stack([tokens[i + 1:i + 1 + block_size] for i in starts]).astype(np.int64))
+    if torch.device(device).type == "cuda":  # pinned pages copy to the GPU while it still computes
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
+
+
+def my_save_checkpoint(path, model, optimizers, step, data_rng, **fields):
+    import os
+    import random
+    import tempfile
+    from pathlib import Path
+
+    np_state = np.random.get_state()
+    ckpt = {"model": model.state_dict(), "optimizer": [o.state_dict() for o in optimizers], "step": step,
+            "rng": {"python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+                    "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+                    "torch": torch.get_rng_state()},
+            "data": {"rng": data_rng.bit_generator.state}, "best_val_loss": float("inf"), "config": {},
+            "meta": {}, "extra": {}}
+    if torch.cuda.is_available():
+        ckpt["rng"]["cuda"] = torch.cuda.get_rng_state()
+    ckpt.update(fields)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    try:  # a crash mid-write leaves the old checkpoint, never half of a new one
+        with os.fdopen(fd, "wb") as f:
+            torch.save(ckpt, f)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def my_load_checkpoint(path, model, optimizers, data_rng):
+    import random
+
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(ckpt["model"])
+    for o, state in zip(optimizers, ckpt["optimizer"], strict=True):
+        o.load_state_dict(state)
+    r = ckpt["rng"]
+    random.setstate((r["python"][0], tuple(r["python"][1]), r["python"][2]))
+    np.random.set_state((r["numpy"][0], r["numpy"][1].numpy().astype(np.uint32), *r["numpy"][2:]))
+    torch.set_rng_state(r["torch"])
+    if "cuda" in r and torch.cuda.is_available():
+        torch.cuda.set_rng_state(r["cuda"])
+    data_rng.bit_generator.state = ckpt["data"]["rng"]
+    return ckpt
+
+
+@torch.no_grad()
+def _my_estimate(model, tokens, batch_size, block_size, device, iters, seed, ctx):
+    rng = np.random.default_rng(seed)  # its own stream: evaluating never moves the training batches
+    model.eval()
+    losses = []
+    for _ in range(iters):
+        x, y = my_get_batch(tokens, batch_size, block_size, device, rng)
+        with ctx:
+            losses.append(float(model(x, y)[1]))
+    model.train()
+    return sum(losses) / len(losses)
+
+
+@torch.no_grad()
+def _my_whole_split(model, tokens, batch_size, block_size, device, ctx):
+    ids = torch.from_numpy(np.asarray(tokens, dtype=np.int64))
+    n_full = (len(ids) - 1) // block_size  # windows of block_size targets; every token after the first is one
+    x_all = ids[:n_full * block_size].view(n_full, block_size)
+    y_all = ids[1:n_full * block_size + 1].view(n_full, block_size)
+    tail = (ids[None, n_full * block_size:-1], ids[None, n_full * block_size + 1:])
+    chunks = [(x_all[i:i + batch_size], y_all[i:i + batch_size]) for i in range(0, n_full, batch_size)]
+    model.eval()
+    nll, count = 0.0, 0
+    for x, y in chunks + ([tail] if tail[1].numel() else []):
+        with ctx:
+            nll += float(model(x.to(device), y.to(device))[1]) * y.numel()
+        count += y.numel()
+    model.train()
+    return nll / count
+
+
+def _my_step(model, optimizers, batches, s, scaler, ctx):
+    from types import SimpleNamespace
+
+    loss_sum = 0.0
+    for x, y in batches:  # accumulate: gradients add up, so each loss is divided by the count
+        with ctx:
+            loss = model(x, y)[1] / len(batches)
+        (scaler.scale(loss) if scaler else loss).backward()
+        loss_sum += loss.detach()
+    params = [p for o in optimizers for g in o.param_groups for p in g["params"]]
+    if scaler:  # one unscale over all optimizers' groups, so one overflow check decides for both
+        scaler.unscale_(SimpleNamespace(param_groups=[g for o in optimizers for g in o.param_groups]))
+    norm = my_clip_grad_norm(params, s["grad_clip"]) if s["grad_clip"] else None
+    for o in optimizers:
+        scaler.step(o) if scaler else o.step()
+        o.zero_grad(set_to_none=True)
+    if scaler:
+        scaler.update()
+    return float(loss_sum), norm
+
+
+def my_train(model, optimizers, data_dir, out_dir="out/my_run", *, max_iters=500, batch_size=16, grad_accum=1,
+             lr=3e-3, min_lr=3e-4, warmup_iters=30, lr_decay_iters=None, grad_clip=1.0, eval_interval=100,
+             eval_iters=10, log_interval=10, seed=0, device="cpu", dtype="float32", resume=False, final_eval=True):
+    s = {k: v for k, v in locals().items() if k not in ("model", "optimizers")}  # the run's settings
+    import contextlib
+    import dataclasses
+    import json
+    import os
+    import time
+    from pathlib import Path
+
+    import yaml
+
+    s["data_dir"], s["out_dir"] = str(data_dir), str(out_dir)
+    out, block = Path(out_dir), model.config.block_size
+    meta = json.loads((Path(data_dir) / "meta.json").read_text())
+    train_tokens = np.memmap(Path(data_dir) / "train.bin", dtype=meta["dtype"], mode="r")
+    val_tokens = np.memmap(Path(data_dir) / "val.bin", dtype=meta["dtype"], mode="r")
+    ctx = (torch.autocast(torch.device(device).type, dtype=getattr(torch, dtype)) if dtype != "float32"
+           else contextlib.nullcontext())
+    scaler = MyScaler() if dtype == "float16" else None  # fp16 overflows without loss scaling; bf16 does not
+    out.mkdir(parents=True, exist_ok=True)
+    rng, step, best = np.random.default_rng(seed), 0, float("inf")
+    if resume and (out / "ckpt.pt").is_file():
+        ckpt = my_load_checkpoint(out / "ckpt.pt", model, optimizers, rng)
+        step, best = ckpt["step"], ckpt["best_val_loss"]
+    elif (out / "metrics.jsonl").exists():
+        (out / "metrics.jsonl").unlink()  # a fresh run starts a fresh log
+    tmp = out / "config.yaml.tmp"
+    tmp.write_text(yaml.safe_dump(s, sort_keys=False))
+    os.replace(tmp, out / "config.yaml")
+    kinds = ",".join(f"{type(o).__module__}.{type(o).__qualname__}" for o in optimizers)
+    fields = {"config": {"model": dataclasses.asdict(model.config), "train": s}, "meta": meta,
+              "extra": {"trainer": "learner", "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
+                        "optimizer_class": kinds}}
+
+    def record(row):
+        with open(out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    t0, seen, last = time.perf_counter(), 0, {}
+    while step < max_iters:
+        rate = my_lr(step, warmup_iters, lr_decay_iters or max_iters, lr, min_lr)
+        for o in optimizers:
+            for g in o.param_groups:  # every group keeps its own peak and follows one schedule
+                g["lr"] = g.get("peak_lr", lr) * rate / lr
+        batches = [my_get_batch(train_tokens, batch_size, block, device, rng) for _ in range(grad_accum)]
+        loss, _ = _my_step(model, optimizers, batches, s, scaler, ctx)
+        step, seen = step + 1, seen + batch_size * block * grad_accum
+        if step % log_interval == 0 or step == max_iters:
+            record({"step": step, "loss": loss, "lr": rate, "tokens_per_s": seen / (time.perf_counter() - t0),
+                    "mfu": None})
+            t0, seen = time.perf_counter(), 0
+        if step % eval_interval == 0 or step == max_iters:
+            ev = [_my_estimate(model, d, batch_size, block, device, eval_iters, seed + 1, ctx)
+                  for d in (train_tokens, val_tokens)]
+            last = {"train_loss": ev[0], "val_loss": ev[1], "val_ppl": math.exp(ev[1])}
+            best = min(best, ev[1])
+            record({"step": step, **last})
+            my_save_checkpoint(out / "ckpt.pt", model, optimizers, step, rng, best_val_loss=best, **fields)
+            t0 = time.perf_counter()  # evaluation time is not training throughput
+    result = {"step": step, "best_val_loss": best, **last}
+    if final_eval:
+        from minilm.data import baseline_losses
+
+        base = baseline_losses(data_dir, meta["vocab_size"])
+        result.update(final_val_loss=_my_whole_split(model, val_tokens, batch_size, block, device, ctx),
+                      bigram_val_loss=base["bigram"]["val_loss"], unigram_val_loss=base["unigram"]["val_loss"])
+        record({"step": step, **{k: result[k] for k in ("final_val_loss", "bigram_val_loss", "unigram_val_loss")}})
+    return result
 
 
 # ----------------------------------------------------------------------------- week 18: sampling

@@ -16,7 +16,7 @@ following cells the reference until yours passes. With COURSE_STRICT=1 (the solu
 does not pass raises AssertionError, so a notebook run fails on it.
 
 One module per topic (attention, norms, model, optim, training, sampling, amp, metrics, curation, tokenization,
-scaling)
+scaling, stack: the learner's training stack)
 over a shared harness (course/check/_harness.py, whose docstring says how to write a check).
 """
 
@@ -31,14 +31,23 @@ from course.check.optim import adamw, clip_grad_norm, lr_schedule
 from course.check.reference import reference
 from course.check.sampling import filtered_probs, sampling
 from course.check.scaling import scaling_fit
+from course.check.stack import (
+    adamw_optimizer,
+    checkpoint_resume,
+    get_batch,
+    muon,
+    newton_schulz,
+    optimizer_groups,
+    train_loop,
+)
 from course.check.tokenization import bpe, bpe_encode, bpe_incremental
 from course.check.training import accumulate, overfit
 
 __all__ = [
-    "MODERN_RECIPES", "Result", "_all_targets_ppl", "accumulate", "adamw", "attention", "band_cost", "best_bands",
-    "block", "bpe", "bpe_encode", "bleu", "causal_self_attention", "choose_bands", "clip_grad_norm", "clusters",
+    "MODERN_RECIPES", "Result", "_all_targets_ppl", "accumulate", "adamw", "adamw_optimizer", "checkpoint_resume",
+    "get_batch", "muon", "newton_schulz", "optimizer_groups", "train_loop", "attention", "band_cost", "best_bands",
+    "block", "bpe", "bpe_encode", "bpe_incremental", "bleu", "causal_self_attention", "choose_bands", "clip_grad_norm", "clusters",
     "cross_entropy", "dup_lines", "filtered_probs", "gpt", "hint", "layer_norm", "log_path", "loss_scaler",
     "lr_schedule", "lsh_candidates", "minhash", "mlp", "overfit", "perplexity", "pick", "read_log", "reference",
     "rms_norm", "rope", "rouge", "salted_hash_calls", "sampling", "scaling_fit", "watching",
 ]
-__all__ += ["bpe_incremental"]  # the exercises whose output is used later (issue 21)
