@@ -22,7 +22,8 @@ import torch.nn.functional as F
 
 from minilm.config import ModelConfig, get_preset
 from minilm.device import gpu_has_bf16
-from minilm.model import GPT, CompilerMissing, check_compiler, static_cache_len
+from minilm.inference.compiled import CompilerMissing, check_compiler, length_bucket
+from minilm.model import GPT
 from minilm.quantize import CPU_ONLY, WEIGHTS, use_weights, weight_bytes
 
 
@@ -179,7 +180,7 @@ def decode_rows(cfg: ModelConfig, weights: list[str], prompt_len: int, new: int,
     for w in weights:
         torch.manual_seed(0)
         model = use_weights(GPT(cfg).eval(), w)
-        kv_len = static_cache_len(cfg.block_size, prompt_len + new) if compile else prompt_len + new / 2
+        kv_len = length_bucket(cfg.block_size, prompt_len + new) if compile else prompt_len + new / 2
         nbytes = weight_bytes(model) + kv_bytes(cfg, kv_len)
         rate = time_generation(model, prompt_len, new, dev, True, repeats=2, compile=compile)
         bw = read_bandwidth(weight_bytes(model)) if dev == "cpu" else None

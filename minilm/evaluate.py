@@ -58,6 +58,7 @@ from metrics.kneser_ney import KneserNey
 from metrics.perplexity import perplexity, token_nll
 from minilm.checkpoint import CheckpointError, atomic_write, model_from_checkpoint
 from minilm.data import DataError, TokenData, load_tokenizer, read_meta
+from minilm.inference import generate_stream
 from minilm.sample import pick_device
 
 SYSTEMS = ("model", "kn_full", "kn_seen", "bigram", "unigram")
@@ -165,8 +166,8 @@ def model_completions(model, prompts: list[list[int]], kinds: list[str], caps: d
                 mask[r, width - len(prompts[i]) :] = 1
             new: list[list[int]] = [[] for _ in group]
             done = [False] * len(group)
-            stream = model.generate_stream(idx.to(device), caps[kind], temperature=0.0, eos_id=eot,
-                                           attention_mask=mask.to(device))
+            stream = generate_stream(model, idx.to(device), caps[kind], temperature=0.0, eos_id=eot,
+                                     attention_mask=mask.to(device))
             for step, col in enumerate(stream, 1):
                 for r, t in enumerate(col.tolist()):
                     new[r].append(t)
@@ -212,11 +213,11 @@ def generation_speed(model, eot: int, new_tokens: int, device) -> dict:
     """Batch-1 greedy decoding with the KV cache from a one-token prompt, after a short warm-up."""
     new_tokens = max(2, new_tokens)
     idx = torch.tensor([[eot]], dtype=torch.long, device=device)
-    for _ in model.generate_stream(idx, 4, temperature=0.0):
+    for _ in generate_stream(model, idx, 4, temperature=0.0):
         pass
     t0 = time.perf_counter()
     first, n = None, 0
-    for _ in model.generate_stream(idx, new_tokens, temperature=0.0):
+    for _ in generate_stream(model, idx, new_tokens, temperature=0.0):
         n += 1
         if first is None:
             first = time.perf_counter() - t0

@@ -16,7 +16,7 @@ import torch
 from minilm.checkpoint import CheckpointError, model_from_checkpoint
 from minilm.data import DataError, load_tokenizer
 from minilm.device import pick_device  # lives in minilm.device; importable from here as before
-from minilm.model import CompilerMissing, check_sampling_args
+from minilm.inference import CompilerMissing, check_sampling_args, generate_stream
 from minilm.quantize import WEIGHTS, use_weights
 
 
@@ -109,7 +109,7 @@ def stream_text(model, tokenizer, prompt: str, max_new_tokens: int = 100, temper
 
     Pieces only ever extend the text (see TextStream). Generation ends at eos_id, after max_new_tokens, or when
     a stop string appears (not included). If `stats` is given, stats["completion_tokens"] counts the sampled
-    tokens. compile=True decodes with the compiled step (GPT.generate).
+    tokens. compile=True decodes with the compiled step (minilm.inference.compiled).
     """
     check_sampling_args(max_new_tokens, temperature, top_k, top_p, repetition_penalty, model.config.vocab_size,
                         eos_id)
@@ -119,8 +119,8 @@ def stream_text(model, tokenizer, prompt: str, max_new_tokens: int = 100, temper
     stats = stats if stats is not None else {}
     stats["prompt_tokens"], stats["completion_tokens"] = len(ids), 0
     text = TextStream(tokenizer, stop, eos_id)
-    for tok in model.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
-                                     eos_id, seed, compile=compile):
+    for tok in generate_stream(model, idx, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
+                               eos_id, seed, compile=compile):
         stats["completion_tokens"] += 1
         piece = text.push(int(tok[0]))
         if piece:

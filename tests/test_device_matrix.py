@@ -21,7 +21,8 @@ from torch.overrides import TorchFunctionMode
 
 from minilm import checkpoint as ckpt_mod
 from minilm.device import resolve_dtype, setup_distributed
-from minilm.model import GPT, peak_flops
+from minilm.mfu import peak_flops
+from minilm.model import GPT
 from minilm.optim import build_optimizers
 from minilm.train import train
 

@@ -1,4 +1,4 @@
-"""The static KV cache and the torch.compile'd decode step give the tokens the ordinary cached decode gives.
+"""The torch.compile'd decode step (minilm.inference.compiled) gives the tokens the eager decode step gives.
 
 Where it meets the other generation features: left padding, repetition penalty, sampling seeds, eos, the cache
 refill past block_size, batch sizes, and the int8/w8a8 weight formats.
@@ -10,7 +10,8 @@ import pytest
 import torch
 from test_minilm_arch import VARIANTS, make
 
-from minilm.model import KVCache, StaticKVCache
+from minilm.inference.cache import KVCache, step_mask
+from minilm.inference.compiled import decode_step, graphs_for
 from minilm.quantize import use_weights
 
 needs_compiler = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
@@ -30,32 +31,35 @@ def graphs_compiled() -> int:
 
 
 @pytest.mark.parametrize("name", ["gpt2", "modern"])
-def test_static_cache_forward_equals_kv_cache(name):
-    # Eager, so it runs without a compiler: prefill, a second chunk, then single decode steps, padded rows too.
+def test_whole_cache_step_equals_the_sliced_one(name):
+    # Eager, so it runs without a compiler: the compiled step's shapes (every row of a bucketed batch, the whole
+    # cache width under a mask) give the logits of the eager step's (the running rows, the filled columns).
     model = make(**VARIANTS[name])
-    x = torch.randint(1, 97, (2, 6))
-    dyn = KVCache(model.config, 2, 32, "cpu", torch.float32)
-    static = StaticKVCache(model.config, 2, 20, "cpu", torch.float32, compiled=False)
-    for chunk in (x[:, :4], x[:, 4:]):
-        a, _ = model(chunk, cache=dyn)
-        b, _ = model(chunk, cache=static)
-        assert torch.allclose(a, b, atol=1e-5)
-    pad = torch.tensor([[True] * 7, [False, False] + [True] * 5])[:, None, None, :]  # row 1: 2 padding slots
-    for t in range(8):
-        tok = torch.randint(1, 97, (2, 1))
-        am = torch.cat([pad, torch.ones(2, 1, 1, t, dtype=torch.bool)], dim=-1)
-        a, _ = model(tok, cache=dyn, pos=torch.full((2, 1), 6 + t), attn_mask=am)
-        b, _ = model(tok, cache=static, pos=torch.full((2, 1), 6 + t), attn_mask=am)
-        assert torch.allclose(a, b, atol=1e-5), t
-    assert static.length == dyn.length == 14
+    x = torch.randint(1, 97, (3, 6))
+    full = KVCache(model.config, 4, 32, "cpu", torch.float32)  # batch_bucket(3) rows
+    narrow = KVCache(model.config, 3, 32, "cpu", torch.float32)
+    with torch.no_grad():
+        for row, n in enumerate((6, 2, 4)):
+            for cache in (full, narrow):
+                model(x[row : row + 1, -n:], cache=cache.prefill(row))
+                cache.lengths[row] = n
+        for t in range(5):
+            tok = torch.randint(1, 97, (3, 1))
+            cols = torch.tensor(narrow.lengths)
+            a = decode_step(model, tok, cols[:, None], step_mask(cols, int(cols.max()) + 1), narrow.k, narrow.v, cols)
+            cols4 = torch.tensor(full.lengths[:3] + [0])
+            tok4 = torch.cat([tok, torch.zeros(1, 1, dtype=torch.long)])
+            b = decode_step(model, tok4, cols4[:, None], step_mask(cols4, 32), full.k, full.v, cols4)[:3]
+            assert torch.allclose(a, b, atol=1e-5), t
+            for cache in (full, narrow):
+                cache.lengths[:3] = [n + 1 for n in cache.lengths[:3]]
 
 
-def test_static_cache_overflow_is_a_clear_error():
+def test_prefill_past_the_cache_width_is_a_clear_error():
     model = make(**VARIANTS["modern"])
-    cache = StaticKVCache(model.config, 1, 8, "cpu", torch.float32, compiled=False)
-    model(torch.randint(1, 97, (1, 6)), cache=cache)
-    with pytest.raises(ValueError, match="holds 8 positions: 6 cached \\+ 3 new"):
-        model(torch.randint(1, 97, (1, 3)), cache=cache)
+    cache = KVCache(model.config, 1, 8, "cpu", torch.float32)
+    with pytest.raises(ValueError, match="holds 8 positions per row: a prefill of 9 does not fit"):
+        model(torch.randint(1, 97, (1, 9)), cache=cache.prefill(0))
 
 
 def test_compile_needs_the_cache_and_a_compiler(monkeypatch):
@@ -103,13 +107,13 @@ def test_compiled_decode_with_quantized_weights(weights):
     cfg = model.config
     x = torch.randint(1, 97, (1, 8))
     assert torch.equal(model.generate(x, 24, temperature=0, compile=True), model.generate(x, 24, temperature=0))
-    eager = StaticKVCache(cfg, 1, 16, "cpu", torch.float32, compiled=False)
-    compiled = StaticKVCache(cfg, 1, 16, "cpu", torch.float32)
-    model(x, cache=eager)
-    model(x, cache=compiled)
-    tok = torch.randint(1, 97, (1, 1))
-    a, _ = model(tok, cache=eager)
-    b, _ = model(tok, cache=compiled)
+    cache = KVCache(cfg, 1, 32, "cpu", torch.float32)  # the graph generate() made
+    with torch.no_grad():
+        model(x, cache=cache.prefill(0))
+        cols = torch.tensor([8])
+        args = (torch.randint(1, 97, (1, 1)), cols[:, None], step_mask(cols, 32), cache.k, cache.v, cols)
+        a = decode_step(model, *args)
+        b = graphs_for(model).run(model, (1, 32, weights), *args)
     assert (a - b).abs().max() <= 1e-3 * a.abs().max()
 
 

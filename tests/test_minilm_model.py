@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from minilm.config import ModelConfig, get_preset
-from minilm.model import GPT, peak_flops, sample_next
+from minilm.inference.sampling import sample_next
+from minilm.mfu import peak_flops
+from minilm.model import GPT
 
 
 def small_model(**kw) -> GPT:

@@ -1,16 +1,14 @@
-"""Continuous batching (minilm.serve.batch): requests decoding together give each one's text alone, same seeds."""
+"""Continuous batching (minilm.serve.batch over minilm.inference.Decoder): requests decoding together give each
+one's text alone, same seeds."""
 
 from __future__ import annotations
 
 import threading
 
 import pytest
-import torch
 
-from minilm.config import ModelConfig
-from minilm.model import GPT
 from minilm.sample import encode_prompt, eos_of, load_run, stream_text
-from minilm.serve.batch import DecodeView, Engine, RowView, Sequence, SlotCache
+from minilm.serve.batch import Engine, Sequence
 
 
 class Collect:
@@ -122,41 +120,6 @@ def test_a_failing_request_does_not_take_the_batch_down(run):
         engine.step()
     assert bad.outcome == "error" and "generation failed" in bad.error
     assert good.outcome == "ok" and good.text == alone(model, tok, eos, "def ", params(10, seed=1))[0]
-
-
-def test_decode_view_writes_each_row_at_its_own_column():
-    cfg = ModelConfig(vocab_size=64, block_size=8, n_layer=1, n_head=2, n_embd=8)
-    cache = SlotCache(cfg, 3, "cpu", torch.float32)
-    view = DecodeView(cache, [2, 5, 0])
-    k = torch.arange(3 * 2 * 4, dtype=torch.float32).view(3, 2, 1, 4)
-    keys, _ = view.update(0, k, k)
-    assert keys.shape == (3, 2, 6, 4)
-    for row, col in enumerate([2, 5, 0]):
-        assert torch.equal(cache.k[0, row, :, col], k[row, :, 0])
-    mask = view.mask()
-    assert mask.shape == (3, 1, 1, 6)
-    assert mask[:, 0, 0].tolist() == [[c <= n for c in range(6)] for n in (2, 5, 0)]
-    assert DecodeView(cache, [3, 3]).mask() is None
-
-
-def test_batched_logits_match_single_sequence_logits():
-    """The engine's batched decode is the model's own forward with per-row positions and masks: close to fp32."""
-    torch.manual_seed(0)
-    model = GPT(ModelConfig(vocab_size=97, block_size=32, n_layer=2, n_head=2, n_embd=16)).eval()
-    prompts = [torch.randint(0, 97, (n,)).tolist() for n in (3, 9, 5)]
-
-    engine = Engine(model, None, None, max_batch=3)
-    cache = engine.cache
-    with torch.no_grad():
-        for row, ids in enumerate(prompts):
-            model(torch.tensor([ids]), cache=RowView(cache, row))
-            cache.lengths[row] = len(ids)
-        nxt = [[7], [8], [9]]
-        view = DecodeView(cache, cache.lengths[:3])
-        batched, _ = model(torch.tensor(nxt), cache=view, pos=view.cols[:, None], attn_mask=view.mask())
-        for row, ids in enumerate(prompts):
-            single, _ = model(torch.tensor([ids + nxt[row]]))
-            torch.testing.assert_close(batched[row, -1], single[0, -1], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("weights", ["bf16", "int8", "w8a8"])

@@ -37,7 +37,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Str
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
-from minilm.model import check_sampling_args
+from minilm.inference import check_sampling_args
 from minilm.quantize import WEIGHTS, BF16Linear, Int8Linear
 from minilm.sample import encode_prompt, eos_of, load_run, pick_device
 from minilm.serve.batch import Engine, Sequence
