@@ -313,7 +313,7 @@ def test_ddp_is_wrapped_first_then_compiled(tmp_path):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from minilm.train import wrap_model
+    from minilm.run_setup import wrap_model
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
     try:

@@ -72,18 +72,19 @@ def test_float16_non_finite_loss_backs_off_then_aborts_cleanly(tiny_data_dir, tm
 
 
 def test_float16_skip_halves_the_loss_scale(tiny_data_dir, tmp_path):
-    from minilm.train import State, set_up, skip_bad_step
+    from minilm.loop import skip_bad_step
+    from minilm.run_setup import TrainProgress, set_up
 
-    run, st = set_up(tiny_run_config(tiny_data_dir, tmp_path / "s", dtype="float16", max_bad_steps=2), "", None)
+    run, progress = set_up(tiny_run_config(tiny_data_dir, tmp_path / "s", dtype="float16", max_bad_steps=2), "", None)
     x, y = run.train_data.get_batch(2, 64)
     with run.ctx:
         loss = run.model(x, y)[1]
     run.scaler.scale(loss).backward()  # the scale exists once it has been used
     scale = run.scaler.get_scale()
-    skip_bad_step(run, st, float("nan"))
-    assert run.scaler.get_scale() == scale * 0.5 and st.bad_steps == 1
+    skip_bad_step(run, progress, float("nan"))
+    assert run.scaler.get_scale() == scale * 0.5 and progress.bad_steps == 1
     assert all(p.grad is None for p in run.raw_model.parameters())
-    assert isinstance(st, State)
+    assert isinstance(progress, TrainProgress)
 
 
 def test_float16_loss_scaling_with_muon_and_adamw(tiny_data_dir, tmp_path):

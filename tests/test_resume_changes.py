@@ -1,4 +1,4 @@
-"""--resume: what comes from the checkpoint and what from the command line (minilm.train.RESUME_SOURCE), changes
+"""--resume: what comes from the checkpoint and what from the command line (minilm.resume.RESUME_SOURCE), changes
 applied and logged or refused with the field named, the CPU dtype kept, and the DDP dtype broadcast."""
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ def test_resume_x_ema_equals_the_uninterrupted_run(tiny_data_dir, tmp_path):
 
 def test_resume_x_dtype_keeps_the_cpu_dtype_chosen_at_start(tiny_data_dir, tmp_path, monkeypatch):
     import minilm.device
-    import minilm.train
+    import minilm.run_setup
 
     probes = []
 
@@ -108,11 +108,11 @@ def test_resume_x_dtype_keeps_the_cpu_dtype_chosen_at_start(tiny_data_dir, tmp_p
         return lambda *a, **k: probes.append(speeds) or speeds
 
     monkeypatch.setattr(minilm.device, "cpu_flags", lambda *a: {"avx512_bf16"})
-    monkeypatch.setattr(minilm.train, "bf16_speedup", probe((1000.0, 2000.0)))  # bf16 wins at the start
+    monkeypatch.setattr(minilm.run_setup, "bf16_speedup", probe((1000.0, 2000.0)))  # bf16 wins at the start
     out = tmp_path / "dtype"
     train(cfg(tiny_data_dir, out, dtype="auto"))
     assert load_checkpoint(out)["config"]["train"]["dtype"] == "bfloat16" and len(probes) == 1
-    monkeypatch.setattr(minilm.train, "bf16_speedup", probe((2000.0, 1000.0)))  # a new probe would say fp32
+    monkeypatch.setattr(minilm.run_setup, "bf16_speedup", probe((2000.0, 1000.0)))  # a new probe would say fp32
     train(cfg(tiny_data_dir, out, dtype="auto", max_iters=8, eval_interval=8, resume=True))
     assert len(probes) == 1  # no new probe
     assert load_checkpoint(out)["config"]["train"]["dtype"] == "bfloat16"
@@ -127,12 +127,12 @@ def test_resume_x_dtype_keeps_the_cpu_dtype_chosen_at_start(tiny_data_dir, tmp_p
 
 def _rank(rank: int, port: int, data: str, out: str, flags: list[list[str]], results) -> None:
     import minilm.device
-    import minilm.train
+    import minilm.run_setup
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     minilm.device.cpu_flags = lambda *a: set(flags[rank])  # this rank's machine
-    minilm.train.bf16_speedup = lambda *a, **k: (1000.0, 2000.0)
+    minilm.run_setup.bf16_speedup = lambda *a, **k: (1000.0, 2000.0)
     try:
         result = train(cfg(data, out, dtype="auto", grad_accum=2, max_iters=2, eval_interval=2))
         results.put((rank, result["ranks_identical"]))

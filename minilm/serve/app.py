@@ -339,6 +339,485 @@ def sse(event: str, data: dict) -> bytes:
     return f"event: {event}\ndata: {json.dumps(data)}\n\n".encode()
 
 
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The server's limits (create_app's keyword arguments of the same names)."""
+
+    max_concurrency: int = 8
+    max_queue: int = 32
+    max_new_tokens_cap: int = 512
+    max_prompt_chars: int = 20_000
+    max_body_bytes: int = 1_000_000
+    threads: int = 1
+    weights: str = "fp32"
+    request_timeout: float = 300.0
+
+    def __post_init__(self):
+        if self.max_concurrency < 1 or self.max_queue < 0 or self.max_new_tokens_cap < 1 or self.threads < 1:
+            raise ValueError(f"need max_concurrency >= 1, max_queue >= 0, max_new_tokens_cap >= 1, threads >= 1; "
+                             f"got {self.max_concurrency}, {self.max_queue}, {self.max_new_tokens_cap}, "
+                             f"{self.threads}")
+        t = self.request_timeout
+        if not (isinstance(t, (int, float)) and math.isfinite(t) and t > 0):
+            raise ValueError(f"request_timeout={t!r} must be a number of seconds > 0")
+        if self.weights not in WEIGHTS:
+            raise ValueError(f"weights={self.weights!r}: choose one of {', '.join(WEIGHTS)}")
+
+
+@dataclass(eq=False)
+class AppState:
+    """What the routes share (app.state.serving): the loaded run, the engine thread, the limits and the counters."""
+
+    model: object
+    tokenizer: object
+    ckpt: dict
+    eos_id: int
+    engine: Engine
+    settings: Settings
+    info: dict  # GET /v1/model
+    model_name: str
+    stats: Stats = field(default_factory=Stats)
+    running: set = field(default_factory=set)  # the jobs in the batch now
+    slots: asyncio.Semaphore | None = None  # one per row of the batch
+    created: int = field(default_factory=lambda: int(time.time()))
+    page: str = ""
+    token_text: TokenText | None = None
+
+    def __post_init__(self):
+        self.slots = asyncio.Semaphore(self.settings.max_concurrency)
+        self.token_text = TokenText(self.tokenizer)
+
+    @property
+    def block_size(self) -> int:
+        return self.model.config.block_size
+
+    @property
+    def model_card(self) -> dict:
+        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "minilm"}
+
+
+def run_info(out_dir, device, model, ckpt, eos_id: int, settings: Settings) -> dict:
+    """The body of GET /v1/model: the run, its step and losses, its size and the server's limits."""
+    block_size = model.config.block_size
+    return {
+        "run": str(out_dir),
+        "device": str(device),
+        "step": ckpt.get("step"),
+        "val_loss": finite_or_none(last_val_loss(Path(out_dir), ckpt.get("step"))),
+        "best_val_loss": finite_or_none(ckpt.get("best_val_loss")),  # inf when the run never evaluated
+        "num_params": logical_num_params(model),
+        "weights": settings.weights,
+        "config": ckpt["config"].get("model", {}),
+        "train_config": ckpt["config"].get("train", {}),
+        "vocab_size": model.config.vocab_size,
+        "block_size": block_size,
+        "eot_id": eos_id,
+        "limits": {"max_new_tokens": settings.max_new_tokens_cap, "max_prompt_tokens": block_size,
+                   "max_prompt_chars": settings.max_prompt_chars, "max_concurrency": settings.max_concurrency,
+                   "max_queue": settings.max_queue, "request_timeout_s": settings.request_timeout},
+    }
+
+
+# ---- admission: rows in the batch, the queue, the time limit
+
+def retry_after(state: AppState) -> str:
+    # A rough wait: one average request per queued request per worker, at least a second.
+    s = state.stats
+    mean = s.latency.total / s.latency.n if s.latency.n else 1.0
+    return str(max(1, min(60, math.ceil(mean * (s.queued + 1) / state.settings.max_concurrency))))
+
+
+def timeout_message(state: AppState, where: str) -> str:
+    return (f"the request ran past this server's time limit of {state.settings.request_timeout:g} s ({where}) and "
+            "was stopped; ask for fewer tokens, or retry when the server is less busy (the limit is "
+            "--request_timeout)")
+
+
+async def start_job(state: AppState, params: dict, ids: list[int], stream: bool, arrived: float,
+                    queue: asyncio.Queue, index: int = 0) -> Job:
+    """Wait for a row in the batch (stats.queued already counts this job) and submit the job to the engine."""
+    stats, deadline = state.stats, arrived + state.settings.request_timeout
+    try:
+        await asyncio.wait_for(state.slots.acquire(), max(0.0, deadline - time.perf_counter()))
+    except TimeoutError:
+        raise TimedOut from None
+    finally:
+        with stats.lock:
+            stats.queued -= 1
+    job = Job(params, len(ids), stream, arrived, asyncio.get_running_loop(), events=queue, deadline=deadline,
+              index=index, ids=ids)
+    with stats.lock:
+        stats.inflight += 1
+        stats.prompt_tokens += len(ids)
+        state.running.add(job)
+    loop = job.loop
+
+    def release(job: Job, outcome: str) -> None:  # runs in the engine thread once the job is over
+        record_outcome(job, outcome, stats)
+        with stats.lock:
+            stats.inflight -= 1
+            state.running.discard(job)
+        try:
+            loop.call_soon_threadsafe(state.slots.release)
+        except RuntimeError:
+            pass  # loop closed: shutting down
+
+    job.on_done = release
+    try:
+        state.engine.submit(Sequence(ids, params, job))
+    except RuntimeError:  # the engine stopped: the server is shutting down
+        release(job, "cancelled")
+        raise Overloaded from None
+    return job
+
+
+async def queue_jobs(state: AppState, specs: list[tuple[list[int], dict]], stream: bool,
+                     arrived: float) -> list[Job]:
+    """Submit one job per (prompt ids, params), all or none: RequestError 503 when they do not fit, 504 when
+    the time limit passes while they wait."""
+    stats, limits = state.stats, state.settings
+    with stats.lock:
+        overloaded = stats.inflight + stats.queued + len(specs) > limits.max_concurrency + limits.max_queue
+        if not overloaded:
+            stats.queued += len(specs)
+    if overloaded:
+        raise RequestError(503, f"server busy: {limits.max_concurrency} generations running and {limits.max_queue} "
+                                "queued; retry after the number of seconds in Retry-After",
+                           headers={"Retry-After": retry_after(state)}, code="overloaded")
+    queue: asyncio.Queue = asyncio.Queue()
+    results = await asyncio.gather(*(start_job(state, params, ids, stream, arrived, queue, i)
+                                     for i, (ids, params) in enumerate(specs)), return_exceptions=True)
+    jobs = [r for r in results if isinstance(r, Job)]
+    failed = [r for r in results if not isinstance(r, Job)]
+    if failed:
+        for job in jobs:
+            job.cancel.set()
+        if isinstance(failed[0], TimedOut):
+            raise RequestError(504, timeout_message(state, "waiting in the queue"), code="timeout")
+        if isinstance(failed[0], Overloaded):
+            raise RequestError(503, "the server is shutting down; retry in a moment",
+                               headers={"Retry-After": "1"}, code="overloaded")
+        raise failed[0]
+    return jobs
+
+
+# ---- reading the engine's events: drained into the jobs, or streamed
+
+async def events(jobs: list[Job], request: Request | None = None):
+    """(job, kind, value) from the engine, each job's "end" included, until all ended; raises TimedOut past
+    the deadline.
+
+    Sets the jobs' cancel flags if our consumer goes away (a stream's client disconnecting), when the
+    deadline passes, and, given the request, as soon as its client disconnects: a non-streaming handler only
+    awaits the engine, so without a watcher nothing would notice.
+    """
+    watcher = asyncio.create_task(until_disconnect(request, jobs)) if request is not None else None
+    queue, open_jobs = jobs[0].events, len(jobs)
+    deadline = min(job.deadline for job in jobs)
+    try:
+        while open_jobs:
+            try:
+                job, kind, value = await asyncio.wait_for(queue.get(), max(0.0, deadline - time.perf_counter()))
+            except TimeoutError:
+                raise TimedOut from None
+            open_jobs -= kind == "end"
+            yield job, kind, value
+    finally:
+        if watcher is not None:
+            watcher.cancel()
+        for job in jobs:
+            job.cancel.set()  # no-op when finished; takes the row out of the batch otherwise
+
+
+async def until_disconnect(request: Request, jobs: list[Job]) -> None:
+    # The body has been read, so the next ASGI message is http.disconnect: the client closed the connection.
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    for job in jobs:
+        job.disconnected = True
+        job.cancel.set()
+
+
+async def collect(state: AppState, jobs: list[Job], request: Request) -> None:
+    """Drain non-streaming jobs into job.pieces and job.records; RequestError 500 (failed), 504 (too slow) or
+    499 (the client left)."""
+    try:
+        async with aclosing(events(jobs, request)) as stream:
+            async for job, kind, value in stream:
+                if kind == "error":
+                    raise RequestError(500, value)
+                if kind == "piece":
+                    job.pieces.append(value)
+                elif kind == "token":
+                    job.records.append(value)
+    except TimedOut:
+        raise RequestError(504, timeout_message(state, "while generating"), code="timeout") from None
+    if any(job.disconnected for job in jobs):
+        raise RequestError(499, "the client closed the connection before the answer was ready")
+
+
+def event_stream(state: AppState, jobs: list[Job], frame, failure, tail) -> StreamingResponse:
+    """A server-sent-events response over the jobs: frame(job, kind, value) per engine event (None sends nothing),
+    then tail() (the frames after the last event); or, once, failure(status, message) when a generation fails
+    (500) or runs past the time limit (504), and nothing after it."""
+
+    async def body():
+        try:
+            async with aclosing(events(jobs)) as stream:
+                async for job, kind, value in stream:
+                    if kind == "error":
+                        yield failure(500, value)
+                        return
+                    if (out := frame(job, kind, value)) is not None:
+                        yield out
+        except TimedOut:
+            yield failure(504, timeout_message(state, "while generating"))
+            return
+        for out in tail():
+            yield out
+
+    return StreamingResponse(body(), media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+# ---- request checks (RequestError 422)
+
+def check_params(state: AppState, params: dict, stop: list[str] | None, field: dict | None = None) -> None:
+    """The model's and the server's limits on sampling parameters and stop strings (RequestError 422).
+
+    `field` renames parameters in the messages for routes that call them differently (OpenAI's max_tokens).
+    """
+    name = lambda n: (field or {}).get(n, n)
+    cap = state.settings.max_new_tokens_cap
+    if not all(valid_unicode(t) for t in stop or []):
+        raise RequestError(422, "stop: contains a lone UTF-16 surrogate (e.g. \\ud800), which is not text; "
+                                "send valid Unicode")
+    try:  # the model's own rules for sampling parameters, checked before the request takes a row
+        check_sampling_args(params["max_new_tokens"], params["temperature"], params["top_k"], params["top_p"],
+                            params["repetition_penalty"], state.model.config.vocab_size, state.eos_id)
+    except ValueError as e:
+        raise RequestError(422, str(e).replace("max_new_tokens", name("max_new_tokens"))) from None
+    if params["max_new_tokens"] > cap:
+        raise RequestError(422, f"{name('max_new_tokens')}: {params['max_new_tokens']} is above this "
+                                f"server's cap of {cap}; ask for fewer (the cap is --max_new_tokens_cap)")
+    if stop is not None and any(not s or len(s) > 64 for s in stop):
+        raise RequestError(422, "stop: each stop string must be 1 to 64 characters long")
+
+
+def encode_text(state: AppState, prompt: str, allow_empty: bool = False, where: str = "prompt") -> list[int]:
+    """A text prompt's token ids, checked against the limits (RequestError 422)."""
+    limit, block_size = state.settings.max_prompt_chars, state.block_size
+    if not prompt and not allow_empty:
+        raise RequestError(422, f"{where}: is empty; send some text for the model to continue (e.g. \"def \")")
+    if not valid_unicode(prompt):
+        raise RequestError(422, f"{where}: contains a lone UTF-16 surrogate (e.g. \\ud800), which is not text; "
+                                "send valid Unicode")
+    if len(prompt) > limit:
+        raise RequestError(422, f"{where}: {len(prompt)} characters is over this server's limit of {limit}; "
+                                "shorten it")
+    n_prompt = len(state.tokenizer.encode(prompt).ids)  # before encode_prompt cuts it to block_size
+    if n_prompt > block_size:
+        raise RequestError(422, f"{where}: {n_prompt} tokens is longer than the model's context of "
+                                f"{block_size} tokens (block_size); shorten it")
+    return encode_prompt(state.tokenizer, prompt, state.model, state.eos_id)
+
+
+def check_ids(state: AppState, ids: list[int], where: str = "prompt") -> list[int]:
+    vocab_size, block_size = state.model.config.vocab_size, state.block_size
+    if not ids:
+        raise RequestError(422, f"{where}: is an empty list of token ids; send at least one")
+    bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise RequestError(422, f"{where}: token id {bad} is outside the vocabulary [0, {vocab_size})")
+    if len(ids) > block_size:
+        raise RequestError(422, f"{where}: {len(ids)} tokens is longer than the model's context of "
+                                f"{block_size} tokens (block_size); shorten it")
+    return list(ids)
+
+
+def completion_prompts(state: AppState, prompt) -> list[tuple[list[int], str]]:
+    """(token ids, text) of each prompt of a completions request: a string, strings, ids or lists of ids."""
+    decode = state.tokenizer.decode
+    if isinstance(prompt, str):
+        return [(encode_text(state, prompt, allow_empty=True), prompt)]
+    if not prompt:
+        raise RequestError(422, "prompt: is an empty list; send a string, a list of strings, a list of token "
+                                "ids or a list of such lists")
+    if isinstance(prompt[0], int):
+        ids = check_ids(state, prompt)
+        return [(ids, decode(ids))]
+    if isinstance(prompt[0], str):
+        return [(encode_text(state, p, allow_empty=True, where=f"prompt[{i}]"), p) for i, p in enumerate(prompt)]
+    checked = [check_ids(state, p, where=f"prompt[{i}]") for i, p in enumerate(prompt)]
+    return [(ids, decode(ids)) for ids in checked]
+
+
+# ---- OpenAI completions: logprobs and stream chunks
+
+def choice_logprobs(state: AppState, req: CompletionRequest, job: Job, records: list, start: int,
+                    prompt: bool) -> dict | None:
+    """A choice's logprobs object: the prompt's tokens (echo) and/or the sampled ones from `start` characters."""
+    if req.logprobs is None:
+        return None
+    parts = [logprobs_payload(state.token_text, job.ids, job.prompt_logprobs, job.prompt_tops)] if prompt else []
+    parts.append(logprobs_payload(state.token_text, [r[0] for r in records], [r[1] for r in records],
+                                  [r[2] for r in records], start))
+    return merge_logprobs(parts)
+
+
+def completion_usage(prompts: list[tuple[list[int], str]], jobs: list[Job]) -> dict:
+    prompt_tokens = sum(len(ids) for ids, _ in prompts)
+    completion_tokens = sum(job.completion_tokens for job in jobs)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def completion_chunks(state: AppState, req: CompletionRequest, jobs: list[Job], texts: list[str], head: dict):
+    """The frame function of a completions stream, as OpenAI streams: a chunk per text piece of each choice, with
+    the logprobs of the tokens it completes, and a last one per choice with its finish_reason."""
+    pending = {job: [] for job in jobs}  # token records not sent yet
+    offset = {job: 0 for job in jobs}  # characters of the choice's text sent so far
+
+    def chunk(job: Job, text: str, reason: str | None = None, prompt: bool = False) -> str:
+        records, pending[job] = pending[job], []
+        lp = choice_logprobs(state, req, job, [] if prompt else records, offset[job], prompt)
+        offset[job] += len(text)
+        body = {**head, "choices": [{"text": text, "index": job.index, "logprobs": lp, "finish_reason": reason}]}
+        return f"data: {json.dumps(body)}\n\n"
+
+    def frame(job: Job, kind: str, value) -> str | None:
+        if kind == "prompt" and req.echo:
+            return chunk(job, texts[job.index], prompt=True)
+        if kind == "token":
+            pending[job].append(value)
+        elif kind == "piece":
+            return chunk(job, value)
+        elif kind == "end":
+            return chunk(job, "", job.finish_reason)
+        return None
+
+    return frame
+
+
+# ---- routes: each reads app.state.serving
+
+def serving(request: Request) -> AppState:
+    return request.app.state.serving
+
+
+async def playground(request: Request):
+    return HTMLResponse(serving(request).page)
+
+
+async def health(request: Request):
+    state = serving(request)
+    return {"status": "ok", "step": state.ckpt.get("step"), "inflight": state.stats.inflight,
+            "queued": state.stats.queued}
+
+
+async def model_info(request: Request):
+    return serving(request).info
+
+
+async def metrics(request: Request):
+    state = serving(request)
+    return PlainTextResponse(render_metrics(state.stats, state.engine), media_type="text/plain; version=0.0.4")
+
+
+async def models(request: Request):
+    return {"object": "list", "data": [serving(request).model_card]}
+
+
+async def one_model(name: str, request: Request):
+    state = serving(request)
+    if name != state.model_name:
+        raise RequestError(404, f"model: no model {name!r} here; this server has {state.model_name!r}",
+                           code="model_not_found")
+    return state.model_card
+
+
+async def generate(req: GenerateRequest, request: Request):
+    state, arrived = serving(request), time.perf_counter()
+    params = dict(max_new_tokens=req.max_new_tokens, temperature=req.temperature, top_k=req.top_k or None,
+                  top_p=req.top_p, repetition_penalty=req.repetition_penalty, seed=req.seed, stop=req.stop)
+    ids = encode_text(state, req.prompt)
+    check_params(state, params, req.stop)
+    (job,) = await queue_jobs(state, [(ids, params)], req.stream, arrived)
+    if req.stream:
+        return event_stream(state, [job],
+                            frame=lambda job, kind, value: sse("token", {"text": value}) if kind == "piece" else None,
+                            failure=lambda status, message: sse("error", {"error": message}),
+                            tail=lambda: [sse("done", {**job.timings(), "seed": req.seed})])
+    await collect(state, [job], request)
+    return {"text": "".join(job.pieces), **job.timings(), "seed": req.seed}
+
+
+async def completions(req: CompletionRequest, request: Request):
+    """OpenAI's completions API: batched prompts, n, logprobs, echo, stream; errors in OpenAI's shape."""
+    state, arrived = serving(request), time.perf_counter()
+    prompts = completion_prompts(state, req.prompt)
+    stop = [req.stop] if isinstance(req.stop, str) else req.stop
+    base = dict(max_new_tokens=req.max_tokens, temperature=req.temperature, top_k=None, top_p=req.top_p,
+                repetition_penalty=1.0, stop=stop, logprobs=req.logprobs, echo=req.echo)
+    check_params(state, base, stop, {"max_new_tokens": "max_tokens"})
+    room = state.settings.max_concurrency + state.settings.max_queue
+    if len(prompts) * req.n > room:
+        raise RequestError(422, f"prompt: {len(prompts)} prompts x n={req.n} choices is more than this server "
+                                f"takes at once ({room}); send fewer per request")
+    specs = [(ids, {**base, "seed": None if req.seed is None else req.seed + j})
+             for ids, _ in prompts for j in range(req.n)]
+    jobs = await queue_jobs(state, specs, req.stream, arrived)
+    texts = [text for _, text in prompts for _ in range(req.n)]  # job.index -> its prompt's text
+    head = {"id": f"cmpl-{secrets.token_hex(12)}", "object": "text_completion", "created": int(time.time()),
+            "model": req.model or state.model_name}
+    if req.stream:
+        def tail():
+            if req.stream_options is not None and req.stream_options.include_usage:
+                yield f"data: {json.dumps({**head, 'choices': [], 'usage': completion_usage(prompts, jobs)})}\n\n"
+            yield "data: [DONE]\n\n"
+
+        failure = lambda status, message: \
+            f"data: {json.dumps(openai_error(status, message, code='timeout' if status == 504 else None))}\n\n"
+        return event_stream(state, jobs, completion_chunks(state, req, jobs, texts, head), failure, tail)
+    await collect(state, jobs, request)
+    choices = []
+    for job in jobs:
+        echo = texts[job.index] if req.echo else ""
+        choices.append({"text": echo + "".join(job.pieces), "index": job.index,
+                        "logprobs": choice_logprobs(state, req, job, job.records, len(echo), req.echo),
+                        "finish_reason": job.finish_reason})
+    return {**head, "choices": choices, "usage": completion_usage(prompts, jobs)}
+
+
+# ---- errors in each route's shape
+
+async def http_error(request: Request, exc: HTTPException):  # 404, 405, 413: the route's error shape
+    return error_for(request.url.path, exc.status_code, str(exc.detail), headers=exc.headers)
+
+
+async def request_error(request: Request, exc: RequestError):
+    return error_for(request.url.path, exc.status, exc.message, exc.headers, exc.code)
+
+
+async def bad_request(request: Request, exc: RequestValidationError):
+    fields = CompletionRequest.model_fields if request.url.path == "/v1/completions" else None
+    status, message = format_validation_errors(exc.errors(), fields)
+    return error_for(request.url.path, status, message)
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI):
+    yield
+    state = app.state.serving
+    with state.stats.lock:
+        jobs = list(state.running)
+    for job in jobs:  # their rows leave the batch instead of finishing long generations
+        job.cancel.set()
+    state.engine.stop()
+
+
 def create_app(out_dir: str | Path, device: str = "cpu", *, best: bool = False, data_dir: str | None = None,
                max_concurrency: int = 8, max_queue: int = 32, max_new_tokens_cap: int = 512,
                max_prompt_chars: int = 20_000, max_body_bytes: int = 1_000_000, threads: int = 1,
@@ -351,399 +830,30 @@ def create_app(out_dir: str | Path, device: str = "cpu", *, best: bool = False, 
     leaves a core to the event loop and the tokenizer). weights is fp32, bf16, int8 or w8a8 (minilm.quantize).
     request_timeout (seconds, waiting in the queue included) stops a generation that runs longer: 504.
     """
-    if max_concurrency < 1 or max_queue < 0 or max_new_tokens_cap < 1 or threads < 1:
-        raise ValueError(f"need max_concurrency >= 1, max_queue >= 0, max_new_tokens_cap >= 1, threads >= 1; "
-                         f"got {max_concurrency}, {max_queue}, {max_new_tokens_cap}, {threads}")
-    if not (isinstance(request_timeout, (int, float)) and math.isfinite(request_timeout) and request_timeout > 0):
-        raise ValueError(f"request_timeout={request_timeout!r} must be a number of seconds > 0")
-    if weights not in WEIGHTS:
-        raise ValueError(f"weights={weights!r}: choose one of {', '.join(WEIGHTS)}")
+    settings = Settings(max_concurrency, max_queue, max_new_tokens_cap, max_prompt_chars, max_body_bytes, threads,
+                        weights, request_timeout)
     device = pick_device(device)
     model, tokenizer, ckpt = load_run(out_dir, device, data_dir, best, weights)
     eos_id = eos_of(tokenizer, ckpt)
-    block_size = model.config.block_size
-    stats = Stats()
     engine = Engine(model, tokenizer, eos_id, max_batch=max_concurrency, threads=threads).start()
-    slots = asyncio.Semaphore(max_concurrency)
-    running: set[Job] = set()
-    page = PLAYGROUND.read_text(encoding="utf-8")
-    info = {
-        "run": str(out_dir),
-        "device": str(device),
-        "step": ckpt.get("step"),
-        "val_loss": finite_or_none(last_val_loss(Path(out_dir), ckpt.get("step"))),
-        "best_val_loss": finite_or_none(ckpt.get("best_val_loss")),  # inf when the run never evaluated
-        "num_params": logical_num_params(model),
-        "weights": weights,
-        "config": ckpt["config"].get("model", {}),
-        "train_config": ckpt["config"].get("train", {}),
-        "vocab_size": model.config.vocab_size,
-        "block_size": block_size,
-        "eot_id": eos_id,
-        "limits": {"max_new_tokens": max_new_tokens_cap, "max_prompt_tokens": block_size,
-                   "max_prompt_chars": max_prompt_chars, "max_concurrency": max_concurrency,
-                   "max_queue": max_queue, "request_timeout_s": request_timeout},
-    }
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        yield
-        with stats.lock:
-            jobs = list(running)
-        for job in jobs:  # their rows leave the batch instead of finishing long generations
-            job.cancel.set()
-        engine.stop()
+    state = AppState(model, tokenizer, ckpt, eos_id, engine, settings,
+                     info=run_info(out_dir, device, model, ckpt, eos_id, settings),
+                     model_name=Path(out_dir).name or "minilm", page=PLAYGROUND.read_text(encoding="utf-8"))
 
     app = FastAPI(title="minilm inference API", version="0.1.0", lifespan=lifespan)
-
-    @app.exception_handler(HTTPException)
-    async def http_error(request: Request, exc: HTTPException):  # 404, 405, 413: the route's error shape
-        return error_for(request.url.path, exc.status_code, str(exc.detail), headers=exc.headers)
-
-    @app.exception_handler(RequestError)
-    async def request_error(request: Request, exc: RequestError):
-        return error_for(request.url.path, exc.status, exc.message, exc.headers, exc.code)
-
-    @app.exception_handler(RequestValidationError)
-    async def bad_request(request: Request, exc: RequestValidationError):
-        fields = CompletionRequest.model_fields if request.url.path == "/v1/completions" else None
-        status, message = format_validation_errors(exc.errors(), fields)
-        return error_for(request.url.path, status, message)
-
-    @app.get("/", response_class=HTMLResponse)
-    async def playground():
-        return HTMLResponse(page)
-
-    @app.get("/health")
-    async def health():
-        return {"status": "ok", "step": ckpt.get("step"), "inflight": stats.inflight, "queued": stats.queued}
-
-    @app.get("/v1/model")
-    async def model_info():
-        return info
-
-    @app.get("/metrics")
-    async def metrics():
-        return PlainTextResponse(render_metrics(stats, engine), media_type="text/plain; version=0.0.4")
-
-    def retry_after() -> str:
-        # A rough wait: one average request per queued request per worker, at least a second.
-        mean = stats.latency.total / stats.latency.n if stats.latency.n else 1.0
-        return str(max(1, min(60, math.ceil(mean * (stats.queued + 1) / max_concurrency))))
-
-    async def start(params: dict, ids: list[int], stream: bool, arrived: float, queue: asyncio.Queue,
-                    index: int = 0) -> Job:
-        """Wait for a row in the batch (stats.queued already counts this job) and submit the job to the engine."""
-        try:
-            await asyncio.wait_for(slots.acquire(), max(0.0, arrived + request_timeout - time.perf_counter()))
-        except TimeoutError:
-            raise TimedOut from None
-        finally:
-            with stats.lock:
-                stats.queued -= 1
-        job = Job(params, len(ids), stream, arrived, asyncio.get_running_loop(), events=queue,
-                  deadline=arrived + request_timeout, index=index, ids=ids)
-        with stats.lock:
-            stats.inflight += 1
-            stats.prompt_tokens += len(ids)
-            running.add(job)
-        loop = job.loop
-
-        def release(job: Job, outcome: str) -> None:  # runs in the engine thread once the job is over
-            record_outcome(job, outcome, stats)
-            with stats.lock:
-                stats.inflight -= 1
-                running.discard(job)
-            try:
-                loop.call_soon_threadsafe(slots.release)
-            except RuntimeError:
-                pass  # loop closed: shutting down
-
-        job.on_done = release
-        try:
-            engine.submit(Sequence(ids, params, job))
-        except RuntimeError:  # the engine stopped: the server is shutting down
-            release(job, "cancelled")
-            raise Overloaded from None
-        return job
-
-    async def queue_jobs(specs: list[tuple[list[int], dict]], stream: bool, arrived: float) -> list[Job]:
-        """Submit one job per (prompt ids, params), all or none: RequestError 503 when they do not fit, 504 when
-        the time limit passes while they wait."""
-        with stats.lock:
-            if stats.inflight + stats.queued + len(specs) > max_concurrency + max_queue:
-                overloaded = True
-            else:
-                overloaded = False
-                stats.queued += len(specs)
-        if overloaded:
-            raise RequestError(503, f"server busy: {max_concurrency} generations running and {max_queue} queued; "
-                                    "retry after the number of seconds in Retry-After",
-                               headers={"Retry-After": retry_after()}, code="overloaded")
-        queue: asyncio.Queue = asyncio.Queue()
-        results = await asyncio.gather(*(start(params, ids, stream, arrived, queue, i)
-                                         for i, (ids, params) in enumerate(specs)), return_exceptions=True)
-        jobs = [r for r in results if isinstance(r, Job)]
-        failed = [r for r in results if not isinstance(r, Job)]
-        if failed:
-            for job in jobs:
-                job.cancel.set()
-            if isinstance(failed[0], TimedOut):
-                raise RequestError(504, timeout_message("waiting in the queue"), code="timeout")
-            if isinstance(failed[0], Overloaded):
-                raise RequestError(503, "the server is shutting down; retry in a moment",
-                                   headers={"Retry-After": "1"}, code="overloaded")
-            raise failed[0]
-        return jobs
-
-    async def events(jobs: list[Job], request: Request | None = None):
-        """(job, kind, value) from the engine, each job's "end" included, until all ended; raises TimedOut past
-        the deadline.
-
-        Sets the jobs' cancel flags if our consumer goes away (a stream's client disconnecting), when the
-        deadline passes, and, given the request, as soon as its client disconnects: a non-streaming handler only
-        awaits the engine, so without a watcher nothing would notice.
-        """
-        watcher = asyncio.create_task(until_disconnect(request, jobs)) if request is not None else None
-        queue, open_jobs = jobs[0].events, len(jobs)
-        deadline = min(job.deadline for job in jobs)
-        try:
-            while open_jobs:
-                try:
-                    job, kind, value = await asyncio.wait_for(queue.get(), max(0.0, deadline - time.perf_counter()))
-                except TimeoutError:
-                    raise TimedOut from None
-                open_jobs -= kind == "end"
-                yield job, kind, value
-        finally:
-            if watcher is not None:
-                watcher.cancel()
-            for job in jobs:
-                job.cancel.set()  # no-op when finished; takes the row out of the batch otherwise
-
-    async def until_disconnect(request: Request, jobs: list[Job]) -> None:
-        # The body has been read, so the next ASGI message is http.disconnect: the client closed the connection.
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-        for job in jobs:
-            job.disconnected = True
-            job.cancel.set()
-
-    def timeout_message(where: str) -> str:
-        return (f"the request ran past this server's time limit of {request_timeout:g} s ({where}) and was stopped; "
-                "ask for fewer tokens, or retry when the server is less busy (the limit is --request_timeout)")
-
-    async def collect(jobs: list[Job], request: Request) -> None:
-        """Drain non-streaming jobs into job.pieces and job.records; RequestError 500 (failed), 504 (too slow) or
-        499 (the client left)."""
-        try:
-            async with aclosing(events(jobs, request)) as stream:
-                async for job, kind, value in stream:
-                    if kind == "error":
-                        raise RequestError(500, value)
-                    if kind == "piece":
-                        job.pieces.append(value)
-                    elif kind == "token":
-                        job.records.append(value)
-        except TimedOut:
-            raise RequestError(504, timeout_message("while generating"), code="timeout") from None
-        if any(job.disconnected for job in jobs):
-            raise RequestError(499, "the client closed the connection before the answer was ready")
-
-    def check_params(params: dict, stop: list[str] | None, field: dict | None = None) -> None:
-        """The model's and the server's limits on sampling parameters and stop strings (RequestError 422).
-
-        `field` renames parameters in the messages for routes that call them differently (OpenAI's max_tokens).
-        """
-        name = lambda n: (field or {}).get(n, n)
-        if not all(valid_unicode(t) for t in stop or []):
-            raise RequestError(422, "stop: contains a lone UTF-16 surrogate (e.g. \\ud800), which is not text; "
-                                    "send valid Unicode")
-        try:  # the model's own rules for sampling parameters, checked before the request takes a row
-            check_sampling_args(params["max_new_tokens"], params["temperature"], params["top_k"], params["top_p"],
-                                params["repetition_penalty"], model.config.vocab_size, eos_id)
-        except ValueError as e:
-            raise RequestError(422, str(e).replace("max_new_tokens", name("max_new_tokens"))) from None
-        if params["max_new_tokens"] > max_new_tokens_cap:
-            raise RequestError(422, f"{name('max_new_tokens')}: {params['max_new_tokens']} is above this "
-                                    f"server's cap of {max_new_tokens_cap}; ask for fewer (the cap is "
-                                    "--max_new_tokens_cap)")
-        if stop is not None and any(not s or len(s) > 64 for s in stop):
-            raise RequestError(422, "stop: each stop string must be 1 to 64 characters long")
-
-    def encode_text(prompt: str, allow_empty: bool = False, where: str = "prompt") -> list[int]:
-        """A text prompt's token ids, checked against the limits (RequestError 422)."""
-        if not prompt and not allow_empty:
-            raise RequestError(422, f"{where}: is empty; send some text for the model to continue (e.g. \"def \")")
-        if not valid_unicode(prompt):
-            raise RequestError(422, f"{where}: contains a lone UTF-16 surrogate (e.g. \\ud800), which is not text; "
-                                    "send valid Unicode")
-        if len(prompt) > max_prompt_chars:
-            raise RequestError(422, f"{where}: {len(prompt)} characters is over this server's limit of "
-                                    f"{max_prompt_chars}; shorten it")
-        n_prompt = len(tokenizer.encode(prompt).ids)  # before encode_prompt cuts it to block_size
-        if n_prompt > block_size:
-            raise RequestError(422, f"{where}: {n_prompt} tokens is longer than the model's context of "
-                                    f"{block_size} tokens (block_size); shorten it")
-        return encode_prompt(tokenizer, prompt, model, eos_id)
-
-    def check_ids(ids: list[int], where: str = "prompt") -> list[int]:
-        if not ids:
-            raise RequestError(422, f"{where}: is an empty list of token ids; send at least one")
-        bad = next((t for t in ids if not 0 <= t < model.config.vocab_size), None)
-        if bad is not None:
-            raise RequestError(422, f"{where}: token id {bad} is outside the vocabulary [0, "
-                                    f"{model.config.vocab_size})")
-        if len(ids) > block_size:
-            raise RequestError(422, f"{where}: {len(ids)} tokens is longer than the model's context of "
-                                    f"{block_size} tokens (block_size); shorten it")
-        return list(ids)
-
-    @app.post("/v1/generate")
-    async def generate(req: GenerateRequest, request: Request):
-        arrived = time.perf_counter()
-        params = dict(max_new_tokens=req.max_new_tokens, temperature=req.temperature, top_k=req.top_k or None,
-                      top_p=req.top_p, repetition_penalty=req.repetition_penalty, seed=req.seed, stop=req.stop)
-        ids = encode_text(req.prompt)
-        check_params(params, req.stop)
-        (job,) = await queue_jobs([(ids, params)], req.stream, arrived)
-
-        if req.stream:
-            async def body():
-                try:
-                    async with aclosing(events([job])) as stream:
-                        async for _, kind, value in stream:
-                            if kind == "error":
-                                yield sse("error", {"error": value})
-                                return
-                            if kind == "piece":
-                                yield sse("token", {"text": value})
-                except TimedOut:
-                    yield sse("error", {"error": timeout_message("while generating")})
-                    return
-                yield sse("done", {**job.timings(), "seed": req.seed})
-
-            return StreamingResponse(body(), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-        await collect([job], request)
-        return {"text": "".join(job.pieces), **job.timings(), "seed": req.seed}
-
-    model_name = Path(out_dir).name or "minilm"
-    model_card = {"id": model_name, "object": "model", "created": int(time.time()), "owned_by": "minilm"}
-    token_text = TokenText(tokenizer)
-
-    @app.get("/v1/models")
-    async def models():
-        return {"object": "list", "data": [model_card]}
-
-    @app.get("/v1/models/{name}")
-    async def one_model(name: str):
-        if name != model_name:
-            raise RequestError(404, f"model: no model {name!r} here; this server has {model_name!r}",
-                               code="model_not_found")
-        return model_card
-
-    def completion_prompts(prompt) -> list[tuple[list[int], str]]:
-        """(token ids, text) of each prompt of a completions request: a string, strings, ids or lists of ids."""
-        if isinstance(prompt, str):
-            return [(encode_text(prompt, allow_empty=True), prompt)]
-        if not prompt:
-            raise RequestError(422, "prompt: is an empty list; send a string, a list of strings, a list of token "
-                                    "ids or a list of such lists")
-        if isinstance(prompt[0], int):
-            ids = check_ids(prompt)
-            return [(ids, tokenizer.decode(ids))]
-        if isinstance(prompt[0], str):
-            return [(encode_text(p, allow_empty=True, where=f"prompt[{i}]"), p) for i, p in enumerate(prompt)]
-        out = []
-        for i, p in enumerate(prompt):
-            ids = check_ids(p, where=f"prompt[{i}]")
-            out.append((ids, tokenizer.decode(ids)))
-        return out
-
-    @app.post("/v1/completions")
-    async def completions(req: CompletionRequest, request: Request):
-        """OpenAI's completions API: batched prompts, n, logprobs, echo, stream; errors in OpenAI's shape."""
-        arrived = time.perf_counter()
-        prompts = completion_prompts(req.prompt)
-        stop = [req.stop] if isinstance(req.stop, str) else req.stop
-        base = dict(max_new_tokens=req.max_tokens, temperature=req.temperature, top_k=None, top_p=req.top_p,
-                    repetition_penalty=1.0, stop=stop, logprobs=req.logprobs, echo=req.echo)
-        check_params(base, stop, {"max_new_tokens": "max_tokens"})
-        if len(prompts) * req.n > max_concurrency + max_queue:
-            raise RequestError(422, f"prompt: {len(prompts)} prompts x n={req.n} choices is more than this server "
-                                    f"takes at once ({max_concurrency + max_queue}); send fewer per request")
-        specs = [(ids, {**base, "seed": None if req.seed is None else req.seed + j})
-                 for ids, _ in prompts for j in range(req.n)]
-        jobs = await queue_jobs(specs, req.stream, arrived)
-        texts = [text for _, text in prompts for _ in range(req.n)]  # job.index -> its prompt's text
-        head = {"id": f"cmpl-{secrets.token_hex(12)}", "object": "text_completion", "created": int(time.time()),
-                "model": req.model or model_name}
-        usage = lambda: {"prompt_tokens": sum(len(ids) for ids, _ in prompts),
-                         "completion_tokens": sum(job.completion_tokens for job in jobs),
-                         "total_tokens": sum(len(ids) for ids, _ in prompts) +
-                         sum(job.completion_tokens for job in jobs)}
-
-        def logprobs_of(job: Job, records: list, start: int, prompt: bool) -> dict | None:
-            if req.logprobs is None:
-                return None
-            parts = [logprobs_payload(token_text, job.ids, job.prompt_logprobs, job.prompt_tops)] if prompt else []
-            parts.append(logprobs_payload(token_text, [r[0] for r in records], [r[1] for r in records],
-                                          [r[2] for r in records], start))
-            return merge_logprobs(parts)
-
-        if req.stream:
-            return StreamingResponse(stream_completion(jobs, texts, head, logprobs_of, usage, req),
-                                     media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-        await collect(jobs, request)
-        choices = []
-        for job in jobs:
-            echo = texts[job.index] if req.echo else ""
-            choices.append({"text": echo + "".join(job.pieces), "index": job.index,
-                            "logprobs": logprobs_of(job, job.records, len(echo), req.echo),
-                            "finish_reason": job.finish_reason})
-        return {**head, "choices": choices, "usage": usage()}
-
-    async def stream_completion(jobs, texts, head, logprobs_of, usage, req):
-        """Server-sent events as OpenAI streams them: a chunk per text piece of each choice, with the logprobs of
-        the tokens it completes, a last one per choice with its finish_reason, then usage (if asked) and [DONE]."""
-        pending = {job: [] for job in jobs}  # token records not sent yet
-        offset = {job: 0 for job in jobs}  # characters of the choice's text sent so far
-
-        def chunk(job: Job, text: str, reason: str | None = None, prompt: bool = False) -> str:
-            records, pending[job] = pending[job], []
-            lp = logprobs_of(job, [] if prompt else records, offset[job], prompt)
-            offset[job] += len(text)
-            body = {**head, "choices": [{"text": text, "index": job.index, "logprobs": lp, "finish_reason": reason}]}
-            return f"data: {json.dumps(body)}\n\n"
-
-        try:
-            async with aclosing(events(jobs)) as stream:
-                async for job, kind, value in stream:
-                    if kind == "error":
-                        yield f"data: {json.dumps(openai_error(500, value))}\n\n"
-                        return
-                    if kind == "prompt" and req.echo:
-                        yield chunk(job, texts[job.index], prompt=True)
-                    elif kind == "token":
-                        pending[job].append(value)
-                    elif kind == "piece":
-                        yield chunk(job, value)
-                    elif kind == "end":
-                        yield chunk(job, "", job.finish_reason)
-        except TimedOut:
-            yield f"data: {json.dumps(openai_error(504, timeout_message('while generating'), code='timeout'))}\n\n"
-            return
-        if req.stream_options is not None and req.stream_options.include_usage:
-            yield f"data: {json.dumps({**head, 'choices': [], 'usage': usage()})}\n\n"
-        yield "data: [DONE]\n\n"
-
-    app.add_middleware(RequestCounter, stats=stats, max_body_bytes=max_body_bytes)
-    app.state.stats = stats
-    app.state.engine = engine
+    app.state.serving, app.state.stats, app.state.engine = state, state.stats, engine
+    app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(RequestError, request_error)
+    app.add_exception_handler(RequestValidationError, bad_request)
+    app.add_api_route("/", playground, methods=["GET"], response_class=HTMLResponse)
+    app.add_api_route("/health", health, methods=["GET"])
+    app.add_api_route("/v1/model", model_info, methods=["GET"])
+    app.add_api_route("/metrics", metrics, methods=["GET"])
+    app.add_api_route("/v1/generate", generate, methods=["POST"])
+    app.add_api_route("/v1/models", models, methods=["GET"])
+    app.add_api_route("/v1/models/{name}", one_model, methods=["GET"])
+    app.add_api_route("/v1/completions", completions, methods=["POST"])
+    app.add_middleware(RequestCounter, stats=state.stats, max_body_bytes=max_body_bytes)
     return app
 
 
