@@ -44,10 +44,10 @@ from course.check.tokenization import bpe, bpe_encode, bpe_incremental
 from course.check.training import accumulate, overfit
 
 __all__ = [
-    "MODERN_RECIPES", "Result", "_all_targets_ppl", "accumulate", "adamw", "adamw_optimizer", "checkpoint_resume",
-    "get_batch", "muon", "newton_schulz", "optimizer_groups", "train_loop", "attention", "band_cost", "best_bands",
-    "block", "bpe", "bpe_encode", "bpe_incremental", "bleu", "causal_self_attention", "choose_bands", "clip_grad_norm", "clusters",
-    "cross_entropy", "dup_lines", "filtered_probs", "gpt", "hint", "layer_norm", "log_path", "loss_scaler",
-    "lr_schedule", "lsh_candidates", "minhash", "mlp", "overfit", "perplexity", "pick", "read_log", "reference",
-    "rms_norm", "rope", "rouge", "salted_hash_calls", "sampling", "scaling_fit", "watching",
+    "_all_targets_ppl", "accumulate", "adamw", "adamw_optimizer", "attention", "band_cost", "best_bands", "bleu",
+    "block", "bpe", "bpe_encode", "bpe_incremental", "causal_self_attention", "checkpoint_resume", "choose_bands",
+    "clip_grad_norm", "clusters", "cross_entropy", "dup_lines", "filtered_probs", "get_batch", "gpt", "hint",
+    "layer_norm", "log_path", "loss_scaler", "lr_schedule", "lsh_candidates", "minhash", "mlp", "MODERN_RECIPES",
+    "muon", "newton_schulz", "optimizer_groups", "overfit", "perplexity", "pick", "read_log", "reference", "Result",
+    "rms_norm", "rope", "rouge", "salted_hash_calls", "sampling", "scaling_fit", "train_loop", "watching",
 ]
