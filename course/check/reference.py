@@ -44,6 +44,24 @@ def _overfit_ref(model, x, y, steps: int) -> list[float]:
     return losses
 
 
+def _optimizer_groups_ref(model, lr, muon_lr, weight_decay, betas, muon_momentum) -> list:
+    from types import SimpleNamespace
+
+    from minilm.optim import build_optimizers
+
+    t = SimpleNamespace(optimizer="muon", lr=lr, muon_lr=muon_lr, weight_decay=weight_decay, beta1=betas[0],
+                        beta2=betas[1], muon_momentum=muon_momentum)
+    return build_optimizers(model, t, "cpu")
+
+
+def _get_batch_ref(tokens, batch_size, block_size, device, rng):
+    from minilm.data import TokenData
+
+    data = TokenData.__new__(TokenData)
+    data.tokens, data.split = tokens, "train"
+    return data.get_batch(batch_size, block_size, device, rng=rng)
+
+
 def reference(name: str) -> Callable:
     """The package's answer to exercise `name` (a check's name), called like the learner's function.
 
@@ -110,9 +128,15 @@ def _reference_fn(name: str) -> Callable:
         "accumulate": _accumulate_ref,
         "overfit": _overfit_ref,
         "sampling": lambda *a: sampling.filtered_probs(*a),
+        "newton_schulz": lambda g, coefficients, steps, eps: torch.optim._muon._zeropower_via_newtonschulz(
+            g, coefficients, steps, eps),
+        "optimizer_groups": _optimizer_groups_ref,
+        "get_batch": _get_batch_ref,
     }
     if name == "gpt":
         return model.GPT
+    if name in ("adamw_optimizer", "muon"):
+        return torch.optim.AdamW if name == "adamw_optimizer" else torch.optim.Muon
     if name not in table:
         raise KeyError(f"no exercise named {name!r}; the checks are listed by `python -m course checks`")
     return table[name]

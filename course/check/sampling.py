@@ -35,7 +35,8 @@ def filtered_probs(logits: torch.Tensor, temperature: float, top_k: int | None, 
     return z.softmax(dim=-1)
 
 
-WATCH_SAMPLING = ("minilm.model.sample_next", "course.check.sampling.filtered_probs", "course.check.filtered_probs")
+WATCH_SAMPLING = ("minilm.inference.sampling.sample_next", "course.check.sampling.filtered_probs",
+                  "course.check.filtered_probs")
 
 
 @_check
@@ -46,9 +47,9 @@ def sampling(fn: Callable, rows: int = 512, seed: int | None = None, log: bool =
     or a float in (0, 1] (keep the smallest set of most likely tokens whose probability reaches top_p, after
     temperature and top-k). Return (B, vocab) probabilities, zero for removed tokens, rows summing to 1.
     The check draws one token per row from your probabilities with torch.multinomial and from
-    minilm.model.sample_next with the same random generator: equal distributions pick the same tokens.
+    minilm.inference.sampling.sample_next with the same random generator: equal distributions pick the same tokens.
     """
-    from minilm.model import sample_next
+    from minilm.inference.sampling import sample_next
 
     s = _seed(seed)
     called = Counter()
@@ -96,6 +97,7 @@ def sampling(fn: Callable, rows: int = 512, seed: int | None = None, log: bool =
                    f"(logit rank {int(rank[yours[r]])}); you keep {kept} of {vocab} tokens in that row")
             return _finish("sampling", False, msg, s, log)
     return _finish("sampling", True, f"{len(settings)} settings of temperature/top-k/top-p, {rows} random rows each: "
-                   "every draw from your distribution equals minilm.model.sample_next's with the same generator",
+                   "every draw from your distribution equals minilm.inference.sampling.sample_next's with the same "
+                   "generator",
                    s, log,
                    uses_reference=called or _calls_reference(fn, {"sample_next", "filtered_probs"}))

@@ -40,8 +40,9 @@ WATCH_MUON = ("torch.optim.Muon.step", "torch.optim._muon._zeropower_via_newtons
 WATCH_GROUPS = ("minilm.optim.build_optimizers", "minilm.optim.hidden_matrices", *WATCH_ADAMW, *WATCH_MUON)
 WATCH_BATCH = ("minilm.data.TokenData.get_batch",)
 WATCH_CKPT = ("minilm.checkpoint.save_checkpoint", "minilm.checkpoint.load_checkpoint", "minilm.checkpoint.rng_state",
-              "minilm.checkpoint.set_rng_state", "minilm.checkpoint.atomic_save", "minilm.train.checkpoint")
-WATCH_TRAIN = ("minilm.train.train", "minilm.train.train_step", "minilm.train.set_up", "minilm.optim.set_lr",
+              "minilm.checkpoint.set_rng_state", "minilm.checkpoint.atomic_save", "minilm.loop.checkpoint")
+WATCH_TRAIN = ("minilm.train.train", "minilm.loop.train_step", "minilm.loop.run_loop", "minilm.run_setup.set_up",
+               "minilm.optim.set_lr",
                "minilm.optim.get_lr", "minilm.model.GPT.forward", "torch.nn.utils.clip_grad_norm_",
                "torch.nn.utils.clip_grad.clip_grad_norm_", "torch.amp.GradScaler.scale", "minilm.data.whole_split_loss",
                *WATCH_GROUPS, *WATCH_BATCH, *WATCH_CKPT)

@@ -93,7 +93,7 @@ for kw in [dict(temperature=0.0), dict(temperature=0.8, top_k=50), dict(temperat
 # How the filters reshape one next-token distribution:
 
 # %%
-from minilm.model import sample_next
+from minilm.inference.sampling import sample_next
 
 ids = torch.tensor([tok.encode(prompt).ids], device=DEVICE)
 with torch.no_grad():
