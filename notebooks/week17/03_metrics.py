@@ -179,8 +179,8 @@ print(f"the GPT {verdict} the bigram baseline")
 # the final token. Sum the NLLs and count the tokens over all windows, divide once at the end.
 # `help(check.perplexity)` has the full contract.
 #
-# The cell ships calling the package's version so the notebook runs as committed: **replace the body with
-# your own code**, then run the check.
+# The cell ships as a stub that raises `NotImplementedError`, so the check reports "not implemented yet" and the
+# cells below use the package's version until yours passes: **write the body**, then run the check.
 
 # %%
 # YOUR CODE: my_perplexity

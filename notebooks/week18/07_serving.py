@@ -131,9 +131,10 @@ check.sampling(my_probs)
 # %% [markdown]
 # ## 2. The KV cache
 #
-# Without a cache every new token recomputes attention over the whole context: the cost of a continuation
-# grows with the square of its length. With a cache, each step runs the model on one position and reuses the
-# stored keys and values. Same greedy output, different cost:
+# Without a cache every new token reruns the model over the whole context, and attention over t positions costs
+# t²: a continuation of n tokens costs about n³ in attention (and n² in the other layers). With a cache, each
+# step runs the model on one position and reuses the stored keys and values: t per step, n² over the
+# continuation. Same greedy output, different cost:
 
 # %%
 start = torch.tensor([tok.encode(prompt).ids], device=DEVICE)
