@@ -23,13 +23,11 @@ from pathlib import Path
 import numpy as np
 
 from minilm.checkpoint import atomic_write
-from minilm.config import apply_overrides, get_preset
+from minilm.config import MODERN, apply_overrides, get_preset
 
 # The GPT-2 block, spelled out, so the baseline stays GPT-2 whatever the presets' defaults become.
 GPT2 = dict(pos="learned", norm="layernorm", mlp="gelu", qk_norm=False, tie_embeddings=True, bias=True,
             zero_init=False, optimizer="adamw")
-MODERN = dict(pos="rope", norm="rmsnorm", mlp="swiglu", qk_norm=True, tie_embeddings=False, bias=False,
-              zero_init=True)
 VARIANTS: dict[str, dict] = {
     "gpt2": {},
     "rope": {"pos": "rope"},

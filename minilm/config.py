@@ -37,7 +37,7 @@ class ModelConfig:
     bias: bool = True  # biases in Linear and LayerNorm layers, as GPT-2
     zero_init: bool = False  # output projections start at zero (each block starts as the identity)
     rope_theta: float = 10000.0
-    grad_checkpoint: bool = False  # recompute each block's activations in backward (less memory, ~30% slower)
+    grad_checkpoint: bool = False  # recompute each block's activations in backward (less memory, one more forward)
 
     def problems(self) -> list[str]:
         """What is wrong with these values, each with what to change (empty when all is well)."""
@@ -151,8 +151,8 @@ PRESETS: dict[str, RunConfig] = {
                     max_iters=500, lr=3e-3, min_lr=3e-4, muon_lr=0.03, warmup_iters=30, eval_interval=250,
                     eval_iters=10),
     ),
-    # ~13M parameters (8M of them the tied 32k embedding) on the installed-packages corpus: 24.6M tokens, ~3.5 h on
-    # a 2-core CPU (~2k tokens/s), minutes on a GPU; --max_iters=500 is ~45 minutes of CPU (README, evaluation).
+    # ~13M parameters (8M of them the tied 32k embedding) on the installed-packages corpus: hours on a 2-core CPU,
+    # minutes on a GPU (docs/training.md has the measured times).
     "small": RunConfig(
         ModelConfig(vocab_size=32000, block_size=256, n_layer=6, n_head=4, n_embd=256, **MODERN_TIED),
         TrainConfig(

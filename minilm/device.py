@@ -194,7 +194,7 @@ def bf16_speedup(model: torch.nn.Module, vocab_size: int, block_size: int, batch
     """(fp32, bf16-autocast) tokens/s of the model's forward + backward on the CPU, a few steps after a warm-up.
 
     A native bf16 flag does not make bf16 faster for every model: for small widths the casts cost more than the
-    matmuls save (measured here: the tiny preset ran 30% slower in bf16 on an AVX512-BF16 Xeon). Inputs come
+    matmuls save (docs/training.md has the tiny preset's measurement), so the run measures. Inputs come
     from a private generator and the model is in eval mode, so the run's random streams do not move.
     """
     import contextlib

@@ -10,7 +10,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from minilm.config import ModelConfig  # noqa: E402
+from minilm.config import MODERN, ModelConfig  # noqa: E402
 from minilm.export import ExportError, block_kind, compare_logits, export_model, main  # noqa: E402
 from minilm.model import GPT  # noqa: E402
 from minilm.sample import eos_of, load_run  # noqa: E402
@@ -54,14 +54,14 @@ def test_cli_exports_the_trained_run_and_pipeline_generates_the_same_text(tiny_r
     assert out == tok.decode(want)
 
 
-MODERN = dict(pos="rope", norm="rmsnorm", mlp="swiglu", bias=False, zero_init=True)
+LLAMA = {**MODERN, "qk_norm": False, "tie_embeddings": True}  # Llama's block: the recipe without QK-norm, tied
 ARCHS = [
     ("gpt2", "GPT2LMHeadModel", dict(bias=True)),
     ("gpt2-no-bias-untied", "GPT2LMHeadModel", dict(bias=False, tie_embeddings=False)),
-    ("llama", "LlamaForCausalLM", dict(MODERN)),
-    ("llama-bias-untied", "LlamaForCausalLM", dict(MODERN, bias=True, tie_embeddings=False)),
-    ("qwen3", "Qwen3ForCausalLM", dict(MODERN, qk_norm=True, tie_embeddings=False)),
-    ("qwen3-tied-theta", "Qwen3ForCausalLM", dict(MODERN, qk_norm=True, rope_theta=500.0, mlp_hidden=48)),
+    ("llama", "LlamaForCausalLM", dict(LLAMA)),
+    ("llama-bias-untied", "LlamaForCausalLM", dict(LLAMA, bias=True, tie_embeddings=False)),
+    ("qwen3", "Qwen3ForCausalLM", dict(LLAMA, qk_norm=True, tie_embeddings=False)),
+    ("qwen3-tied-theta", "Qwen3ForCausalLM", dict(LLAMA, qk_norm=True, rope_theta=500.0, mlp_hidden=48)),
 ]
 
 

@@ -6,11 +6,10 @@ import math
 import pytest
 import torch
 
-from minilm.config import ConfigError, ModelConfig, get_preset, parse_args
+from minilm.config import MODERN, ConfigError, ModelConfig, get_preset, parse_args
 from minilm.inference.sampling import sample_next
 from minilm.model import GPT, RMSNorm, apply_rope, rope_tables
 
-MODERN = dict(pos="rope", norm="rmsnorm", mlp="swiglu", qk_norm=True, tie_embeddings=False, bias=False)
 VARIANTS = {
     "gpt2": {},
     "rope": {"pos": "rope"},
@@ -123,7 +122,7 @@ def test_modern_pieces_are_in_place():
 
 def test_zero_init_makes_blocks_identity_at_start():
     torch.manual_seed(0)
-    model = GPT(ModelConfig(vocab_size=50, block_size=16, n_layer=3, n_head=2, n_embd=32, zero_init=True, **MODERN))
+    model = GPT(ModelConfig(vocab_size=50, block_size=16, n_layer=3, n_head=2, n_embd=32, **MODERN))
     projections = [w for b in model.transformer.h for w in (b.attn.c_proj.weight, b.mlp.c_proj.weight)]
     assert all(float(w.detach().abs().max()) == 0 for w in projections)
     x = torch.randint(0, 50, (2, 16))

@@ -23,6 +23,7 @@ from course.check._harness import (
     _which_variant,
     watching,
 )
+from minilm.config import MODERN
 
 # ----------------------------------------------------------------------------- MLP, block, the whole GPT
 
@@ -148,8 +149,9 @@ def block(fn: Callable, trials: int = 4, seed: int | None = None, log: bool = Tr
 
 
 # The modern recipe's switches, one setting per extra trial of check.gpt(..., modern=True).
+# The first is the presets' recipe (minilm.config.MODERN; zero_init is moot, the check loads random weights).
 MODERN_RECIPES = (
-    dict(pos="rope", norm="rmsnorm", mlp="swiglu", qk_norm=True, tie_embeddings=False, bias=False),
+    {k: v for k, v in MODERN.items() if k != "zero_init"},
     dict(pos="rope", norm="layernorm", mlp="relu2", qk_norm=False, tie_embeddings=True, bias=True, rope_theta=500.0),
     dict(pos="learned", norm="rmsnorm", mlp="gelu", qk_norm=True, tie_embeddings=True, bias=False),
 )
