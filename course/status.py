@@ -24,7 +24,8 @@ from course.check import log_path, read_log
 
 # task number -> (title, self-checks whose latest verdict must be PASS)
 TASKS = {
-    1: ("Curation", ("dup_lines", "minhash", "lsh_candidates", "clusters", "choose_bands", "bpe", "bpe_encode")),
+    1: ("Curation", ("dup_lines", "minhash", "lsh_candidates", "clusters", "choose_bands", "bpe", "bpe_incremental",
+                  "bpe_encode")),
     2: ("Metrics", ("perplexity", "bleu", "rouge")),
     3: ("Training setup", ("loss_scaler", "adamw", "lr_schedule", "clip_grad_norm", "accumulate")),
     4: ("Training", ("attention", "causal_self_attention", "layer_norm", "rms_norm", "mlp", "block", "rope",
