@@ -37,6 +37,8 @@ import io
 import json
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -242,6 +244,269 @@ def last_training_eval(out_dir: Path) -> dict:
     return last
 
 
+def check_arguments(out_dir: Path, num_prompts: int, function_prompts: int, function_tokens: int, line_tokens: int,
+                    kn_order: int) -> None:
+    """Fail on a missing run dir or an unusable task size before loading anything."""
+    if not out_dir.is_dir():
+        raise CheckpointError(f"run dir {out_dir} does not exist; train first: python -m minilm.train "
+                              f"--out_dir {out_dir}")
+    if num_prompts < 1 or function_prompts < 0:
+        raise ValueError(f"num_prompts={num_prompts} must be >= 1 and function_prompts={function_prompts} >= 0")
+    if function_tokens < 8 or line_tokens < 8:
+        raise ValueError(f"function_tokens={function_tokens} and line_tokens={line_tokens} must be >= 8 "
+                         "(the caps on generated tokens per example)")
+    if not isinstance(kn_order, int) or not 1 <= kn_order <= 6:
+        raise ValueError(f"kn_order={kn_order!r} must be an integer from 1 to 6 (3 to 5 is usual)")
+
+
+def run_data_dir(out_dir: Path, data_dir: str | Path | None, ckpt: dict) -> Path:
+    """data_dir, or the one the checkpoint was trained on; it must exist."""
+    data_dir = data_dir or ckpt["config"].get("train", {}).get("data_dir")
+    if not data_dir:
+        raise DataError(f"the checkpoint in {out_dir} does not record its data dir; pass --data_dir")
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise DataError(f"data dir {data_dir} does not exist (relative paths count from the current directory); "
+                        "pass --data_dir (evaluate(..., data_dir=...)) pointing at the run's data dir")
+    return data_dir
+
+
+def eot_id(meta: dict, tokenizer, data_dir: Path) -> int:
+    """The end-of-text id: meta.json's, else the tokenizer's token (older data dirs do not record it)."""
+    eot = meta.get("eot_id")
+    if eot is None:
+        eot = tokenizer.token_to_id(meta.get("eot_token", "<|endoftext|>"))
+    if eot is None:
+        raise DataError(f"{data_dir}/meta.json has no eot_id and the tokenizer has no <|endoftext|> token")
+    return eot
+
+
+def window_and_stride(block_size: int, window: int | None, stride: int | None) -> tuple[int, int]:
+    """The perplexity window (default: block_size) and sliding stride (default: half the window)."""
+    window = window or block_size
+    if window > block_size:
+        raise ValueError(f"window={window} is longer than the model's context (block_size={block_size})")
+    stride = stride or max(1, window // 2)
+    if stride > window:
+        raise ValueError(f"stride={stride} is larger than window={window}; use stride <= window")
+    return window, stride
+
+
+def set_up(out_dir: Path, data_dir: str | Path | None, device: str, best: bool, window: int | None,
+           stride: int | None, max_train_tokens: int | None, progress: bool) -> EvalRun:
+    """Load the checkpoint, its data dir and tokenizer, and check that they belong together."""
+    device = pick_device(device)
+    started = time.perf_counter()
+    checkpoint = "ckpt_best.pt" if best else "ckpt.pt"
+    model, ckpt = model_from_checkpoint(out_dir / checkpoint, device)
+    cfg = model.config
+    data_dir = run_data_dir(out_dir, data_dir, ckpt)
+    meta = read_meta(data_dir)
+    tokenizer = load_tokenizer(data_dir)
+    if meta["vocab_size"] > cfg.vocab_size:
+        raise DataError(f"{data_dir} has a {meta['vocab_size']}-token vocabulary but the model only "
+                        f"{cfg.vocab_size}: this is not the data dir the run was trained on; pass --data_dir")
+    eot = eot_id(meta, tokenizer, data_dir)
+    window, stride = window_and_stride(cfg.block_size, window, stride)
+    val_all = TokenData(data_dir, "val").tokens
+    train_all = np.asarray(TokenData(data_dir, "train").tokens, dtype=np.int64)
+    train = train_all[:max_train_tokens] if max_train_tokens else train_all
+    return EvalRun(out_dir, checkpoint, device, model, ckpt, data_dir, tokenizer, eot, window, stride, val_all,
+                   train_all, train, print if progress else (lambda *a, **k: None), started)
+
+
+def scored_val(run: EvalRun, max_tokens: int | None) -> tuple[np.ndarray, int | None]:
+    """The validation tokens every system scores, and their bytes (None if they decode to no text)."""
+    val = val_tokens(run.val_all, run.eot, max_tokens)
+    if len(val) < 2:
+        raise DataError(f"{run.data_dir}/val.bin holds {len(val)} token(s); rebuild the data dir with more text")
+    n_bytes = scored_bytes(run.tokenizer, val, run.eot) or None
+    run.say(f"evaluating {run.out_dir} (step {run.ckpt.get('step')}) on {len(val) - 1:,} validation tokens, "
+            f"{n_bytes or 0:,} bytes, device {run.device}")
+    return val, n_bytes
+
+
+def model_perplexity(run: EvalRun, val: np.ndarray, n_bytes: int | None, batch_size: int,
+                     progress: bool) -> tuple[dict, list[float]]:
+    """eval.json's "perplexity" (non-overlapping and sliding windows) and the model's loss by position."""
+    window, stride = run.window, run.stride
+    t0 = time.perf_counter()
+    fn = lambda ids: run.model(ids)[0]
+    chunks = perplexity(fn, val, window, window, byte_count=n_bytes, batch_size=batch_size, device=run.device,
+                        progress=progress)
+    sliding = perplexity(fn, val, window, stride, byte_count=n_bytes, batch_size=batch_size, device=run.device,
+                         progress=progress) if stride < window else chunks
+    by_pos = loss_by_position(run.model, val, window)
+    run.timings["model_perplexity"] = time.perf_counter() - t0
+    whole = len(val) == len(run.val_all)
+    out = {"window": window, "stride": stride, "tokens": chunks.tokens, "bytes": n_bytes,
+           "whole_split": whole, "non_overlapping": chunks.as_dict(), "sliding": sliding.as_dict(),
+           "definition": f"val.bin{'' if whole else ' (first documents)'} scored from its 2nd token; "
+                         f"non_overlapping = windows of {window} (training's final val loss); "
+                         f"sliding = stride {stride}; bytes = UTF-8 bytes of the scored text + 1 per "
+                         "end-of-text target (the document separator)"}
+    return out, by_pos
+
+
+def counting_baselines(run: EvalRun, val: np.ndarray, n_bytes: int | None,
+                       kn_order: int) -> tuple[dict, KneserNey, KneserNey]:
+    """eval.json's "baselines" on the same tokens, and the two Kneser-Ney models (whole split, tokens seen)."""
+    train, V = run.train, run.model.config.vocab_size
+    t0 = time.perf_counter()
+    k1, k2 = fit_add_k(train, V, 1), fit_add_k(train, V, 2)
+    uni = unigram_perplexity(train, val, V, k=k1, byte_count=n_bytes)
+    bi = bigram_perplexity(train, val, V, k=k2, byte_count=n_bytes)
+    seen = min(tokens_seen(run.ckpt), len(train))
+    kn_full = KneserNey(train, V, order=kn_order)
+    # The run saw only its first steps x tokens-per-step; fewer than an n-gram's worth would leave KN nothing.
+    kn_seen = kn_full if seen >= len(train) else KneserNey(train[: max(seen, kn_order + 1)], V, order=kn_order)
+    knf, kns = kn_full.perplexity(val, n_bytes), kn_seen.perplexity(val, n_bytes)
+    run.timings["baselines"] = time.perf_counter() - t0
+    out = {"unigram": {**uni.as_dict(), "k": k1}, "bigram": {**bi.as_dict(), "k": k2},
+           "kn_full": {**knf.as_dict(), "order": kn_order, "train_tokens": kn_full.train_tokens,
+                       "discounts": kn_full.discount},
+           "kn_seen": {**kns.as_dict(), "order": kn_order, "train_tokens": kn_seen.train_tokens,
+                       "same_as_full": kn_seen is kn_full},
+           "train_tokens": len(train), "seen_tokens": tokens_seen(run.ckpt)}
+    return out, kn_full, kn_seen
+
+
+def say_bits_per_byte(run: EvalRun, p: dict, b: dict) -> None:
+    bpb = lambda x: x["bits_per_byte"] or float("nan")
+    run.say(f"bits per byte: model {bpb(p['non_overlapping']):.3f} (non-overlapping {run.window}), "
+            f"{bpb(p['sliding']):.3f} (sliding, stride {run.stride}); KN-{b['kn_full']['order']} "
+            f"{bpb(b['kn_full']):.3f} (whole train), {bpb(b['kn_seen']):.3f} "
+            f"(tokens seen); bigram {bpb(b['bigram']):.3f}, unigram {b['unigram']['bits_per_byte'] or 0:.3f}")
+
+
+def task_examples(run: EvalRun, caps: dict, num_prompts: int, function_prompts: int,
+                  seed: int) -> tuple[dict, list[dict]]:
+    """The completion task's examples and the start of eval.json's "task" (its systems still empty)."""
+    t0 = time.perf_counter()
+    prompt_cap = max(8, run.model.config.block_size - 16)
+    task = completion_task(run.tokenizer, run.train_all, run.val_all, run.eot, caps, num_prompts, function_prompts,
+                           seed)
+    run.timings["task_build"] = time.perf_counter() - t0
+    task_out = {"prompts": len(task["examples"]), "counts": task["counts"], "caps": caps,
+                "prompt_token_cap": prompt_cap, "val_documents": task["val_documents"],
+                "train_documents": task["train_documents"],
+                "bleu_tokenize": "code tokens (identifiers, numbers, single punctuation), sacrebleu "
+                                 "tokenize='none' over them", "systems": {}}
+    return task_out, task["examples"]
+
+
+def raw_completions(run: EvalRun, prompts: list[list[int]], kinds: list[str], caps: dict, kn_full: KneserNey,
+                    kn_seen: KneserNey) -> dict[str, list[str]]:
+    """Every system's greedy continuation of every prompt, before the stop rule cuts it."""
+    tokenizer, eot = run.tokenizer, run.eot
+    raw, gen_s = model_completions(run.model, prompts, kinds, caps, tokenizer, eot, run.device)
+    run.timings["model_generation"] = gen_s
+    raws = {"model": raw}
+    t0 = time.perf_counter()
+    uni_next, bi_next = greedy_next_tables(run.train, run.model.config.vocab_size)
+    counters = {"kn_full": lambda s: int(np.argmax(kn_full.next_probs(s))),
+                "bigram": lambda s: int(bi_next[s[-1]]), "unigram": lambda s: uni_next}
+    if kn_seen is not kn_full:
+        counters["kn_seen"] = lambda s: int(np.argmax(kn_seen.next_probs(s)))
+    for name, nxt in counters.items():
+        raws[name] = count_completions(nxt, prompts, kinds, caps, tokenizer, eot)
+    if "kn_seen" not in raws:  # the same model: the same completions
+        raws["kn_seen"] = raws["kn_full"]
+    run.timings["baseline_generation"] = time.perf_counter() - t0
+    return raws
+
+
+def score_task(examples: list[dict], raws: dict[str, list[str]], task_out: dict, bootstrap_samples: int,
+               seed: int) -> tuple[dict, dict]:
+    """Cut and score every system's completions into task_out; returns (rows, preds) by system."""
+    kinds = [ex["kind"] for ex in examples]
+    rows: dict[str, list[dict]] = {}
+    preds: dict[str, list[str]] = {}
+    for name in SYSTEMS:
+        preds[name] = [cut_completion(k, r) for k, r in zip(kinds, raws[name])]
+        rows[name] = score_examples(examples, preds[name])
+        task_out["systems"][name] = aggregate(examples, rows[name], bootstrap_samples, seed)
+    task_out["documents"] = len({ex["doc"] for ex in examples})
+    task_out["interval"] = (f"95% percentile cluster bootstrap, {bootstrap_samples} resamples of the "
+                            f"{task_out['documents']} validation files the prompts come from")
+    task_out["model_minus"] = {name: compare(examples, rows["model"], rows[name], bootstrap_samples, seed)
+                               for name in SYSTEMS[1:]}
+    return rows, preds
+
+
+def run_task(run: EvalRun, caps: dict, num_prompts: int, function_prompts: int, kn_full: KneserNey,
+             kn_seen: KneserNey, bootstrap_samples: int, seed: int) -> tuple[dict, list[dict], dict, dict]:
+    """The completion task: eval.json's "task", its examples, and each system's score rows and predictions."""
+    task_out, examples = task_examples(run, caps, num_prompts, function_prompts, seed)
+    if not examples:
+        task_out["skipped"] = "no usable example in the validation split (too few Python files that parse)"
+        run.say(f"task skipped: {task_out['skipped']}")
+        return task_out, examples, {}, {}
+    kinds = [ex["kind"] for ex in examples]
+    cap = task_out["prompt_token_cap"]
+    prompts = [run.tokenizer.encode(ex["prompt"]).ids[-cap:] or [run.eot] for ex in examples]
+    raws = raw_completions(run, prompts, kinds, caps, kn_full, kn_seen)
+    rows, preds = score_task(examples, raws, task_out, bootstrap_samples, seed)
+    task_out["prompt_tokens_mean"] = float(np.mean([len(p) for p in prompts]))
+    m = task_out["systems"]["model"]["all"]
+    run.say(f"task ({len(examples)} prompts): model exact {m['exact']['value']:.3f}, edit sim "
+            f"{m['edit_sim']['value']:.3f}, BLEU {m['bleu']['value']:.2f}, chrF {m['chrf']['value']:.2f}; KN "
+            f"edit sim {task_out['systems']['kn_full']['all']['edit_sim']['value']:.3f}")
+    return task_out, examples, rows, preds
+
+
+def completion_text_metrics(run: EvalRun, examples: list[dict], preds: dict, task_out: dict, copy_n: int,
+                            function_tokens: int) -> tuple[dict, dict]:
+    """eval.json's "generation" (the model's completions next to the references) and the older "continuation"."""
+    gen: dict = {"copy_n": copy_n}
+    continuation: dict = {"prompts": len(examples)}
+    if not examples:
+        return gen, continuation
+    tokenizer, train = run.tokenizer, run.train
+    references = [ex["reference"] for ex in examples]
+    ngrams = NgramIndex(train, copy_n) if len(train) >= copy_n else None
+    p_ids = [tokenizer.encode(p).ids for p in preds["model"]]
+    r_ids = [tokenizer.encode(ref).ids for ref in references]
+    gen["greedy"] = generation_metrics(p_ids, preds["model"], ngrams)
+    gen["reference"] = generation_metrics(r_ids, references, ngrams)
+    bleu = corpus_bleu_code(preds["model"], references)
+    rl = task_out["systems"]["model"]["all"]["rougeL"]
+    continuation.update({"prompt_tokens": round(task_out["prompt_tokens_mean"]),
+                         "continuation_tokens": function_tokens, "bleu": bleu.score,
+                         "bleu_precisions": bleu.precisions, "bleu_bp": bleu.bp, "bleu_signature": bleu.signature,
+                         "rouge": {"rougeL": {"f": rl["value"], "f_low": rl["low"], "f_high": rl["high"]}}})
+    return gen, continuation
+
+
+def run_info(run: EvalRun) -> dict:
+    return {"out_dir": str(run.out_dir), "checkpoint": run.checkpoint, "step": run.ckpt.get("step"),
+            "params": run.model.num_params(), "model": run.ckpt["config"].get("model"),
+            "data_dir": str(run.data_dir), "device": run.device}
+
+
+def examples_jsonl(examples: list[dict], rows: dict, preds: dict) -> str:
+    """eval_examples.jsonl: one line per example, its fields and every system's prediction and scores."""
+    lines = []
+    for i, ex in enumerate(examples):
+        row = {k: ex[k] for k in ("id", "kind", "doc", "line", "prompt", "reference") if k in ex}
+        for name in SYSTEMS:
+            scores = {k: v for k, v in rows[name][i].items() if not k.endswith("_stats")}
+            row[name] = {"prediction": preds[name][i], **scores}
+        lines.append(json.dumps(row, ensure_ascii=False))
+    return "\n".join(lines) + ("\n" if lines else "")
+
+
+def write_outputs(run: EvalRun, results: dict, examples: list[dict], rows: dict, preds: dict) -> None:
+    """eval_examples.jsonl, eval.json, eval_dashboard.png and eval.md in the run dir."""
+    out_dir = run.out_dir
+    atomic_write(examples_jsonl(examples, rows, preds), out_dir / "eval_examples.jsonl")
+    atomic_write(json.dumps(results, indent=2), out_dir / "eval.json")
+    edit_sims = {n: [x["edit_sim"] for x in rows[n]] for n in ("model", "kn_full", "bigram") if n in rows}
+    plot_dashboard(results, out_dir / "eval_dashboard.png", edit_sims)
+    atomic_write(report_markdown(results, examples, rows, preds), out_dir / "eval.md")
+    run.say(f"wrote {out_dir / 'eval.json'}, eval_examples.jsonl, eval.md, eval_dashboard.png")
+
+
 def evaluate(out_dir: str | Path, *, data_dir: str | Path | None = None, device: str = "auto",
              max_tokens: int | None = None, window: int | None = None, stride: int | None = None,
              batch_size: int = 8, num_prompts: int = 360, function_prompts: int = 160, function_tokens: int = 128,
@@ -256,189 +521,38 @@ def evaluate(out_dir: str | Path, *, data_dir: str | Path | None = None, device:
     skips the files.
     """
     out_dir = Path(out_dir)
-    if not out_dir.is_dir():
-        raise CheckpointError(f"run dir {out_dir} does not exist; train first: python -m minilm.train "
-                              f"--out_dir {out_dir}")
-    if num_prompts < 1 or function_prompts < 0:
-        raise ValueError(f"num_prompts={num_prompts} must be >= 1 and function_prompts={function_prompts} >= 0")
-    if function_tokens < 8 or line_tokens < 8:
-        raise ValueError(f"function_tokens={function_tokens} and line_tokens={line_tokens} must be >= 8 "
-                         "(the caps on generated tokens per example)")
-    if not isinstance(kn_order, int) or not 1 <= kn_order <= 6:
-        raise ValueError(f"kn_order={kn_order!r} must be an integer from 1 to 6 (3 to 5 is usual)")
-    device = pick_device(device)
-    t_start = time.perf_counter()
-    model, ckpt = model_from_checkpoint(out_dir / ("ckpt_best.pt" if best else "ckpt.pt"), device)
-    cfg = model.config
-    data_dir = data_dir or ckpt["config"].get("train", {}).get("data_dir")
-    if not data_dir:
-        raise DataError(f"the checkpoint in {out_dir} does not record its data dir; pass --data_dir")
-    data_dir = Path(data_dir)
-    if not data_dir.is_dir():
-        raise DataError(f"data dir {data_dir} does not exist (relative paths count from the current directory); "
-                        "pass --data_dir (evaluate(..., data_dir=...)) pointing at the run's data dir")
-    meta = read_meta(data_dir)
-    tokenizer = load_tokenizer(data_dir)
-    if meta["vocab_size"] > cfg.vocab_size:
-        raise DataError(f"{data_dir} has a {meta['vocab_size']}-token vocabulary but the model only "
-                        f"{cfg.vocab_size}: this is not the data dir the run was trained on; pass --data_dir")
-    eot = meta.get("eot_id")
-    if eot is None:
-        eot = tokenizer.token_to_id(meta.get("eot_token", "<|endoftext|>"))
-    if eot is None:
-        raise DataError(f"{data_dir}/meta.json has no eot_id and the tokenizer has no <|endoftext|> token")
-    window = window or cfg.block_size
-    if window > cfg.block_size:
-        raise ValueError(f"window={window} is longer than the model's context (block_size={cfg.block_size})")
-    stride = stride or max(1, window // 2)
-    if stride > window:
-        raise ValueError(f"stride={stride} is larger than window={window}; use stride <= window")
-    say = print if progress else (lambda *a, **k: None)
-    val_all = TokenData(data_dir, "val").tokens
-    train_all = np.asarray(TokenData(data_dir, "train").tokens, dtype=np.int64)
-    train = train_all[:max_train_tokens] if max_train_tokens else train_all
-    V = cfg.vocab_size
-    timings = {}
+    check_arguments(out_dir, num_prompts, function_prompts, function_tokens, line_tokens, kn_order)
+    run = set_up(out_dir, data_dir, device, best, window, stride, max_train_tokens, progress)
 
     # 1. Perplexity: every token of the split after the first, scored once, by every system.
-    val = val_tokens(val_all, eot, max_tokens)
-    if len(val) < 2:
-        raise DataError(f"{data_dir}/val.bin holds {len(val)} token(s); rebuild the data dir with more text")
-    n_bytes = scored_bytes(tokenizer, val, eot) or None
-    say(f"evaluating {out_dir} (step {ckpt.get('step')}) on {len(val) - 1:,} validation tokens, "
-        f"{n_bytes or 0:,} bytes, device {device}")
-    t0 = time.perf_counter()
-    fn = lambda ids: model(ids)[0]
-    chunks = perplexity(fn, val, window, window, byte_count=n_bytes, batch_size=batch_size, device=device,
-                        progress=progress)
-    sliding = perplexity(fn, val, window, stride, byte_count=n_bytes, batch_size=batch_size, device=device,
-                         progress=progress) if stride < window else chunks
-    by_pos = loss_by_position(model, val, window)
-    timings["model_perplexity"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    k1, k2 = fit_add_k(train, V, 1), fit_add_k(train, V, 2)
-    uni = unigram_perplexity(train, val, V, k=k1, byte_count=n_bytes)
-    bi = bigram_perplexity(train, val, V, k=k2, byte_count=n_bytes)
-    seen = min(tokens_seen(ckpt), len(train))
-    kn_full = KneserNey(train, V, order=kn_order)
-    kn_seen = kn_full if seen >= len(train) else KneserNey(train[: max(seen, kn_order + 1)], V, order=kn_order)
-    knf, kns = kn_full.perplexity(val, n_bytes), kn_seen.perplexity(val, n_bytes)
-    timings["baselines"] = time.perf_counter() - t0
-    say(f"bits per byte: model {chunks.bits_per_byte or float('nan'):.3f} (non-overlapping {window}), "
-        f"{sliding.bits_per_byte or float('nan'):.3f} (sliding, stride {stride}); KN-{kn_order} "
-        f"{knf.bits_per_byte or float('nan'):.3f} (whole train), {kns.bits_per_byte or float('nan'):.3f} "
-        f"(tokens seen); bigram {bi.bits_per_byte or float('nan'):.3f}, unigram {uni.bits_per_byte or 0:.3f}")
+    val, n_bytes = scored_val(run, max_tokens)
+    ppl, by_pos = model_perplexity(run, val, n_bytes, batch_size, progress)
+    baselines, kn_full, kn_seen = counting_baselines(run, val, n_bytes, kn_order)
+    say_bits_per_byte(run, ppl, baselines)
 
     # 2. The completion task, from validation files, decontaminated against every training file.
-    t0 = time.perf_counter()
     caps = {"function": function_tokens, "line": line_tokens}
-    prompt_cap = max(8, cfg.block_size - 16)
-    task = completion_task(tokenizer, train_all, val_all, eot, caps, num_prompts, function_prompts, seed)
-    examples = task["examples"]
-    timings["task_build"] = time.perf_counter() - t0
-    task_out: dict = {"prompts": len(examples), "counts": task["counts"], "caps": caps, "prompt_token_cap": prompt_cap,
-                      "val_documents": task["val_documents"], "train_documents": task["train_documents"],
-                      "bleu_tokenize": "code tokens (identifiers, numbers, single punctuation), sacrebleu "
-                                       "tokenize='none' over them", "systems": {}}
-    rows: dict[str, list[dict]] = {}
-    preds: dict[str, list[str]] = {}
-    if examples:
-        kinds = [ex["kind"] for ex in examples]
-        prompts = [tokenizer.encode(ex["prompt"]).ids[-prompt_cap:] or [eot] for ex in examples]
-        raw, gen_s = model_completions(model, prompts, kinds, caps, tokenizer, eot, device)
-        timings["model_generation"] = gen_s
-        raws = {"model": raw}
-        t0 = time.perf_counter()
-        uni_next, bi_next = greedy_next_tables(train, V)
-        counters = {"kn_full": lambda s: int(np.argmax(kn_full.next_probs(s))),
-                    "bigram": lambda s: int(bi_next[s[-1]]), "unigram": lambda s: uni_next}
-        if kn_seen is not kn_full:
-            counters["kn_seen"] = lambda s: int(np.argmax(kn_seen.next_probs(s)))
-        for name, nxt in counters.items():
-            raws[name] = count_completions(nxt, prompts, kinds, caps, tokenizer, eot)
-        if "kn_seen" not in raws:
-            raws["kn_seen"] = raws["kn_full"]
-        timings["baseline_generation"] = time.perf_counter() - t0
-        for name in SYSTEMS:
-            preds[name] = [cut_completion(k, r) for k, r in zip(kinds, raws[name])]
-            rows[name] = score_examples(examples, preds[name])
-            task_out["systems"][name] = aggregate(examples, rows[name], bootstrap_samples, seed)
-        task_out["documents"] = len({ex["doc"] for ex in examples})
-        task_out["interval"] = (f"95% percentile cluster bootstrap, {bootstrap_samples} resamples of the "
-                                f"{task_out['documents']} validation files the prompts come from")
-        task_out["model_minus"] = {name: compare(examples, rows["model"], rows[name], bootstrap_samples, seed)
-                                   for name in SYSTEMS[1:]}
-        task_out["prompt_tokens_mean"] = float(np.mean([len(p) for p in prompts]))
-        m = task_out["systems"]["model"]["all"]
-        say(f"task ({len(examples)} prompts): model exact {m['exact']['value']:.3f}, edit sim "
-            f"{m['edit_sim']['value']:.3f}, BLEU {m['bleu']['value']:.2f}, chrF {m['chrf']['value']:.2f}; KN "
-            f"edit sim {task_out['systems']['kn_full']['all']['edit_sim']['value']:.3f}")
-    else:
-        task_out["skipped"] = "no usable example in the validation split (too few Python files that parse)"
-        say(f"task skipped: {task_out['skipped']}")
+    task_out, examples, rows, preds = run_task(run, caps, num_prompts, function_prompts, kn_full, kn_seen,
+                                               bootstrap_samples, seed)
 
     # 3. Generation metrics of the model's completions next to the references, and the old continuation keys.
-    gen: dict = {"copy_n": copy_n}
-    continuation: dict = {"prompts": len(examples)}
-    if examples:
-        ngrams = NgramIndex(train, copy_n) if len(train) >= copy_n else None
-        p_ids = [tokenizer.encode(p).ids for p in preds["model"]]
-        r_ids = [tokenizer.encode(ex["reference"]).ids for ex in examples]
-        gen["greedy"] = generation_metrics(p_ids, preds["model"], ngrams)
-        gen["reference"] = generation_metrics(r_ids, [ex["reference"] for ex in examples], ngrams)
-        bleu = corpus_bleu_code(preds["model"], [ex["reference"] for ex in examples])
-        rl = task_out["systems"]["model"]["all"]["rougeL"]
-        continuation.update({"prompt_tokens": round(task_out["prompt_tokens_mean"]),
-                             "continuation_tokens": function_tokens, "bleu": bleu.score,
-                             "bleu_precisions": bleu.precisions, "bleu_bp": bleu.bp, "bleu_signature": bleu.signature,
-                             "rouge": {"rougeL": {"f": rl["value"], "f_low": rl["low"], "f_high": rl["high"]}}})
+    gen, continuation = completion_text_metrics(run, examples, preds, task_out, copy_n, function_tokens)
 
     # 4. Speed.
-    speed = generation_speed(model, eot, speed_tokens, device)
-    say(f"speed: {speed['tokens_per_s']:.1f} tokens/s, {speed['ms_per_token']:.2f} ms/token (batch 1, KV cache)")
+    speed = generation_speed(run.model, run.eot, speed_tokens, run.device)
+    run.say(f"speed: {speed['tokens_per_s']:.1f} tokens/s, {speed['ms_per_token']:.2f} ms/token (batch 1, KV cache)")
 
-    whole = len(val) == len(val_all)
     results = {
-        "run": {"out_dir": str(out_dir), "checkpoint": "ckpt_best.pt" if best else "ckpt.pt",
-                "step": ckpt.get("step"), "params": model.num_params(), "model": ckpt["config"].get("model"),
-                "data_dir": str(data_dir), "device": device},
-        "perplexity": {"window": window, "stride": stride, "tokens": chunks.tokens, "bytes": n_bytes,
-                       "whole_split": whole, "non_overlapping": chunks.as_dict(), "sliding": sliding.as_dict(),
-                       "definition": f"val.bin{'' if whole else ' (first documents)'} scored from its 2nd token; "
-                                     f"non_overlapping = windows of {window} (training's final val loss); "
-                                     f"sliding = stride {stride}; bytes = UTF-8 bytes of the scored text + 1 per "
-                                     "end-of-text target (the document separator)"},
-        "training_log": last_training_eval(out_dir),
-        "baselines": {"unigram": {**uni.as_dict(), "k": k1}, "bigram": {**bi.as_dict(), "k": k2},
-                      "kn_full": {**knf.as_dict(), "order": kn_order, "train_tokens": kn_full.train_tokens,
-                                  "discounts": kn_full.discount},
-                      "kn_seen": {**kns.as_dict(), "order": kn_order, "train_tokens": kn_seen.train_tokens,
-                                  "same_as_full": kn_seen is kn_full},
-                      "train_tokens": len(train), "seen_tokens": tokens_seen(ckpt)},
-        "loss_by_position": by_pos,
-        "task": task_out,
-        "continuation": continuation,
-        "generation": gen,
+        "run": run_info(run), "perplexity": ppl, "training_log": last_training_eval(out_dir), "baselines": baselines,
+        "loss_by_position": by_pos, "task": task_out, "continuation": continuation, "generation": gen,
         "speed": speed,
         "examples": [{"prompt": ex["prompt"], "reference": ex["reference"], "greedy": preds["model"][i]}
                      for i, ex in enumerate(examples[:4])],
-        "timings_s": timings,
-        "seconds": time.perf_counter() - t_start,
+        "timings_s": run.timings,
+        "seconds": time.perf_counter() - run.started,
     }
     if write:
-        lines = []
-        for i, ex in enumerate(examples):
-            row = {k: ex[k] for k in ("id", "kind", "doc", "line", "prompt", "reference") if k in ex}
-            for name in SYSTEMS:
-                scores = {k: v for k, v in rows[name][i].items() if not k.endswith("_stats")}
-                row[name] = {"prediction": preds[name][i], **scores}
-            lines.append(json.dumps(row, ensure_ascii=False))
-        atomic_write("\n".join(lines) + ("\n" if lines else ""), out_dir / "eval_examples.jsonl")
-        atomic_write(json.dumps(results, indent=2), out_dir / "eval.json")
-        edit_sims = {n: [x["edit_sim"] for x in rows[n]] for n in ("model", "kn_full", "bigram") if n in rows}
-        plot_dashboard(results, out_dir / "eval_dashboard.png", edit_sims)
-        atomic_write(report_markdown(results, examples, rows, preds), out_dir / "eval.md")
-        say(f"wrote {out_dir / 'eval.json'}, eval_examples.jsonl, eval.md, eval_dashboard.png")
+        write_outputs(run, results, examples, rows, preds)
     return results
 
 
@@ -570,10 +684,13 @@ def _difference_lines(t: dict) -> list[str]:
     return lines
 
 
-def report_markdown(r: dict, examples: list[dict] | None = None, rows: dict | None = None,
-                    preds: dict | None = None) -> str:
-    p, b, t, g, s, run = r["perplexity"], r["baselines"], r["task"], r["generation"], r["speed"], r["run"]
-    f3 = lambda x: f"{x:.3f}" if x is not None else "-"
+def _f3(x: float | None) -> str:
+    return f"{x:.3f}" if x is not None else "-"
+
+
+def _bits_per_byte_lines(r: dict) -> list[str]:
+    """The title, the bits-per-byte table and what its rows mean."""
+    p, b, run = r["perplexity"], r["baselines"], r["run"]
     lines = [
         f"# Evaluation of `{run['out_dir']}`", "",
         f"Checkpoint `{run['checkpoint']}` at step {run['step']}, {run['params']:,} parameters, "
@@ -584,8 +701,7 @@ def report_markdown(r: dict, examples: list[dict] | None = None, rows: dict | No
         "| model | bits per byte | perplexity | NLL (nats/token) |", "|---|---:|---:|---:|",
     ]
     for name, _, x in _bpb_rows(r):
-        lines.append(f"| {name} | **{f3(x['bits_per_byte'])}** | {x['perplexity']:.2f} | {x['nll']:.4f} |")
-    log = r.get("training_log") or {}
+        lines.append(f"| {name} | **{_f3(x['bits_per_byte'])}** | {x['perplexity']:.2f} | {x['nll']:.4f} |")
     lines += [
         "",
         "Every row scores the same tokens (each after the first, once, end-of-text tokens included); bits per "
@@ -598,6 +714,12 @@ def report_markdown(r: dict, examples: list[dict] | None = None, rows: dict | No
         f"tokens (the run consumed {b['seen_tokens']:,}: steps x batch x accumulation x block)"
         + (", which covers the whole split" if b["kn_seen"]["same_as_full"] else "") + ".",
     ]
+    return lines + _training_log_lines(p, r.get("training_log") or {})
+
+
+def _training_log_lines(p: dict, log: dict) -> list[str]:
+    """How the loss here compares with what training logged in metrics.jsonl."""
+    lines = []
     if "final_val_loss" in log:
         diff = p["non_overlapping"]["nll"] - log["final_val_loss"]
         lines += ["", f"Training's final val loss (metrics.jsonl, step {log.get('step')}): "
@@ -607,68 +729,96 @@ def report_markdown(r: dict, examples: list[dict] | None = None, rows: dict | No
     if "val_loss" in log:
         lines += ["", f"The last `val_loss` logged during training, {log['val_loss']:.4f}, is a mean over "
                   "random windows: a noisier estimate of the same quantity."]
-    lines.append("")
-    if t["systems"]:
-        c = t["counts"]
-        lines += [
-            f"## Completion task ({t['prompts']} prompts from {t['val_documents']} validation files)", "",
-            f"{c['function']['chosen']} functions (signature + docstring -> body, up to {t['caps']['function']} "
-            f"tokens, stop when a line returns to column 0) and {c['line']['chosen']} lines (8 lines of context -> "
-            f"the next line, up to {t['caps']['line']} tokens, stop at the end of the line). Greedy decoding for "
-            f"every system; prompts cut to their last {t['prompt_token_cap']} tokens. Decontamination against "
-            f"{t['train_documents']} training files: of {c['function']['candidates']} function and "
-            f"{c['line']['candidates']} line candidates, {c['function']['prompt_in_train']} and "
-            f"{c['line']['prompt_in_train']} had a prompt that occurs in a training file, "
-            f"{c['function']['body_in_train']} functions a body that does; {c['function']['too_long']} + "
-            f"{c['line']['too_long']} had references longer than the token cap.", "",
-            f"Value [95% interval]; all on a 0-100 scale. The interval is a cluster bootstrap over the "
-            f"{t.get('documents', '?')} validation files the prompts come from: a resample draws files with "
-            "replacement and keeps all of a file's prompts, because prompts from one file succeed or fail together "
-            "(resampling prompts one by one would give too narrow an interval). BLEU and chrF are corpus scores "
-            "(from summed statistics, as sacrebleu); BLEU is over code tokens (identifiers, numbers, single "
-            "punctuation marks) because 13a splits identifiers at `_` and `char` rewards fragments. "
-            "\"parses\" counts only examples whose reference parses with its prompt.", "",
-            "| system | " + " | ".join(n for _, n, _ in TASK_METRICS) + " |",
-            "|---|" + "---:|" * len(TASK_METRICS),
-        ]
-        for name in SYSTEMS:
-            agg = t["systems"][name]["all"]
-            lines.append(f"| {SYSTEM_NAMES[name]} | " + " | ".join(_ci(agg.get(k), sc) for k, _, sc in TASK_METRICS)
-                         + " |")
-        lines += _difference_lines(t)
-        lines += ["", "By kind:", "", "| system | kind | n | " + " | ".join(n for _, n, _ in TASK_METRICS) + " |",
-                  "|---|---|---:|" + "---:|" * len(TASK_METRICS)]
-        for name in ("model", "kn_full"):
-            for kind in ("function", "line"):
-                agg = t["systems"][name].get(kind)
-                if agg:
-                    lines.append(f"| {SYSTEM_NAMES[name]} | {kind} | {agg['n']} | "
-                                 + " | ".join(_ci(agg.get(k), sc) for k, _, sc in TASK_METRICS) + " |")
-        lines.append("")
-    else:
-        lines += ["## Completion task", "", f"Skipped: {t.get('skipped')}", ""]
-    if "greedy" in g:
-        lines += ["## Generated text", "", "| text | distinct-1 | distinct-2 | repetition-4 | self-BLEU | "
-                  f"copies {g['copy_n']}+ training tokens |", "|---|---:|---:|---:|---:|---:|"]
-        for kind in ("greedy", "reference"):
-            m = g[kind]
-            cr = f"{100 * m['copy_rate']:.0f}%" if "copy_rate" in m else "-"
-            lines.append(f"| {'model' if kind == 'greedy' else kind} | {m['distinct_1']:.3f} | {m['distinct_2']:.3f} | "
-                         f"{m['repetition_4']:.3f} | {f3(m['self_bleu'])} | {cr} |")
-        lines.append("")
-    lines += ["## Speed (batch 1, greedy, KV cache)", "",
-              f"{s['tokens_per_s']:.1f} tokens/s; {s['ms_per_token']:.2f} ms per token after the first; "
-              f"time to first token {s['time_to_first_token_ms']:.1f} ms ({s['tokens']} tokens).", ""]
+    return lines + [""]
+
+
+def _task_lines(t: dict) -> list[str]:
+    """The completion task: how it was built, every system's scores, the differences and the scores by kind."""
+    if not t["systems"]:
+        return ["## Completion task", "", f"Skipped: {t.get('skipped')}", ""]
+    c = t["counts"]
+    lines = [
+        f"## Completion task ({t['prompts']} prompts from {t['val_documents']} validation files)", "",
+        f"{c['function']['chosen']} functions (signature + docstring -> body, up to {t['caps']['function']} "
+        f"tokens, stop when a line returns to column 0) and {c['line']['chosen']} lines (8 lines of context -> "
+        f"the next line, up to {t['caps']['line']} tokens, stop at the end of the line). Greedy decoding for "
+        f"every system; prompts cut to their last {t['prompt_token_cap']} tokens. Decontamination against "
+        f"{t['train_documents']} training files: of {c['function']['candidates']} function and "
+        f"{c['line']['candidates']} line candidates, {c['function']['prompt_in_train']} and "
+        f"{c['line']['prompt_in_train']} had a prompt that occurs in a training file, "
+        f"{c['function']['body_in_train']} functions a body that does; {c['function']['too_long']} + "
+        f"{c['line']['too_long']} had references longer than the token cap.", "",
+        f"Value [95% interval]; all on a 0-100 scale. The interval is a cluster bootstrap over the "
+        f"{t.get('documents', '?')} validation files the prompts come from: a resample draws files with "
+        "replacement and keeps all of a file's prompts, because prompts from one file succeed or fail together "
+        "(resampling prompts one by one would give too narrow an interval). BLEU and chrF are corpus scores "
+        "(from summed statistics, as sacrebleu); BLEU is over code tokens (identifiers, numbers, single "
+        "punctuation marks) because 13a splits identifiers at `_` and `char` rewards fragments. "
+        "\"parses\" counts only examples whose reference parses with its prompt.", "",
+        "| system | " + " | ".join(n for _, n, _ in TASK_METRICS) + " |",
+        "|---|" + "---:|" * len(TASK_METRICS),
+    ]
+    for name in SYSTEMS:
+        agg = t["systems"][name]["all"]
+        lines.append(f"| {SYSTEM_NAMES[name]} | " + " | ".join(_ci(agg.get(k), sc) for k, _, sc in TASK_METRICS)
+                     + " |")
+    lines += _difference_lines(t)
+    return lines + _by_kind_lines(t)
+
+
+def _by_kind_lines(t: dict) -> list[str]:
+    """The model's and Kneser-Ney's scores on functions and on lines apart."""
+    lines = ["", "By kind:", "", "| system | kind | n | " + " | ".join(n for _, n, _ in TASK_METRICS) + " |",
+             "|---|---|---:|" + "---:|" * len(TASK_METRICS)]
+    for name in ("model", "kn_full"):
+        for kind in ("function", "line"):
+            agg = t["systems"][name].get(kind)
+            if agg:
+                lines.append(f"| {SYSTEM_NAMES[name]} | {kind} | {agg['n']} | "
+                             + " | ".join(_ci(agg.get(k), sc) for k, _, sc in TASK_METRICS) + " |")
+    return lines + [""]
+
+
+def _generation_lines(g: dict) -> list[str]:
+    if "greedy" not in g:
+        return []
+    lines = ["## Generated text", "", "| text | distinct-1 | distinct-2 | repetition-4 | self-BLEU | "
+             f"copies {g['copy_n']}+ training tokens |", "|---|---:|---:|---:|---:|---:|"]
+    for kind in ("greedy", "reference"):
+        m = g[kind]
+        cr = f"{100 * m['copy_rate']:.0f}%" if "copy_rate" in m else "-"
+        lines.append(f"| {'model' if kind == 'greedy' else kind} | {m['distinct_1']:.3f} | {m['distinct_2']:.3f} | "
+                     f"{m['repetition_4']:.3f} | {_f3(m['self_bleu'])} | {cr} |")
+    return lines + [""]
+
+
+def _speed_lines(s: dict) -> list[str]:
+    return ["## Speed (batch 1, greedy, KV cache)", "",
+            f"{s['tokens_per_s']:.1f} tokens/s; {s['ms_per_token']:.2f} ms per token after the first; "
+            f"time to first token {s['time_to_first_token_ms']:.1f} ms ({s['tokens']} tokens).", ""]
+
+
+def _example_lines(examples: list[dict], rows: dict, preds: dict) -> list[str]:
+    """The model's two best and two worst completions by edit similarity, next to Kneser-Ney's."""
+    order = sorted(range(len(examples)), key=lambda i: (rows["model"][i]["edit_sim"], i))
+    picks = [("Best", i) for i in order[::-1][:2]] + [("Worst", i) for i in order[:2]]
+    lines = ["## Best and worst model completions (by edit similarity; all in eval_examples.jsonl)", ""]
+    for label, i in picks:
+        ex = examples[i]
+        lines += [f"### {label}: example {ex['id']} ({ex['kind']}), edit similarity "
+                  f"{rows['model'][i]['edit_sim']:.2f}", "", "Prompt:", "", _fence(ex["prompt"]), "",
+                  "Reference:", "", _fence(ex["reference"]), "", "Model:", "", _fence(preds["model"][i]), "",
+                  "Kneser-Ney (whole train split):", "", _fence(preds["kn_full"][i]), ""]
+    return lines
+
+
+def report_markdown(r: dict, examples: list[dict] | None = None, rows: dict | None = None,
+                    preds: dict | None = None) -> str:
+    """eval.md from the eval.json dict; the best and worst completions too when examples, rows and preds are given."""
+    lines = _bits_per_byte_lines(r) + _task_lines(r["task"]) + _generation_lines(r["generation"])
+    lines += _speed_lines(r["speed"])
     if examples and rows and preds:
-        order = sorted(range(len(examples)), key=lambda i: (rows["model"][i]["edit_sim"], i))
-        picks = [("Best", i) for i in order[::-1][:2]] + [("Worst", i) for i in order[:2]]
-        lines += ["## Best and worst model completions (by edit similarity; all in eval_examples.jsonl)", ""]
-        for label, i in picks:
-            ex = examples[i]
-            lines += [f"### {label}: example {ex['id']} ({ex['kind']}), edit similarity "
-                      f"{rows['model'][i]['edit_sim']:.2f}", "", "Prompt:", "", _fence(ex["prompt"]), "",
-                      "Reference:", "", _fence(ex["reference"]), "", "Model:", "", _fence(preds["model"][i]), "",
-                      "Kneser-Ney (whole train split):", "", _fence(preds["kn_full"][i]), ""]
+        lines += _example_lines(examples, rows, preds)
     return "\n".join(lines)
 
 
@@ -712,6 +862,28 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+@dataclass
+class EvalRun:
+    """What every stage of evaluate() reads: the run, its model and data, and where timings go."""
+
+    out_dir: Path
+    checkpoint: str  # ckpt.pt or ckpt_best.pt
+    device: str
+    model: torch.nn.Module
+    ckpt: dict
+    data_dir: Path
+    tokenizer: object
+    eot: int
+    window: int
+    stride: int
+    val_all: np.ndarray
+    train_all: np.ndarray  # the whole split: decontamination reads every training file
+    train: np.ndarray  # what the baselines count (the first max_train_tokens)
+    say: Callable[..., None]
+    started: float  # perf_counter() before the checkpoint loads, for "seconds"
+    timings: dict = field(default_factory=dict)
 
 
 if __name__ == "__main__":
