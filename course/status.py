@@ -26,7 +26,8 @@ from course.check import log_path, read_log
 TASKS = {
     1: ("Curation", ("dup_lines", "minhash", "lsh_candidates", "clusters", "choose_bands", "bpe", "bpe_encode")),
     2: ("Metrics", ("perplexity", "bleu", "rouge")),
-    3: ("Training setup", ("loss_scaler", "adamw", "lr_schedule", "clip_grad_norm", "accumulate")),
+    3: ("Training setup", ("loss_scaler", "adamw", "lr_schedule", "clip_grad_norm", "accumulate",
+                           "activation_checkpoint", "ddp_all_reduce")),
     4: ("Training", ("attention", "causal_self_attention", "layer_norm", "rms_norm", "mlp", "block", "rope",
                      "cross_entropy", "gpt", "overfit", "adamw_optimizer", "newton_schulz", "muon",
                      "optimizer_groups", "get_batch", "checkpoint_resume", "train_loop")),
