@@ -838,3 +838,43 @@ def my_fit_law(N, D, L):
                 for s in starts), key=lambda r: r.fun)
     a, b, e, alpha, beta = best.x
     return {"E": np.exp(e), "A": np.exp(a), "B": np.exp(b), "alpha": alpha, "beta": beta}
+
+
+# ----------------------------------------------------------------------------- week 17: checkpointing and DDP
+
+
+class MyCheckpoint(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, fn, *args):
+        ctx.fn, ctx.rng = fn, torch.get_rng_state()
+        ctx.is_tensor = [torch.is_tensor(a) for a in args]
+        ctx.others = [None if t else a for a, t in zip(args, ctx.is_tensor)]
+        ctx.save_for_backward(*[a for a in args if torch.is_tensor(a)])
+        with torch.no_grad():  # no graph: the block's activations are dropped as soon as they are used
+            return fn(*args)
+
+    @staticmethod
+    def backward(ctx, *grad_outputs):
+        saved = iter(ctx.saved_tensors)
+        inputs = [next(saved).detach().requires_grad_(True) if t else o for t, o in zip(ctx.is_tensor, ctx.others)]
+        with torch.random.fork_rng(devices=[]):  # the same dropout masks, and the outer stream left where it was
+            torch.set_rng_state(ctx.rng)
+            with torch.enable_grad():
+                out = ctx.fn(*inputs)
+        outs = out if isinstance(out, tuple) else (out,)
+        pairs = [(o, g) for o, g in zip(outs, grad_outputs) if torch.is_tensor(o) and o.requires_grad]
+        torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+        return (None, *[a.grad if torch.is_tensor(a) else None for a in inputs])
+
+
+def my_checkpoint(fn, *args):
+    return MyCheckpoint.apply(fn, *args)
+
+
+def my_all_reduce_grads(model, world_size):
+    import torch.distributed as dist
+
+    for p in model.parameters():
+        if p.grad is not None:  # frozen parameters have no gradient, on every rank alike
+            dist.all_reduce(p.grad)  # in place: the sum over ranks (gloo has no AVG)
+            p.grad.div_(world_size)

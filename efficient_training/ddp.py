@@ -89,6 +89,24 @@ def make_buckets(params: list[nn.Parameter], bucket_cap_mb: float) -> list[list[
     return buckets
 
 
+def all_reduce_gradients(params, world_size: int) -> None:
+    """Average every .grad of params over all processes in one flat all-reduce, after backward has finished.
+
+    The unbucketed, unoverlapped form of what DDP does during backward: sum, then divide by world_size (gloo has
+    no AVG). Parameters without a gradient are skipped, the same ones on every rank.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat.div_(world_size)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
 class DDP(nn.Module):
     """Wrap a model for data-parallel training; gradients are averaged over all processes during backward.
 

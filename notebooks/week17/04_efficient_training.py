@@ -244,6 +244,74 @@ plt.plot(depths, mem_plain, "o-", label="plain"); plt.plot(depths, mem_ck, "o-",
 plt.xlabel("layers"); plt.ylabel("saved activations (MiB)"); plt.legend(); show()
 
 # %% [markdown]
+# ### Exercise 5 — activation checkpointing by hand
+#
+# Write `MyCheckpoint`, a `torch.autograd.Function`, and `my_checkpoint(fn, *args)` that returns
+# `MyCheckpoint.apply(fn, *args)`. **forward** runs `fn(*args)` under `torch.no_grad()` (so no graph, and none of
+# fn's activations, is kept), saving only the tensor inputs (`ctx.save_for_backward`), the other arguments as they
+# are (`None`, ints, a tuple), and the RNG state. **backward** makes detached copies of the inputs that require
+# grad, restores the RNG state inside `torch.random.fork_rng()` (the same dropout masks, and the training's own
+# random stream left where it was), reruns `fn` under `torch.enable_grad()`, backpropagates `grad_outputs`
+# through that fresh copy, and returns `None` for `fn` and each input's gradient. The check compares your
+# gradients with `torch.utils.checkpoint`'s and a plain backward's on random blocks with dropout, and counts the
+# bytes saved for backward with `torch.autograd.graph.saved_tensors_hooks`.
+
+# %%
+# YOUR CODE: MyCheckpoint my_checkpoint
+class MyCheckpoint(torch.autograd.Function):
+    """forward: fn(*args) without a graph, keeping the inputs and the RNG state; backward: recompute and backprop."""
+
+    @staticmethod
+    def forward(ctx, fn, *args):
+        raise NotImplementedError("save the RNG state and the tensor inputs; run fn under torch.no_grad()")
+
+    @staticmethod
+    def backward(ctx, *grad_outputs):
+        raise NotImplementedError("restore the RNG state, recompute under torch.enable_grad(), then backward")
+
+
+def my_checkpoint(fn, *args):
+    """fn(*args), storing only args for backward."""
+    return MyCheckpoint.apply(fn, *args)
+
+
+# %%
+result = check.activation_checkpoint(my_checkpoint)
+ckpt_fn = check.pick(result, my_checkpoint)
+
+# %% [markdown]
+# Your checkpointing on the GPT: wrap every block so training calls `ckpt_fn(block, x, None, layer, attn_mask,
+# rope)` (the block's own arguments) and measure the saved activations at growing depth, next to the plain model:
+
+# %%
+import torch.nn as nn
+
+
+class WithMyCheckpoint(nn.Module):
+    def __init__(self, block):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x, cache=None, layer=0, attn_mask=None, rope=None):
+        if self.training and cache is None:
+            return ckpt_fn(self.block, x, None, layer, attn_mask, rope)
+        return self.block(x, cache, layer, attn_mask, rope)
+
+
+mem_mine = []
+for L in depths:
+    torch.manual_seed(SEED)
+    m = GPT(ModelConfig(vocab_size=2048, block_size=128, n_layer=L, n_head=4, n_embd=128))
+    m.transformer.h = nn.ModuleList(WithMyCheckpoint(b) for b in m.transformer.h)
+    mem_mine.append(activation_memory(m, idx, idx) / 2**20)
+plt.figure(figsize=(5, 3))
+plt.plot(depths, mem_plain, "o-", label="plain")
+plt.plot(depths, mem_mine, "s--", label="checkpointed (ckpt_fn)")
+plt.xlabel("layers"); plt.ylabel("saved activations (MiB)"); plt.legend(); show()
+for L, a, b in zip(depths, mem_plain, mem_mine):
+    print(f"{L} layers: plain {a:6.1f} MiB, checkpointed {b:6.1f} MiB ({a / b:.1f}x less)")
+
+# %% [markdown]
 # ## 3. Gradient accumulation
 #
 # A batch too big for memory can be processed as k micro-batches whose gradients add up in `.grad` before one
@@ -272,7 +340,7 @@ for norm in ("tokens", "micro_batches", "none"):
     print(f"normalize={norm:14s} max |difference from the big batch| = {(g - big).abs().max().item():.2e}")
 
 # %% [markdown]
-# ### Exercise 5 — the accumulation loop
+# ### Exercise 6 — the accumulation loop
 #
 # `my_accumulate(model, optimizer, micro_batches)`: one optimizer step from equal-sized micro-batches `(x, y)`.
 # Zero the gradients, run forward and backward on each micro-batch with its loss divided by the number of
@@ -311,6 +379,42 @@ for label, key, ref_key in [("our DDP", "ours", "sgd"), ("torch DistributedDataP
                for r in range(2) for name, value in ref[ref_key].items())
     print(f"{label:36s} max |rank's parameters - one process on the whole batch| = {diff:.2e}")
 print("all-reduce calls per step:", ranks[0]["allreduce_per_step"], "in", ranks[0]["n_buckets"], "buckets")
+
+# %% [markdown]
+# ### Exercise 7 — the gradient all-reduce
+#
+# The heart of DDP without the buckets and the overlap: `my_all_reduce_grads(model, world_size)`, called on every
+# rank after `loss.backward()`, replaces each parameter's `.grad` by its mean over the ranks, using
+# `torch.distributed.all_reduce` (it sums in place; gloo has no average, so divide by `world_size`). Skip parameters
+# without a gradient (frozen ones). The check forks 2 CPU processes joined by gloo, runs backward on each rank's
+# half of a random batch, calls your function, and compares every rank's gradients with one process's on the
+# whole batch; after one SGD step the ranks' weights must be bitwise equal.
+
+# %%
+# YOUR CODE: my_all_reduce_grads
+def my_all_reduce_grads(model, world_size):
+    """Average every .grad of model over the processes, in place."""
+    raise NotImplementedError("for each p with a .grad: all_reduce it (a sum), then divide by world_size")
+
+
+# %%
+result = check.ddp_all_reduce(my_all_reduce_grads)
+reduce_fn = check.pick(result, my_all_reduce_grads)
+
+# %% [markdown]
+# With `reduce_fn`, 2 processes each take one SGD step on their own shard of a batch, for three small MLPs that
+# start from the same weights on both ranks. Without the all-reduce each rank steps along its own shard's gradient
+# and the copies part at once; with it they stay bitwise identical:
+
+# %%
+from course.check.distributed import run_ranks
+
+cases = [dict(seed=SEED + i, d_in=6, hidden=16, d_out=2, per_rank=4, frozen=False) for i in range(3)]
+for label, fn in [("with reduce_fn", reduce_fn), ("no all-reduce", lambda model, world_size: None)]:
+    res = run_ranks(fn, cases)
+    spread = max((res[0]["cases"][i]["weights"][n] - res[1]["cases"][i]["weights"][n]).abs().max().item()
+                 for i in range(len(cases)) for n in res[0]["cases"][i]["weights"])
+    print(f"{label:15s} largest difference between the two ranks' weights after a step: {spread:.2e}")
 
 # %% [markdown]
 # On a GPU cluster the same code runs under `torchrun`: `torchrun --standalone --nproc_per_node 4 -m
