@@ -19,6 +19,8 @@ import os
 import sys
 import time
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -278,8 +280,9 @@ def build(recipe: str = "builtin", out: str | Path = "data/builtin-8k", vocab_si
         log(f"[shard {sh[0]}/{sh[1]}] wrote {path}; run `python -m dataset_curation merge --out {out} "
             f"--num_shards {sh[1]}` when all {sh[1]} jobs are done")
         return path
-    return _finish(out, cache, used, kept, st, lengths_in, sig, manifest, doc_key, p, vocab_size, num_proc,
-                   target_tokens, progress, log, timings, t0, recipe)
+    b = _Build(out, cache, used, manifest, doc_key, p, vocab_size, num_proc, target_tokens, progress, log, timings,
+               t0, recipe)
+    return _curate_and_write(b, kept, st, lengths_in, sig)
 
 
 def merge(out: str | Path, num_shards: int, vocab_size: int = 8192, num_proc: int = 2,
@@ -312,8 +315,9 @@ def merge(out: str | Path, num_shards: int, vocab_size: int = 8192, num_proc: in
     cache = out / ".cache"
     cache.mkdir(exist_ok=True)
     key = _hash([pt["manifest"] for pt in parts], "merge", p, fp)
-    return _finish(out, cache, set(), kept, st, lengths_in, np.concatenate(sigs), manifest, key, p, vocab_size,
-                   num_proc, target_tokens, progress, log, {}, t0, manifest.get("recipe", "?"))
+    b = _Build(out, cache, set(), manifest, key, p, vocab_size, num_proc, target_tokens, progress, log, {}, t0,
+               manifest.get("recipe", "?"))
+    return _curate_and_write(b, kept, st, lengths_in, np.concatenate(sigs))
 
 
 def tokenizer_sample(docs: list[dict], max_chars: int) -> list[str]:
@@ -331,128 +335,190 @@ def tokenizer_sample(docs: list[dict], max_chars: int) -> list[str]:
     return [docs[i]["text"] for i in sorted(chosen)]
 
 
-def _finish(out: Path, cache: Path, used: set, kept: list[dict], st: list[StageStats], lengths_in: list[int],
-            sig: np.ndarray, manifest: dict, key: str, p: dict, vocab_size: int, num_proc: int,
-            target_tokens: int | None, progress: bool, log, timings: dict, t0: float, recipe: str) -> Path:
-    # Stages 4, 5 and 8 cache the rows they keep and stage 7 the split labels, not the documents: a cache entry
-    # stays small and the documents are held once.
-    meta_path = out / "meta.json"
+@dataclass
+class _Build:
+    """One build's (or merge's) settings and bookkeeping, shared by the global stages (4-10) and the outputs."""
 
-    def stage(name, fn, *key_parts):
-        nonlocal key
-        key = _hash(key, name, *key_parts)
+    out: Path
+    cache: Path
+    used: set
+    manifest: dict
+    key: str  # each stage's cache key hashes the one before, so changing a stage invalidates every later one
+    p: dict
+    vocab_size: int
+    num_proc: int
+    target_tokens: int | None
+    progress: bool
+    log: Callable
+    timings: dict
+    t0: float
+    recipe: str
+
+    def stage(self, name: str, fn: Callable, *key_parts):
+        """fn()'s result, cached under this stage's link of the key chain, and timed."""
+        self.key = _hash(self.key, name, *key_parts)
         t = time.time()
-        result = _cached(cache, name, key, fn, log, used)
-        timings[name] = time.time() - t
+        result = _cached(self.cache, name, self.key, fn, self.log, self.used)
+        self.timings[name] = time.time() - t
         return result
 
-    def exact():
+
+# Stages 4, 5 and 8 cache the rows they keep and stage 7 the split labels, not the documents: a cache entry stays
+# small and the documents are held once.
+
+def _kept_rows(docs: list[dict], keep: list[dict]) -> np.ndarray:
+    """The indices in docs of the documents in keep."""
+    ids = {id(d) for d in keep}
+    return np.array([i for i, d in enumerate(docs) if id(d) in ids], dtype=np.int64)
+
+
+def _exact_dedup(b: _Build, kept: list[dict], sig: np.ndarray) -> tuple[list[dict], np.ndarray, StageStats]:
+    """Stage 4: drop exact duplicates; returns the documents left, their signatures and the stage's stats."""
+    def run():
         s = StageStats("exact_dedup")
-        keep = list(dedup.exact_dedup(tqdm(kept, desc="exact dedup", disable=not progress, leave=False), s))
-        ids = {id(d) for d in keep}
-        return np.array([i for i, d in enumerate(kept) if id(d) in ids], dtype=np.int64), s
+        return _kept_rows(kept, list(dedup.exact_dedup(
+            tqdm(kept, desc="exact dedup", disable=not b.progress, leave=False), s))), s
 
-    rows, s_exact = stage("exact_dedup", exact)
-    s_exact.check()
-    docs, sig = [kept[i] for i in rows.tolist()], sig[rows]
+    rows, s = b.stage("exact_dedup", run)
+    s.check()
+    return [kept[i] for i in rows.tolist()], sig[rows], s
 
-    def near():
+
+def _near_dedup(b: _Build, docs: list[dict], sig: np.ndarray) -> tuple[list[dict], StageStats, list]:
+    """Stage 5: drop near duplicates by MinHash LSH; returns the documents left, the stats and the clusters."""
+    p = b.p
+
+    def run():
         s = StageStats("near_dedup")
         keep, clusters = dedup.near_dedup(docs, s, p["ngram"], p["num_perm"], p["bands"], p["rows"], p["threshold"],
                                           p["seed"], signatures=sig)
-        ids = {id(d) for d in keep}
-        return np.array([i for i, d in enumerate(docs) if id(d) in ids], dtype=np.int64), s, clusters
+        return _kept_rows(docs, keep), s, clusters
 
-    rows, s_near, clusters = stage("near_dedup", near, p["bands"], p["rows"], p["threshold"])
-    s_near.check()
-    docs = [docs[i] for i in rows.tolist()]
+    rows, s, clusters = b.stage("near_dedup", run, p["bands"], p["rows"], p["threshold"])
+    s.check()
+    return [docs[i] for i in rows.tolist()], s, clusters
 
-    def split():
+
+def _split(b: _Build, docs: list[dict]) -> tuple[list[dict], StageStats]:
+    """Stage 7: label each document train or val; returns new dicts with a "split" key."""
+    def run():
         s = StageStats("split")
         try:
-            return [d["split"] for d in stages.split_train_val(docs, s, p["val_fraction"], p["seed"])], s
+            return [d["split"] for d in stages.split_train_val(docs, s, b.p["val_fraction"], b.p["seed"])], s
         except ValueError as e:
             raise CurationError(str(e)) from None
 
-    labels, s_split = stage("split", split, p["val_fraction"])
-    docs = [{**d, "split": sp} for d, sp in zip(docs, labels)]
+    labels, s = b.stage("split", run, b.p["val_fraction"])
+    return [{**d, "split": sp} for d, sp in zip(docs, labels)], s
 
-    def decontam():
+
+def _decontaminate(b: _Build, docs: list[dict]) -> tuple[list[dict], StageStats]:
+    """Stage 8: drop documents that share long n-grams with the eval texts."""
+    p = b.p
+
+    def run():
         s = StageStats("decontaminate")
         extra = [Path(f).read_text(encoding="utf-8", errors="replace") for f in (p["eval_files"] or [])]
-        keep = dedup.decontaminate(docs, s, extra, p["decontam_ngram"], p["decontam_min_fraction"], progress)
-        ids = {id(d) for d in keep}
-        return np.array([i for i, d in enumerate(docs) if id(d) in ids], dtype=np.int64), s
+        keep = dedup.decontaminate(docs, s, extra, p["decontam_ngram"], p["decontam_min_fraction"], b.progress)
+        return _kept_rows(docs, keep), s
 
-    rows, s_decon = stage("decontaminate", decontam, p["decontam_ngram"], p["decontam_min_fraction"],
-                          p["eval_files"])
-    docs = [docs[i] for i in rows.tolist()]
+    rows, s = b.stage("decontaminate", run, p["decontam_ngram"], p["decontam_min_fraction"], p["eval_files"])
+    return [docs[i] for i in rows.tolist()], s
+
+
+def _global_stages(b: _Build, kept: list[dict], st: list[StageStats], sig: np.ndarray
+                   ) -> tuple[list[dict], list[StageStats], list]:
+    """Stages 4-8 over what stages 0-3 kept; returns the documents left, every stage's stats and the clusters."""
+    docs, sig, s_exact = _exact_dedup(b, kept, sig)
+    docs, s_near, clusters = _near_dedup(b, docs, sig)
+    docs, s_split = _split(b, docs)
+    docs, s_decon = _decontaminate(b, docs)
     all_stats = [*st, s_exact, s_near, s_split, s_decon]
     for s in all_stats[len(st):]:
         s.check()
-        log(f"[{s.name}] {s.docs_in:,} in, {s.docs_kept:,} kept, removed {s.removed} {s.counters}")
+        b.log(f"[{s.name}] {s.docs_in:,} in, {s.docs_kept:,} kept, removed {s.removed} {s.counters}")
+    return docs, all_stats, clusters
+
+
+def _by_split(docs: list[dict]) -> dict[str, list[dict]]:
+    """{"train": [...], "val": [...]}; raises when either is empty."""
     by_split = {sp: [d for d in docs if d["split"] == sp] for sp in ("train", "val")}
     for sp, ds in by_split.items():
         if not ds:
             raise CurationError(f"no {sp} documents are left after curation ({len(docs)} in all); add more input "
                                 "text or loosen the filters")
-    if meta_path.exists():
-        meta_path.unlink()  # from here on the data dir changes: it is not whole until the new meta.json lands
+    return by_split
 
-    # Stage 9: the tokenizer, trained on the training split only (a sample of it when it is large)
-    tok_key = _hash(key, "tokenizer", vocab_size, p["min_frequency"], p["tokenizer_sample_chars"])
-    tok_cache = cache / f"tokenizer-{tok_key}.json"
-    used.add(tok_cache)
+
+def _train_tokenizer(b: _Build, train: list[dict]) -> tuple[str, int]:
+    """Stage 9: train (or take from the cache) the tokenizer on the training split only, a sample of it when it is
+    large, and write <out>/tokenizer.json; returns (the build key, the characters it was trained on)."""
+    p = b.p
+    tok_key = _hash(b.key, "tokenizer", b.vocab_size, p["min_frequency"], p["tokenizer_sample_chars"])
+    tok_cache = b.cache / f"tokenizer-{tok_key}.json"
+    b.used.add(tok_cache)
     t = time.time()
-    texts = tokenizer_sample(by_split["train"], p["tokenizer_sample_chars"])
+    texts = tokenizer_sample(train, p["tokenizer_sample_chars"])
     tok_chars = sum(map(len, texts))
     if not tok_cache.is_file():
-        log(f"[tokenizer] training on {len(texts):,} of {len(by_split['train']):,} train documents "
-            f"({tok_chars:,} chars)")
-        tok = shards.train_tokenizer(texts, vocab_size, p["min_frequency"], length=len(texts), progress=progress)
+        b.log(f"[tokenizer] training on {len(texts):,} of {len(train):,} train documents ({tok_chars:,} chars)")
+        tok = shards.train_tokenizer(texts, b.vocab_size, p["min_frequency"], length=len(texts),
+                                     progress=b.progress)
         atomic_write(tok_cache, tok.to_str(pretty=True))
     else:
-        log(f"  tokenizer: cached ({tok_cache.name})")
+        b.log(f"  tokenizer: cached ({tok_cache.name})")
         os.utime(tok_cache)
     del texts
-    atomic_write(out / "tokenizer.json", tok_cache.read_bytes())
-    timings["tokenizer"] = time.time() - t
+    atomic_write(b.out / "tokenizer.json", tok_cache.read_bytes())
+    b.timings["tokenizer"] = time.time() - t
+    return tok_key, tok_chars
+
+
+def _load_tokenizer(b: _Build) -> tuple[int, int, str]:
+    """(eot_id, vocab size, token dtype) of <out>/tokenizer.json."""
     from tokenizers import Tokenizer
 
-    tok = Tokenizer.from_file(str(out / "tokenizer.json"))
+    tok = Tokenizer.from_file(str(b.out / "tokenizer.json"))
     eot_id = tok.token_to_id(shards.EOT)
     n_vocab = tok.get_vocab_size()
     dtype = shards.dtype_for(n_vocab)
-    log(f"[tokenizer] byte-level BPE, vocab {n_vocab:,} (asked {vocab_size:,}), eot_id {eot_id} "
-        f"({timings['tokenizer']:.1f}s)")
+    b.log(f"[tokenizer] byte-level BPE, vocab {n_vocab:,} (asked {b.vocab_size:,}), eot_id {eot_id} "
+          f"({b.timings['tokenizer']:.1f}s)")
+    return eot_id, n_vocab, dtype
 
-    # Stage 10: token shards
+
+def _write_token_files(b: _Build, by_split: dict[str, list[dict]], eot_id: int, dtype: str) -> dict[str, np.ndarray]:
+    """Stage 10: tokenize each split into <out>/{train,val}.bin; returns each split's tokens per document.
+    target_tokens cuts the train split, and by_split["train"] is cut to the documents written."""
     t = time.time()
     counts = {}
     for sp in ("train", "val"):
         texts = [d["text"] for d in by_split[sp]]
-        limit = target_tokens if sp == "train" else None
-        counts[sp] = shards.write_split(texts, out / f"{sp}.bin", out / "tokenizer.json", eot_id, dtype, num_proc,
-                                        progress, f"tokenize {sp}", limit)
+        limit = b.target_tokens if sp == "train" else None
+        counts[sp] = shards.write_split(texts, b.out / f"{sp}.bin", b.out / "tokenizer.json", eot_id, dtype,
+                                        b.num_proc, b.progress, f"tokenize {sp}", limit)
         if len(counts[sp]) < len(texts):
             by_split[sp] = by_split[sp][: len(counts[sp])]
-    timings["shards"] = time.time() - t
-    tokens = {sp: int(c.sum()) for sp, c in counts.items()}
-    note = None
-    if target_tokens is not None and tokens["train"] < target_tokens:
-        note = (f"target_tokens={target_tokens:,} is larger than the data: the {recipe} corpus gives only "
-                f"{tokens['train']:,} training tokens after curation; all of it was used")
-        if manifest.get("max_chars") and manifest.get("files", 0) < sum(r["files"] for r in
-                                                                         manifest.get("distributions", [])):
-            note = (f"target_tokens={target_tokens:,} not reached ({tokens['train']:,} training tokens): reading "
-                    f"stopped at about {manifest['max_chars']:,} characters (target x chars_per_token "
-                    f"{p['chars_per_token']} x read_headroom {p['read_headroom']}); this corpus needs more per "
-                    "token: raise them with --set chars_per_token=... or --set read_headroom=...")
-        warnings.warn(note, stacklevel=2)
-        log(f"NOTE: {note}")
-    n_bytes = {sp: sum(len(d["text"].encode("utf-8", "surrogatepass")) for d in ds) for sp, ds in by_split.items()}
+    b.timings["shards"] = time.time() - t
+    return counts
 
-    # Outputs: stats, samples, report, then meta.json last
+
+def _short_of_target(b: _Build, tokens: dict[str, int]) -> str | None:
+    """Why the train split has fewer tokens than target_tokens, or None when it does not."""
+    if b.target_tokens is None or tokens["train"] >= b.target_tokens:
+        return None
+    m, p = b.manifest, b.p
+    if m.get("max_chars") and m.get("files", 0) < sum(r["files"] for r in m.get("distributions", [])):
+        return (f"target_tokens={b.target_tokens:,} not reached ({tokens['train']:,} training tokens): reading "
+                f"stopped at about {m['max_chars']:,} characters (target x chars_per_token "
+                f"{p['chars_per_token']} x read_headroom {p['read_headroom']}); this corpus needs more per "
+                "token: raise them with --set chars_per_token=... or --set read_headroom=...")
+    return (f"target_tokens={b.target_tokens:,} is larger than the data: the {b.recipe} corpus gives only "
+            f"{tokens['train']:,} training tokens after curation; all of it was used")
+
+
+def _per_source_and_dist(by_split: dict[str, list[dict]], counts: dict[str, np.ndarray]) -> tuple[dict, dict]:
+    """Documents, tokens and bytes per source and per distribution."""
     per_source: dict[str, dict] = {}
     per_dist: dict[str, dict] = {}
     for sp in ("train", "val"):
@@ -464,47 +530,93 @@ def _finish(out: Path, cache: Path, used: set, kept: list[dict], st: list[StageS
                 row["documents"] += 1
                 row["tokens"] += c
                 row["bytes"] += len(d["text"].encode("utf-8", "surrogatepass"))
+    return per_source, per_dist
+
+
+def _stats(b: _Build, all_stats: list[StageStats], clusters: list, by_split: dict[str, list[dict]],
+           counts: dict[str, np.ndarray], tokens: dict[str, int], note: str | None, tok_chars: int) -> dict:
+    """The content of stats.json."""
+    n_bytes = {sp: sum(len(d["text"].encode("utf-8", "surrogatepass")) for d in ds) for sp, ds in by_split.items()}
+    per_source, per_dist = _per_source_and_dist(by_split, counts)
     stats = {"stages": [s.to_dict() for s in all_stats],
              "near_duplicate_clusters": {"count": len(clusters), "sizes": sorted(map(len, clusters), reverse=True),
                                          "examples": clusters[:10]},
              "tokens": tokens, "documents": {sp: len(ds) for sp, ds in by_split.items()}, "bytes": n_bytes,
              "bytes_per_token": round(sum(n_bytes.values()) / max(sum(tokens.values()), 1), 4),
-             "per_source": per_source, "target_tokens": target_tokens, "note": note,
+             "per_source": per_source, "target_tokens": b.target_tokens, "note": note,
              "tokenizer_trained_on_chars": tok_chars}
-    if "distributions" in manifest:
+    if "distributions" in b.manifest:
+        empty = {"documents": 0, "tokens": 0, "bytes": 0}
         stats["distributions"] = [{**row, **{f"{k}_after_curation": v for k, v in
-                                             per_dist.get(row["name"], {"documents": 0, "tokens": 0,
-                                                                        "bytes": 0}).items()}}
-                                  for row in manifest["distributions"]]
-    atomic_json(out / "stats.json", stats)
-    atomic_json(out / "removed_samples.json", {s.name: s.samples for s in all_stats if s.samples})
+                                             per_dist.get(row["name"], empty).items()}}
+                                  for row in b.manifest["distributions"]]
+    return stats
+
+
+def _write_report(b: _Build, stats: dict, lengths_in: list[int], by_split: dict[str, list[dict]],
+                  counts: dict[str, np.ndarray]) -> None:
+    """report.md and plots/, timed."""
     from dataset_curation import report
 
     t = time.time()
-    report.write_report(out, stats, lengths_in, [len(d["text"]) for ds in by_split.values() for d in ds],
+    report.write_report(b.out, stats, lengths_in, [len(d["text"]) for ds in by_split.values() for d in ds],
                         np.concatenate([counts["train"], counts["val"]]))
-    timings["report"] = time.time() - t
-    timings["total"] = time.time() - t0
+    b.timings["report"] = time.time() - t
+
+
+def _write_timings(b: _Build) -> None:
+    """timings.json: each stage's seconds, the total, and CPU time and peak memory where the OS reports them."""
+    b.timings["total"] = time.time() - b.t0
     try:
         import resource  # Unix only
 
         own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-        timings["cpu_seconds_all_processes"] = own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+        b.timings["cpu_seconds_all_processes"] = own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
         # ru_maxrss is in KiB on Linux: the largest single process, and the largest child
-        timings["peak_rss_mb_main"] = own.ru_maxrss / 1024
-        timings["peak_rss_mb_largest_worker"] = kids.ru_maxrss / 1024
+        b.timings["peak_rss_mb_main"] = own.ru_maxrss / 1024
+        b.timings["peak_rss_mb_largest_worker"] = kids.ru_maxrss / 1024
     except ImportError:
         pass
-    atomic_json(out / "timings.json", {k: round(v, 2) for k, v in timings.items()})
+    atomic_json(b.out / "timings.json", {k: round(v, 2) for k, v in b.timings.items()})
+
+
+def _write_meta(b: _Build, stats: dict, n_vocab: int, dtype: str, eot_id: int, tok_key: str) -> None:
+    """meta.json, written last: a data dir with one is whole."""
     meta = {"vocab_size": n_vocab, "dtype": dtype, "eot_id": eot_id, "eot_token": shards.EOT,
-            "tokenizer": "tokenizer.json", "tokens": tokens, "documents": stats["documents"], "bytes": n_bytes,
-            "manifest": {**manifest, "vocab_size_requested": vocab_size, "target_tokens": target_tokens,
-                         "params": {k: v for k, v in p.items() if v is not None}, "build_key": tok_key}}
-    atomic_json(meta_path, meta)
-    _prune_cache(cache, used)
-    log(f"[done] {out}: {tokens['train']:,} train + {tokens['val']:,} val tokens, "
-        f"{stats['bytes_per_token']} bytes/token, {timings['total']:.1f}s")
-    return out
+            "tokenizer": "tokenizer.json", "tokens": stats["tokens"], "documents": stats["documents"],
+            "bytes": stats["bytes"],
+            "manifest": {**b.manifest, "vocab_size_requested": b.vocab_size, "target_tokens": b.target_tokens,
+                         "params": {k: v for k, v in b.p.items() if v is not None}, "build_key": tok_key}}
+    atomic_json(b.out / "meta.json", meta)
+
+
+def _curate_and_write(b: _Build, kept: list[dict], st: list[StageStats], lengths_in: list[int],
+                      sig: np.ndarray) -> Path:
+    """Stages 4-10 over what stages 0-3 kept (one build's, or all shards' in a merge), then the outputs: stats,
+    removed samples, report, timings and meta.json last. Returns the data dir."""
+    docs, all_stats, clusters = _global_stages(b, kept, st, sig)
+    by_split = _by_split(docs)
+    meta_path = b.out / "meta.json"
+    if meta_path.exists():
+        meta_path.unlink()  # from here on the data dir changes: it is not whole until the new meta.json lands
+    tok_key, tok_chars = _train_tokenizer(b, by_split["train"])
+    eot_id, n_vocab, dtype = _load_tokenizer(b)
+    counts = _write_token_files(b, by_split, eot_id, dtype)
+    tokens = {sp: int(c.sum()) for sp, c in counts.items()}
+    note = _short_of_target(b, tokens)
+    if note:
+        warnings.warn(note, stacklevel=2)  # 2: the warning points at build() or merge(), as the caller sees them
+        b.log(f"NOTE: {note}")
+    stats = _stats(b, all_stats, clusters, by_split, counts, tokens, note, tok_chars)
+    atomic_json(b.out / "stats.json", stats)
+    atomic_json(b.out / "removed_samples.json", {s.name: s.samples for s in all_stats if s.samples})
+    _write_report(b, stats, lengths_in, by_split, counts)
+    _write_timings(b)
+    _write_meta(b, stats, n_vocab, dtype, eot_id, tok_key)
+    _prune_cache(b.cache, b.used)
+    b.log(f"[done] {b.out}: {tokens['train']:,} train + {tokens['val']:,} val tokens, "
+          f"{stats['bytes_per_token']} bytes/token, {b.timings['total']:.1f}s")
+    return b.out
 
 
 def _prune_cache(cache: Path, used: set) -> None:

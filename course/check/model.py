@@ -161,6 +161,41 @@ WATCH_GPT = ("minilm.model.GPT.forward", "minilm.model.Block.forward", "minilm.m
              "minilm.model.MLP.forward", "minilm.model.RMSNorm.forward")
 
 
+def _gpt_trial(g: torch.Generator, trial: int, recipe: dict) -> tuple:
+    """(config, a minilm GPT with perturbed weights, idx, targets with some -1, the trial's description)."""
+    from minilm.model import GPT
+
+    n_head = _randint(g, 1, 4)
+    cfg = _model_config(**{"vocab_size": _randint(g, 20, 90), "block_size": _randint(g, 8, 33),
+                           "n_layer": _randint(g, 1, 4), "n_head": n_head, "n_embd": n_head * 2 * _randint(g, 1, 6),
+                           "bias": trial != 1, "dropout": 0.0, **recipe})
+    ref = _perturbed(GPT(cfg), g, 0.15)
+    b, t = _randint(g, 1, 4), _randint(g, 1, cfg.block_size + 1)
+    idx = torch.randint(0, cfg.vocab_size, (b, t), generator=g)
+    targets = torch.randint(0, cfg.vocab_size, (b, t), generator=g)
+    drop = torch.rand(b, t, generator=g) < 0.2
+    drop.view(-1)[0] = False  # at least one target counts: the mean loss over none is nan, equal to nothing
+    targets[drop] = -1
+    what = (f"trial {trial}: vocab_size={cfg.vocab_size}, block_size={cfg.block_size}, n_layer={cfg.n_layer}, "
+            f"n_head={cfg.n_head}, n_embd={cfg.n_embd}, bias={cfg.bias}"
+            + "".join(f", {k}={v!r}" for k, v in recipe.items() if k != "bias")
+            + f"; idx of shape {(b, t)}, {int((targets == -1).sum())} targets = -1 (ignored)")
+    return cfg, ref, idx, targets, what
+
+
+def _gpt_variants(ref: torch.nn.Module, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The logits of the usual GPT-2 mistakes, by the hint that names each."""
+    tr = ref.transformer
+    h = tr.wte(idx)
+    for blk in tr.h:
+        h = blk(h)
+    h2 = tr.wte(idx) + tr.wpe(torch.arange(idx.shape[1]))
+    for blk in tr.h:
+        h2 = blk(h2)
+    return {"the position embeddings (transformer.wpe) are not added": ref.lm_head(tr.ln_f(h)),
+            "the final LayerNorm (transformer.ln_f) is not applied": ref.lm_head(h2)}
+
+
 @_check
 def gpt(model_cls: Callable, trials: int = 3, modern: bool = False, seed: int | None = None,
         log: bool = True) -> Result:
@@ -180,21 +215,8 @@ def gpt(model_cls: Callable, trials: int = 3, modern: bool = False, seed: int | 
     g = torch.Generator().manual_seed(s)
     recipes = [{}] * trials + (list(MODERN_RECIPES) if modern and _has_config_field("pos") else [])
     for trial, recipe in enumerate(recipes):
-        n_head = _randint(g, 1, 4)
-        cfg = _model_config(**{"vocab_size": _randint(g, 20, 90), "block_size": _randint(g, 8, 33),
-                               "n_layer": _randint(g, 1, 4), "n_head": n_head, "n_embd": n_head * 2 * _randint(g, 1, 6),
-                               "bias": trial != 1, "dropout": 0.0, **recipe})
-        ref = _perturbed(GPT(cfg), g, 0.15)
-        b, t = _randint(g, 1, 4), _randint(g, 1, cfg.block_size + 1)
-        idx = torch.randint(0, cfg.vocab_size, (b, t), generator=g)
-        targets = torch.randint(0, cfg.vocab_size, (b, t), generator=g)
-        drop = torch.rand(b, t, generator=g) < 0.2
-        drop.view(-1)[0] = False  # at least one target counts: the mean loss over none is nan, equal to nothing
-        targets[drop] = -1
-        what = (f"trial {trial}: vocab_size={cfg.vocab_size}, block_size={cfg.block_size}, n_layer={cfg.n_layer}, "
-                f"n_head={cfg.n_head}, n_embd={cfg.n_embd}, bias={cfg.bias}"
-                + "".join(f", {k}={v!r}" for k, v in recipe.items() if k != "bias")
-                + f"; idx of shape {(b, t)}, {int((targets == -1).sum())} targets = -1 (ignored)")
+        cfg, ref, idx, targets, what = _gpt_trial(g, trial, recipe)
+        b, t = idx.shape
         try:
             mine = model_cls(cfg)
             missing, unexpected = mine.load_state_dict(ref.state_dict(), strict=False)
@@ -218,17 +240,8 @@ def gpt(model_cls: Callable, trials: int = 3, modern: bool = False, seed: int | 
                 return _finish("gpt", False, msg + "\n  hint: the GPT-2 trials passed: look at the switches of this "
                                "one (check.rope, check.rms_norm and check.mlp test the pieces)", s, log)
             if msg:
-                tr = ref.transformer
-                h = tr.wte(idx)
-                for blk in tr.h:
-                    h = blk(h)
-                pos = tr.wte(idx) + tr.wpe(torch.arange(t))
-                h2 = pos
-                for blk in tr.h:
-                    h2 = blk(h2)
-                variants = {"the position embeddings (transformer.wpe) are not added": ref.lm_head(tr.ln_f(h)),
-                            "the final LayerNorm (transformer.ln_f) is not applied": ref.lm_head(h2)}
-                return _finish("gpt", False, msg + _which_variant(got_logits, variants, 1e-4, 1e-4), s, log)
+                return _finish("gpt", False, msg + _which_variant(got_logits, _gpt_variants(ref, idx), 1e-4, 1e-4),
+                               s, log)
             if not isinstance(plain, tuple) or len(plain) != 2 or plain[1] is not None:
                 return _finish("gpt", False, f"{what}\n  model(idx) without targets must return (logits, None), got "
                                f"{type(plain).__name__}", s, log)
