@@ -848,13 +848,13 @@ def my_flash_attention(q, k, v, block=64):
     out = torch.empty_like(q)
     for start in range(0, t, block):  # one tile of queries at a time
         qi = q[:, :, start:start + block] / math.sqrt(d)
-        rows = torch.arange(start, start + qi.size(2)).unsqueeze(1)
-        m = torch.full(qi.shape[:-1] + (1,), float("-inf"))  # running max of each row's scores
+        rows = torch.arange(start, start + qi.size(2), device=q.device).unsqueeze(1)
+        m = qi.new_full(qi.shape[:-1] + (1,), float("-inf"))  # running max of each row's scores
         denom = torch.zeros_like(m)
         acc = torch.zeros_like(qi)
         for ks in range(0, min(start + block, t), block):  # key tiles after this query tile are all masked
             scores = qi @ k[:, :, ks:ks + block].transpose(-2, -1)
-            cols = torch.arange(ks, ks + scores.size(-1)).unsqueeze(0)
+            cols = torch.arange(ks, ks + scores.size(-1), device=q.device).unsqueeze(0)
             scores = scores.masked_fill(cols > rows, float("-inf"))
             m_next = torch.maximum(m, scores.max(dim=-1, keepdim=True).values)
             weights = torch.exp(scores - m_next)

@@ -40,12 +40,13 @@ def _flash_ref(q, k, v, block: int = 64, causal: bool = True, rescale: str = "bo
     for qs in range(0, t, block):
         qt = q[:, :, qs:qs + block] * (1.0 / math.sqrt(d))
         n = qt.size(2)
-        m = torch.full((b, h, n, 1), float("-inf"), dtype=q.dtype)
+        m = q.new_full((b, h, n, 1), float("-inf"))
         l, o = torch.zeros_like(m), torch.zeros_like(qt)
         for ks in range(0, min(qs + n, t) if causal else t, block):
             s = qt @ k[:, :, ks:ks + block].transpose(-2, -1)
             if causal and ks + block > qs:  # the tile reaches the diagonal: hide keys after each query
-                after = torch.arange(ks, ks + s.size(-1)) > torch.arange(qs, qs + n)[:, None]
+                after = torch.arange(ks, ks + s.size(-1), device=q.device) > torch.arange(qs, qs + n,
+                                                                                          device=q.device)[:, None]
                 s = s.masked_fill(after, float("-inf"))
             m_new = torch.maximum(m, s.amax(-1, keepdim=True))
             p = torch.exp(s - m_new)
