@@ -878,3 +878,29 @@ def my_all_reduce_grads(model, world_size):
         if p.grad is not None:  # frozen parameters have no gradient, on every rank alike
             dist.all_reduce(p.grad)  # in place: the sum over ranks (gloo has no AVG)
             p.grad.div_(world_size)
+
+
+# ----------------------------------------------------------------------------- week 18: attention in tiles
+
+
+def my_flash_attention(q, k, v, block=64):
+    b, h, t, d = q.shape
+    out = torch.empty_like(q)
+    for start in range(0, t, block):  # one tile of queries at a time
+        qi = q[:, :, start:start + block] / math.sqrt(d)
+        rows = torch.arange(start, start + qi.size(2), device=q.device).unsqueeze(1)
+        m = qi.new_full(qi.shape[:-1] + (1,), float("-inf"))  # running max of each row's scores
+        denom = torch.zeros_like(m)
+        acc = torch.zeros_like(qi)
+        for ks in range(0, min(start + block, t), block):  # key tiles after this query tile are all masked
+            scores = qi @ k[:, :, ks:ks + block].transpose(-2, -1)
+            cols = torch.arange(ks, ks + scores.size(-1), device=q.device).unsqueeze(0)
+            scores = scores.masked_fill(cols > rows, float("-inf"))
+            m_next = torch.maximum(m, scores.max(dim=-1, keepdim=True).values)
+            weights = torch.exp(scores - m_next)
+            shrink = torch.exp(m - m_next)  # earlier tiles were weighted against a smaller max
+            denom = denom * shrink + weights.sum(dim=-1, keepdim=True)
+            acc = acc * shrink + weights @ v[:, :, ks:ks + block]
+            m = m_next
+        out[:, :, start:start + block] = acc / denom
+    return out

@@ -158,6 +158,86 @@ print(f"without cache {n_new / secs[False]:.0f} tokens/s, with cache {n_new / se
 # tokens either way: `tests/test_minilm_compiled_decode.py`.
 
 # %% [markdown]
+# ### Long prompts: attention in tiles
+#
+# Before the first new token, the whole prompt goes through the model at once (the *prefill*), and attention
+# written as `softmax(q @ k^T) @ v` builds the (B, n_head, T, T) score matrix: for a 32k-token prompt and 16
+# heads that is 64 GiB in float32, for one layer. FlashAttention (Dao et al., 2022) gets the same numbers
+# without it. It walks over the keys and values one tile at a time and keeps, for every query row, three
+# running quantities: the largest score seen so far `m`, the sum `l` of `exp(score - m)`, and the sum `o` of
+# `exp(score - m) * v`. When a tile brings a larger max `m_new`, everything accumulated so far was weighted
+# against the old one, so `l` and `o` are multiplied by `exp(m - m_new)` before the tile is added; at the end
+# the answer is `o / l`. This is the *online softmax*: exact, not an approximation, and it never exponentiates
+# a raw score (exp of a score above ~88 is inf in float32). Memory is one tile of scores instead of T².
+#
+# ### Exercise — attention in tiles with an online softmax
+#
+# Write `my_flash_attention(q, k, v, block=64)` for q, k, v of shape (B, n_head, T, head_dim): causal
+# attention that processes keys and values in tiles of `block` positions with a running max, denominator
+# and output per query row, and never creates the (T, T) scores. T need not be a multiple of `block`. The
+# check compares it with `scaled_dot_product_attention(is_causal=True)`, gives it scores of a few hundred
+# in two trials, and looks at the size of every tensor it creates in a long one.
+
+# %%
+# YOUR CODE: my_flash_attention
+def my_flash_attention(q, k, v, block=64):
+    """Causal attention over key/value tiles of `block` with an online softmax; (B, n_head, T, head_dim)."""
+    raise NotImplementedError("per query row keep m = -inf, l = 0, o = 0; per key tile: m_new = max(m, rowmax(s)), "
+                              "rescale l and o by exp(m - m_new), add exp(s - m_new) and its @ v; return o / l")
+
+
+# %%
+result = check.flash_attention(my_flash_attention)
+my_flash_attention = check.pick(result, my_flash_attention)
+
+# %% [markdown]
+# What the tiles buy: the peak memory of attention with materialised scores against your tiled version, as the
+# prompt grows. On a GPU this is `torch.cuda.max_memory_allocated` above what was allocated before the call.
+# On a CPU PyTorch keeps no allocation peak, so `efficient_training.memory.peak_bytes` watches every operator
+# the call runs and adds up the bytes of the tensors they create that are alive at the same moment (output
+# included; inputs, and a fused kernel's private buffers, not). Both functions here are plain PyTorch
+# operators, so the count compares like with like.
+
+# %%
+import math
+
+from efficient_training.memory import peak_bytes
+
+
+def naive_attention(q, k, v):
+    t = q.size(-2)
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))
+    scores = scores.masked_fill(~torch.ones(t, t, dtype=torch.bool, device=q.device).tril(), float("-inf"))
+    return scores.softmax(dim=-1) @ v
+
+
+lengths = [256, 512, 1024, 2048] if FAST else [1024, 2048, 4096, 8192, 16384]
+B, H, HD, BLOCK = 1, 4, 32, 128
+mem = {"materialised scores": [], "your tiles": []}
+with torch.no_grad():
+    for T in lengths:
+        q, k, v = (torch.randn(B, H, T, HD, device=DEVICE) for _ in range(3))
+        for name, fn in (("materialised scores", naive_attention),
+                         ("your tiles", lambda q, k, v: my_flash_attention(q, k, v, block=BLOCK))):
+            mem[name].append(peak_bytes(lambda: fn(q, k, v), DEVICE) / 2**20)
+        gap = (my_flash_attention(q, k, v, block=BLOCK) - naive_attention(q, k, v)).abs().max().item()
+        print(f"T={T:5d}: materialised {mem['materialised scores'][-1]:8.1f} MiB, tiles {mem['your tiles'][-1]:6.2f} "
+              f"MiB ({mem['materialised scores'][-1] / mem['your tiles'][-1]:5.1f}x less), max |difference| {gap:.1e}")
+plt.figure(figsize=(5, 3.2))
+for name, ys in mem.items():
+    plt.loglog(lengths, ys, "o-", base=2, label=name)
+plt.xlabel("sequence length T"); plt.ylabel("peak memory (MiB)")
+plt.title(f"attention, B={B}, {H} heads, head_dim {HD}, block {BLOCK}"); plt.legend(); show()
+
+# %% [markdown]
+# On the log-log plot the materialised line climbs 4x per doubling of T (the scores, the mask and the softmax
+# are all T²). The tiled one hardly moves: a few block x block tiles of scores per head, a constant, plus its
+# output and running sums, which grow linearly with T; the gap widens with every doubling. The arithmetic is
+# the same T² either way. A GPU kernel (`F.scaled_dot_product_attention` picks one) also saves time, because
+# the tiles stay in fast on-chip memory instead of a T² matrix making a round trip through the slow one;
+# written with Python loops, as here, the tiles cost time instead, which is why that loop lives in a kernel.
+
+# %% [markdown]
 # ## 3. From the command line
 
 # %%
