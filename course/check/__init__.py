@@ -23,6 +23,7 @@ over a shared harness (course/check/_harness.py, whose docstring says how to wri
 from course.check._harness import Result, hint, log_path, pick, read_log, salted_hash_calls, watching
 from course.check.amp import loss_scaler
 from course.check.attention import attention, causal_self_attention, rope
+from course.check.baselines import addk_bigram, bootstrap_ci
 from course.check.curation import band_cost, best_bands, choose_bands, clusters, dup_lines, lsh_candidates, minhash
 from course.check.metrics import _all_targets_ppl, bleu, perplexity, rouge
 from course.check.model import MODERN_RECIPES, block, cross_entropy, gpt, mlp
@@ -44,10 +45,11 @@ from course.check.tokenization import bpe, bpe_encode, bpe_incremental
 from course.check.training import accumulate, overfit
 
 __all__ = [
-    "_all_targets_ppl", "accumulate", "adamw", "adamw_optimizer", "attention", "band_cost", "best_bands", "bleu",
-    "block", "bpe", "bpe_encode", "bpe_incremental", "causal_self_attention", "checkpoint_resume", "choose_bands",
-    "clip_grad_norm", "clusters", "cross_entropy", "dup_lines", "filtered_probs", "get_batch", "gpt", "hint",
-    "layer_norm", "log_path", "loss_scaler", "lr_schedule", "lsh_candidates", "minhash", "mlp", "MODERN_RECIPES",
-    "muon", "newton_schulz", "optimizer_groups", "overfit", "perplexity", "pick", "read_log", "reference", "Result",
-    "rms_norm", "rope", "rouge", "salted_hash_calls", "sampling", "scaling_fit", "train_loop", "watching",
+    "_all_targets_ppl", "accumulate", "adamw", "adamw_optimizer", "addk_bigram", "attention", "band_cost",
+    "best_bands", "bleu", "block", "bootstrap_ci", "bpe", "bpe_encode", "bpe_incremental", "causal_self_attention",
+    "checkpoint_resume", "choose_bands", "clip_grad_norm", "clusters", "cross_entropy", "dup_lines", "filtered_probs",
+    "get_batch", "gpt", "hint", "layer_norm", "log_path", "loss_scaler", "lr_schedule", "lsh_candidates", "minhash",
+    "mlp", "MODERN_RECIPES", "muon", "newton_schulz", "optimizer_groups", "overfit", "perplexity", "pick",
+    "read_log", "reference", "Result", "rms_norm", "rope", "rouge", "salted_hash_calls", "sampling", "scaling_fit",
+    "train_loop", "watching",
 ]
