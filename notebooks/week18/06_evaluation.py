@@ -70,7 +70,8 @@ from course import nb
 from minilm.evaluate import evaluate
 
 run_dir = nb.trained_run(FAST)  # the run from notebook 05 (trained now if it is missing)
-kwargs = dict(max_tokens=4_000, num_prompts=6, max_train_tokens=400_000, speed_tokens=32) if FAST else {}
+# 40 prompts: enough source files that a cluster bootstrap differs from a per-example one (section 2)
+kwargs = dict(max_tokens=4_000, num_prompts=40, max_train_tokens=400_000, speed_tokens=32) if FAST else {}
 results = evaluate(run_dir, **kwargs)
 print("wrote", sorted(p.name for p in run_dir.glob("eval*")), f"in {results['seconds']:.0f} s")
 print("sections:", list(results))
@@ -108,7 +109,7 @@ show()
 # %%
 from course import check
 
-
+# %%
 # YOUR CODE: my_addk_bigram
 def my_addk_bigram(train_ids, heldout_ids, eval_ids, vocab_size, ks):
     """(best k by the held-out loss, eval loss in nats/token) of an add-k bigram counted on train_ids."""
@@ -141,7 +142,7 @@ def run_val_loss(out: Path) -> float:
     return final[-1] if final else [r["val_loss"] for r in rows if "val_loss" in r][-1]
 
 
-mine = ROOT / "out" / "my_run"
+mine = resolve("out/my_run")  # task 4: your own loop's run
 base_run = mine if (mine / "ckpt.pt").is_file() and (mine / "metrics.jsonl").is_file() else run_dir
 run_data = resolve(yaml.safe_load((base_run / "config.yaml").read_text())["train"]["data_dir"])
 train_ids = np.asarray(TokenData(run_data, "train").tokens, dtype=np.int64)
@@ -152,8 +153,8 @@ best_k, bigram_val = addk_bigram(train_ids[:cut], train_ids[cut:], val_ids, read
 model_val = run_val_loss(base_run)
 print(f"run {base_run.name} on {run_data.name}: "
       f"{len(train_ids):,} train, {len(val_ids):,} val tokens")
-print(f"  your add-k bigram (k={best_k:g})  val loss {bigram_val:.4f} nats/token")
-print(f"  the run's model                val loss {model_val:.4f} nats/token  "
+print(f"  {f'your add-k bigram (k={best_k:g})':28s} val loss {bigram_val:.4f} nats/token")
+print(f"  {'the run' + chr(39) + 's model':28s} val loss {model_val:.4f} nats/token  "
       f"({'beats' if model_val < bigram_val else 'does not beat yet'} the bigram by {bigram_val - model_val:+.4f})")
 
 # %% [markdown]
