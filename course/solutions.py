@@ -904,3 +904,41 @@ def my_flash_attention(q, k, v, block=64):
             m = m_next
         out[:, :, start:start + block] = acc / denom
     return out
+
+
+# ----------------------------------------------------------------------------- week 18: baselines and intervals
+
+
+def my_addk_bigram(train_ids, heldout_ids, eval_ids, vocab_size, ks):
+    train = np.asarray(train_ids, dtype=np.int64)
+    # pair counts kept sparse (V * V does not fit for a real vocabulary): sorted keys a * V + b and their counts
+    keys, counts = np.unique(train[:-1] * vocab_size + train[1:], return_counts=True)
+    ctx = np.bincount(train[:-1], minlength=vocab_size).astype(np.float64)
+
+    def loss(ids, k):
+        ids = np.asarray(ids, dtype=np.int64)
+        a, b = ids[:-1], ids[1:]
+        want = a * vocab_size + b
+        pos = np.minimum(np.searchsorted(keys, want), len(keys) - 1)
+        c = np.where(keys[pos] == want, counts[pos], 0).astype(np.float64)
+        return float(np.mean(np.log(ctx[a] + k * vocab_size) - np.log(c + k)))
+
+    held = [loss(heldout_ids, k) for k in ks]
+    best = ks[held.index(min(held))]
+    return best, loss(eval_ids, best)
+
+
+def my_bootstrap_ci(values, clusters, n_resamples, seed, alpha):
+    x = np.asarray(values, dtype=np.float64)
+    names = sorted(set(clusters))
+    index = {c: i for i, c in enumerate(names)}
+    which = np.array([index[c] for c in clusters])
+    sums = np.bincount(which, weights=x, minlength=len(names))
+    sizes = np.bincount(which, minlength=len(names)).astype(np.float64)
+    rng = np.random.default_rng(seed)
+    means = np.empty(n_resamples)
+    for r in range(n_resamples):
+        idx = rng.integers(0, len(names), len(names))
+        means[r] = sums[idx].sum() / sizes[idx].sum()
+    low, high = np.percentile(means, [100 * alpha / 2, 100 * (1 - alpha / 2)])
+    return float(low), float(high)

@@ -94,6 +94,7 @@ def _reference_fn(name: str) -> Callable:
     # by module path: course.check.attention and .sampling are also the names of checks in the package
     attention, curation, norms, optim, sampling = (importlib.import_module(f"course.check.{m}") for m in (
         "attention", "curation", "norms", "optim", "sampling"))
+    baselines = importlib.import_module("course.check.baselines")
 
     if name == "loss_scaler":
         from efficient_training.amp import LossScaler
@@ -132,6 +133,10 @@ def _reference_fn(name: str) -> Callable:
             g, coefficients, steps, eps),
         "optimizer_groups": _optimizer_groups_ref,
         "get_batch": _get_batch_ref,
+        "addk_bigram": lambda tr, he, ev, v, ks: baselines._addk_ref(*(np.asarray(a, dtype=np.int64) for a in (
+            tr, he, ev)), v, list(ks)),
+        "bootstrap_ci": lambda values, clusters, n, seed, alpha: baselines._bootstrap_ref(values, clusters, n, seed,
+                                                                                        alpha),
     }
     if name == "flash_attention":
         from course.check.flash import _flash_ref

@@ -70,7 +70,8 @@ from course import nb
 from minilm.evaluate import evaluate
 
 run_dir = nb.trained_run(FAST)  # the run from notebook 05 (trained now if it is missing)
-kwargs = dict(max_tokens=4_000, num_prompts=6, max_train_tokens=400_000, speed_tokens=32) if FAST else {}
+# 40 prompts: enough source files that a cluster bootstrap differs from a per-example one (section 2)
+kwargs = dict(max_tokens=4_000, num_prompts=40, max_train_tokens=400_000, speed_tokens=32) if FAST else {}
 results = evaluate(run_dir, **kwargs)
 print("wrote", sorted(p.name for p in run_dir.glob("eval*")), f"in {results['seconds']:.0f} s")
 print("sections:", list(results))
@@ -97,6 +98,66 @@ ax[1].set_title("loss by position: falls once the model uses its context")
 show()
 
 # %% [markdown]
+# ### Your own baseline: an add-k bigram
+#
+# A model earns its keep only against the simplest thing that counts. Write the add-k bigram: count the adjacent
+# pairs of `train_ids`, smooth with P(b | a) = (c(a,b) + k) / (c(a) + k·V), choose k from `ks` by the loss on
+# `heldout_ids` (never on the eval split: that would tune the baseline on the test), and report the mean negative
+# log-likelihood (nats per token) over the pairs inside `eval_ids`. With V in the tens of thousands a V×V table
+# does not fit: keep the pair counts sparse.
+
+# %%
+from course import check
+
+# %%
+# YOUR CODE: my_addk_bigram
+def my_addk_bigram(train_ids, heldout_ids, eval_ids, vocab_size, ks):
+    """(best k by the held-out loss, eval loss in nats/token) of an add-k bigram counted on train_ids."""
+    raise NotImplementedError("count pairs c(a, b) and contexts c(a) on train; for each k the mean -log P over the "
+                              "held-out pairs; score eval with the best k")
+
+
+# %%
+r_addk = check.addk_bigram(my_addk_bigram)
+addk_bigram = check.pick(r_addk, my_addk_bigram)
+
+# %% [markdown]
+# Now put it beside a real run: your task-4 run in `out/my_run` when it exists, else this notebook's run. Both
+# numbers are nats per token over the whole validation split of the run's data dir. The bigram counts on the first
+# 90% of the training tokens and fits k on the last 10%.
+
+# %%
+import json
+
+import yaml
+
+from course.status import resolve  # a path relative to the repository root, as the run recorded it
+from minilm.data import TokenData, read_meta
+
+
+def run_val_loss(out: Path) -> float:
+    """The run's loss over its whole val split (the final row of metrics.jsonl), else its last periodic val loss."""
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    final = [r["final_val_loss"] for r in rows if "final_val_loss" in r]
+    return final[-1] if final else [r["val_loss"] for r in rows if "val_loss" in r][-1]
+
+
+mine = resolve("out/my_run")  # task 4: your own loop's run
+base_run = mine if (mine / "ckpt.pt").is_file() and (mine / "metrics.jsonl").is_file() else run_dir
+run_data = resolve(yaml.safe_load((base_run / "config.yaml").read_text())["train"]["data_dir"])
+train_ids = np.asarray(TokenData(run_data, "train").tokens, dtype=np.int64)
+val_ids = np.asarray(TokenData(run_data, "val").tokens, dtype=np.int64)
+cut = int(0.9 * len(train_ids))
+ks = [1.0, 0.3, 0.1, 0.03, 0.01, 0.003, 0.001]
+best_k, bigram_val = addk_bigram(train_ids[:cut], train_ids[cut:], val_ids, read_meta(run_data)["vocab_size"], ks)
+model_val = run_val_loss(base_run)
+print(f"run {base_run.name} on {run_data.name}: "
+      f"{len(train_ids):,} train, {len(val_ids):,} val tokens")
+print(f"  {f'your add-k bigram (k={best_k:g})':28s} val loss {bigram_val:.4f} nats/token")
+print(f"  {'the run' + chr(39) + 's model':28s} val loss {model_val:.4f} nats/token  "
+      f"({'beats' if model_val < bigram_val else 'does not beat yet'} the bigram by {bigram_val - model_val:+.4f})")
+
+# %% [markdown]
 # ## 2. The continuation task
 #
 # Prompt = the start of a held-out document, reference = what follows. The greedy continuation is scored with
@@ -113,6 +174,43 @@ for ex in results["examples"][:2]:
     print("\n--- prompt ---\n" + ex["prompt"][-200:])
     print("--- reference ---\n" + ex["reference"][:200])
     print("--- greedy ---\n" + ex["greedy"][:200])
+
+# %% [markdown]
+# ### Your own interval: a cluster bootstrap
+#
+# The completion task's prompts come from a few validation files, and one file's prompts succeed or fail together,
+# so the examples are not independent. Write the percentile cluster bootstrap of a mean: draw as many clusters as
+# there are, with replacement, keep every example of each drawn cluster, take the mean of those examples, and return
+# the `alpha/2` and `1 - alpha/2` percentiles of `n_resamples` such means.
+
+# %%
+# YOUR CODE: my_bootstrap_ci
+def my_bootstrap_ci(values, clusters, n_resamples, seed, alpha):
+    """(low, high): percentile cluster-bootstrap interval of mean(values); clusters[i] is example i's cluster."""
+    raise NotImplementedError("per cluster: sum and count; resample cluster indices with replacement; mean = drawn "
+                              "sums / drawn counts; percentiles")
+
+
+# %%
+r_boot = check.bootstrap_ci(my_bootstrap_ci)
+bootstrap_ci = check.pick(r_boot, my_bootstrap_ci)
+
+# %% [markdown]
+# Applied to the model's per-example edit similarity in `eval_examples.jsonl`, with the source file (`doc`) as the
+# cluster, next to the interval `minilm.evaluate` reported. The per-example interval (every example its own
+# cluster) is shown too: it is narrower, and wrongly so when a file's examples move together.
+
+# %%
+ex_rows = [json.loads(line) for line in (run_dir / "eval_examples.jsonl").read_text().splitlines() if line.strip()]
+sims = [r["model"]["edit_sim"] for r in ex_rows]
+docs = [r["doc"] for r in ex_rows]
+theirs = results["task"]["systems"]["model"]["all"]["edit_sim"]
+ours = bootstrap_ci(sims, docs, 1000, SEED, 0.05)
+iid = bootstrap_ci(sims, list(range(len(sims))), 1000, SEED, 0.05)
+print(f"edit similarity of the model over {len(sims)} prompts from {len(set(docs))} files: {np.mean(sims):.3f}")
+print(f"  yours, by file          [{ours[0]:.3f}, {ours[1]:.3f}]")
+print(f"  minilm.evaluate's       [{theirs['low']:.3f}, {theirs['high']:.3f}]")
+print(f"  yours, by example       [{iid[0]:.3f}, {iid[1]:.3f}]  (ignores the clusters)")
 
 # %% [markdown]
 # ## 3. Generated text: diversity, loops, copying
