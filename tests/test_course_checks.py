@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import zlib
 from collections import Counter
 
@@ -596,3 +597,35 @@ def test_bleu_hint_names_the_shortest_reference():
     for seed in (0, 5):
         r = check.bleu(shortest_ref, seed=seed)
         assert not r and "shortest reference" in r.message and "closest" in r.message
+
+
+_CODE_STATEMENT = re.compile(
+    r"\bdef\s+\w+\s*\("                                    # a function definition
+    r"|\blambda\b"                                         # an anonymous function
+    r"|(?:^|[:;]\s*)return\b"                              # a return statement
+    r"|\b[A-Za-z_][\w.]*(?:\[[^\]]*\])?\s*(?:[-+*/@]|//)?=(?!=)\s*[\w(\[\-'\"]"  # name = code, name += code, k=v
+)
+
+
+def test_every_task_check_has_two_hints_without_code(capsys):
+    from course.status import TASKS
+
+    names = [name for _, (_, checks) in TASKS.items() for name in checks]
+    assert names and len(names) == len(set(names))
+    for name in names:
+        first, second = check.hint(name), check.hint(name, 2)
+        assert isinstance(first, str) and isinstance(second, str) and first.strip() and second.strip(), name
+        assert first != second, name
+        for level, text in ((1, first), (2, second)):
+            m = _CODE_STATEMENT.search(text)
+            assert m is None, f"hint {level} for {name} reads like code: {m.group(0)!r} in {text!r}"
+    capsys.readouterr()
+
+
+def test_code_statement_pattern_tells_code_from_prose():
+    for code in ("scores = q @ k^T", "def f(x):", "p -= lr * g", "lambda x: x", "size=batch_size", "y[i] = 0",
+                 "then: return x"):
+        assert _CODE_STATEMENT.search(code), code
+    for prose in ("rows sum to 1", "x + attention(ln_1(x))", "exp(1 - ref_len / sys_len) when sys_len < ref_len",
+                  "scores a != b or a == b", "lr <= peak", "Hand back the norm"):
+        assert not _CODE_STATEMENT.search(prose), prose

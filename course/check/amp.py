@@ -26,7 +26,14 @@ WATCH_SCALER = ("efficient_training.amp.LossScaler.scale", "efficient_training.a
                 "efficient_training.amp.LossScaler.get_scale")
 
 
-@_check
+@_check(hints=(
+    "Multiply the loss by the current scale before backward and divide the gradients by it before the optimizer uses "
+    "them; when any gradient holds inf or NaN, skip that optimizer step and shrink the scale. Invariant: a step that "
+    "is taken sees exactly the unscaled gradients, and a skipped step leaves the parameters untouched.",
+    "Follow GradScaler's bookkeeping: an overflow multiplies the scale by backoff_factor and resets the count of "
+    "good steps; growth_interval good steps in a row multiply it by growth_factor and reset the count. Unscale at "
+    "most once per step (step() unscales when unscale_ was not called) and look for inf/NaN in every parameter, not "
+    "only the first."))
 def loss_scaler(scaler_cls: Callable, trials: int = 3, seed: int | None = None, log: bool = True) -> Result:
     """scaler_cls(init_scale, growth_factor, backoff_factor, growth_interval): a dynamic loss scaler class.
 

@@ -60,9 +60,10 @@ def _attention_hint(q, k, v, got) -> str:
     "each query scores every key with a dot product scaled by 1/sqrt(head_dim), and position t may only look at "
     "keys 0..t; a query's weights over the keys are a softmax (positive, summing to 1). Invariant to test yourself: "
     "changing q, k or v at later positions leaves output row t unchanged.",
-    "scores = q @ k^T / sqrt(head_dim) is (B, n_head, T, T); put -inf above the diagonal before the softmax over "
-    "the last dim (a weight of exactly 0), then weights @ v. Writing the softmax yourself, subtract each row's max "
-    "first: exp() of a score above ~88 is inf in float32, and softmax does not change when a row is shifted."))
+    "The scores of every query against every key, scaled by 1/sqrt(head_dim), form a (B, n_head, T, T) tensor; set "
+    "the entries above the diagonal to -inf before the softmax over the last dim (they become exactly 0), then "
+    "weight the values with the result. Writing the softmax yourself, subtract each row's max first: exp() of a "
+    "score above ~88 is inf in float32, and softmax does not change when a row is shifted."))
 def attention(fn: Callable, trials: int = 6, seed: int | None = None, log: bool = True) -> Result:
     """fn(q, k, v) -> y: causal scaled dot-product attention on (B, n_head, T, head_dim) float32 tensors.
 
@@ -129,7 +130,13 @@ def _csa_hint(x: torch.Tensor, attn, got: torch.Tensor) -> str:
     return ""
 
 
-@_check
+@_check(hints=(
+    "Project x once with c_attn, split the result into q, k and v along the last dim, cut each into n_head heads, "
+    "run causal attention per head, merge the heads back and apply c_proj. Invariant to test yourself: changing x at "
+    "later positions leaves output position t unchanged.",
+    "Cut the heads by viewing the last dim as (n_head, head_dim) and then moving the head axis in front of the time "
+    "axis; reshaping straight to (B, n_head, T, head_dim) mixes positions with heads. Merge in the reverse order "
+    "before c_proj. The usual misses: no causal mask, a wrong head split, c_proj left out."))
 def causal_self_attention(fn: Callable, trials: int = 5, seed: int | None = None, log: bool = True) -> Result:
     """fn(x, attn) -> y: the whole attention layer, written with attn's weights, for x of shape (B, T, n_embd).
 
@@ -199,7 +206,14 @@ def _rope_ref(x: torch.Tensor, theta: float) -> torch.Tensor:
     return apply_rope(x, cos[:t], sin[:t])
 
 
-@_check
+@_check(hints=(
+    "RoPE rotates pairs of dimensions by an angle proportional to the position, one frequency per pair, so it "
+    "changes directions but not lengths. Invariants to test yourself: position 0 comes out unchanged, and every "
+    "vector keeps its norm.",
+    "minilm uses the Llama layout: dim i is paired with dim i + head_dim/2, not with its neighbour, and the "
+    "frequencies fall from 1 towards 1/theta across the pairs. Make the angle table (positions times frequencies) "
+    "once, repeat it for both halves, and add cos times x to sin times rotate_half(x), which puts the negated second "
+    "half in front."))
 def rope(fn: Callable, trials: int = 5, seed: int | None = None, log: bool = True) -> Result:
     """fn(x, theta) -> x rotated: rotary position embedding of x (B, n_head, T, head_dim) at positions 0..T-1.
 

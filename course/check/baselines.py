@@ -100,8 +100,8 @@ def _addk_variants(train, held, ev, v, ks) -> dict[str, tuple[float, float]]:
     "the mean over its own len - 1 pairs of -log((c(a,b) + k) / (c(a) + k * V)). Invariant: for each a the V "
     "probabilities sum to 1.",
     "Loop over ks, compute the held-out loss for each, keep the k with the lowest (the first on ties), and only "
-    "then score eval with it. np.add.at(counts, (a, b), 1) on a V x V array counts pairs for small V; "
-    "counts[a_ids, b_ids] looks them up."))
+    "then score eval with it. A V x V count table filled with an unbuffered add (duplicates accumulate) counts the "
+    "pairs for small V, and fancy indexing with the two id arrays looks them up."))
 def addk_bigram(fn: Callable, trials: int = 5, seed: int | None = None, log: bool = True) -> Result:
     """fn(train_ids, heldout_ids, eval_ids, vocab_size, ks) -> (best_k, eval_loss_nats_per_token).
 
@@ -167,9 +167,10 @@ def _clustered(rng: np.random.Generator) -> tuple[list[float], list]:
     "Draw as many clusters as there are, with replacement; a resample holds every example of each drawn cluster "
     "(twice if drawn twice). Its statistic is the mean over those examples. The interval is the alpha/2 and "
     "1 - alpha/2 percentiles of the resampled means.",
-    "Group the values by cluster once: per cluster the sum and the count. A resample of cluster indices idx "
-    "(np.random.default_rng(seed).integers(0, n_clusters, n_clusters)) has mean sums[idx].sum() / counts[idx].sum(); "
-    "np.percentile(means, [100 * alpha / 2, 100 * (1 - alpha / 2)]) gives (low, high)."))
+    "Group the values by cluster once: per cluster the sum and the count. Each resample draws n_clusters cluster "
+    "indices with replacement from np.random.default_rng(seed); its mean is the drawn sums' total over the drawn "
+    "counts' total (not the mean of cluster means). The percentiles at 100 * alpha / 2 and 100 * (1 - alpha / 2) of "
+    "the resampled means are (low, high)."))
 def bootstrap_ci(fn: Callable, trials: int = 3, seed: int | None = None, log: bool = True) -> Result:
     """fn(values, clusters, n_resamples, seed, alpha) -> (low, high): percentile cluster bootstrap of the mean.
 

@@ -41,7 +41,14 @@ WATCH_MINHASH = ("dataset_curation.minhash.minhash_signatures", "dataset_curatio
                  "datasketch.MinHash.update")
 
 
-@_check
+@_check(hints=(
+    "Give each of the num_perm hash functions its own random parameters drawn from the seed, and keep per set the "
+    "minimum value under each function. Invariant: the fraction of signature positions where two sets agree "
+    "estimates their Jaccard similarity (identical sets agree everywhere), and the same seed gives the same "
+    "signatures.",
+    "Hash each shingle to an integer with a fixed function of its bytes (zlib.crc32, say), never Python's hash(), "
+    "which is salted per process. Then apply num_perm independent random affine maps modulo a large prime, each with "
+    "its own multiplier and offset: shifted copies of one permutation move together and the estimates scatter."))
 def minhash(fn: Callable, num_perm: int = 256, seed: int | None = None, log: bool = True) -> Result:
     """fn(shingle_sets, num_perm, seed) -> signatures: a numpy array of shape (len(shingle_sets), num_perm).
 
@@ -142,7 +149,13 @@ def _planted_signatures(rng: np.random.Generator, n: int, num_perm: int, rows: i
 WATCH_LSH = ("dataset_curation.minhash.lsh_candidate_pairs", "dataset_curation.minhash.near_duplicate_clusters")
 
 
-@_check
+@_check(hints=(
+    "Cut every signature into bands of `rows` consecutive values (columns past bands * rows are unused) and bucket "
+    "the documents by each band's exact values; two documents are candidates when they share a bucket in some band. "
+    "Invariant: every pair you report agrees on one whole band, and appears once, with i < j.",
+    "Keep one dictionary per band, keyed by the band's values as a tuple or bytes, listing the documents seen with "
+    "it. A bucket of m documents gives all m(m-1)/2 of its pairs, not only pairs with its first member; a set of "
+    "pairs keeps a pair found in several bands once."))
 def lsh_candidates(fn: Callable, trials: int = 4, seed: int | None = None, log: bool = True) -> Result:
     """fn(signatures, bands, rows) -> the candidate pairs: (i, j) with i < j whose signatures agree on a whole band.
 
@@ -198,7 +211,12 @@ def lsh_candidates(fn: Callable, trials: int = 4, seed: int | None = None, log: 
 WATCH_CLUSTERS = ("dataset_curation.minhash.union_find_clusters", "dataset_curation.minhash.near_duplicate_clusters")
 
 
-@_check
+@_check(hints=(
+    "The clusters are the connected components of the graph whose edges are the pairs, so pairs chain. Invariant: "
+    "the two documents of every pair end up in the same cluster, and documents that appear in no pair are left out.",
+    "Union-find does it in near-linear time: every document starts as its own root, each pair joins the roots of its "
+    "two ends, and path compression keeps the lookups short. Group the documents by their final root and keep the "
+    "groups with at least two members."))
 def clusters(fn: Callable, trials: int = 5, seed: int | None = None, log: bool = True) -> Result:
     """fn(n, pairs) -> clusters: connected components of n documents joined by the pairs (i, j).
 
@@ -253,7 +271,13 @@ def best_bands(num_perm: int, threshold: float) -> tuple[int, int]:
 WATCH_BANDS = ("course.check.curation.best_bands", "course.check.best_bands")
 
 
-@_check
+@_check(hints=(
+    "A pair of Jaccard s becomes a candidate with probability 1 - (1 - s^rows)^bands, an S-curve with its midpoint "
+    "near (1/bands)^(1/rows); band_cost adds that curve's mass below the threshold to the mass it misses above. "
+    "Invariant: bands * rows never exceeds num_perm, and no other allowed (bands, rows) costs less than yours.",
+    "The space is small enough to search whole: every bands from 1 to num_perm with every rows that still fits, "
+    "scored by check.band_cost at the threshold, keeping the cheapest. Aiming the midpoint at the threshold is not "
+    "enough, and swapping bands and rows gives a very different curve."))
 def choose_bands(fn: Callable, seed: int | None = None, log: bool = True) -> Result:
     """fn(num_perm, threshold) -> (bands, rows) with bands * rows <= num_perm minimising check.band_cost.
 
@@ -302,7 +326,13 @@ def _repeated_text(rng: random.Random) -> str:
 WATCH_DUP_LINES = ("dataset_curation.filters._dup_fraction", "dataset_curation.filters.gopher_repetition")
 
 
-@_check
+@_check(hints=(
+    "Split the text on newlines, strip every line and drop the lines that are empty after stripping; a kept line is "
+    "a repeat when the same stripped line was kept before it. Invariant: a first occurrence never counts, so "
+    "distinct lines give (0.0, 0.0), and so does a text with no non-blank lines.",
+    "Go through the kept lines once with a set of the lines seen so far: a line already in it adds one repeat and "
+    "its stripped length to the repeated characters. Divide by the number of kept lines and by their total stripped "
+    "length: blank lines are in neither count, and lines that differ only in surrounding spaces are the same line."))
 def dup_lines(fn: Callable, trials: int = 30, seed: int | None = None, log: bool = True) -> Result:
     """fn(text) -> (fraction of lines that repeat an earlier line, fraction of line characters in those repeats).
 

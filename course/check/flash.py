@@ -107,10 +107,11 @@ def _too_big(what: str, seen: TensorBytes, b: int, h: int, t: int) -> str | None
     "go over the keys and values one tile of `block` positions at a time, and keep for every query row the largest "
     "score seen so far m, the sum l of exp(score - m) and the sum o of exp(score - m) * v; the answer is o / l. "
     "Invariant to test yourself: the result must not depend on `block` (block >= T is plain attention).",
-    "per tile: s = q @ k_tile^T / sqrt(head_dim) with -inf where a key comes after the query; m_new = max(m, "
-    "rowmax(s)); p = exp(s - m_new); c = exp(m - m_new); l = l * c + rowsum(p); o = o * c + p @ v_tile; m = m_new. "
-    "Start from m = -inf, l = 0, o = 0 (exp(-inf) = 0, so the first tile needs no special case); tiles entirely "
-    "after a query block can be skipped."))
+    "Per tile: score the queries against the tile's keys (scaled, with -inf where a key comes after the query), "
+    "raise each row's running max to cover the tile, and rescale the old l and o by exp(old max - new max) before "
+    "adding the tile's exp(score - new max) sums. Starting from a max of -inf and empty sums needs no special first "
+    "tile, since exp(-inf) is 0; tiles entirely after a query block can be skipped. Forgetting to rescale o is the "
+    "usual miss."))
 def flash_attention(fn: Callable, trials: int = 7, seed: int | None = None, log: bool = True) -> Result:
     """fn(q, k, v, block=...) -> y: causal attention on (B, n_head, T, head_dim) float32 tensors, computed over
     key/value tiles of `block` positions with an online softmax, never creating the (T, T) scores.

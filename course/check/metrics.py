@@ -65,7 +65,7 @@ def _bleu_hint(got: float, expected, hyps: list[str], refs: list[list[str]]) -> 
                 + also)
     for pick_len, name in ((min, "the shortest"), (max, "the longest")):
         ref_len = sum(pick_len(len(r[i].split()) for r in refs) for i in range(len(hyps)))
-        bp = 1.0 if sys_len >= ref_len or sys_len == 0 else math.exp(1 - ref_len / sys_len)
+        bp = 1.0 if sys_len >= ref_len else math.exp(1 - ref_len / sys_len) if sys_len else 0.0  # as score_from_stats
         if ref_len != expected.ref_len and expected.bp > 0 and abs(got - expected.score / expected.bp * bp) <= 1e-6:
             return f"your brevity penalty uses {name} reference of each segment (ref_len {ref_len}); {closest}"
     mean = np.mean([sentence_bleu(h, [r[i] for r in refs], smooth_method="none", use_effective_order=False).score
@@ -80,7 +80,14 @@ WATCH_BLEU = ("metrics.bleu.corpus_bleu", "metrics.bleu.sentence_bleu", "metrics
               "sacrebleu.corpus_bleu", "sacrebleu.metrics.bleu.BLEU.corpus_score")
 
 
-@_check
+@_check(hints=(
+    "Corpus BLEU pools the counts of all segments before dividing: per order 1 to 4, clipped n-gram matches over all "
+    "hypothesis n-grams; then the geometric mean of the four precisions times the brevity penalty. Invariant: "
+    "hypotheses equal to their references (4+ words) score 100, and no match at some order scores 0.",
+    "Clip each hypothesis n-gram's count at the largest count it has in any one reference of its segment. For the "
+    "brevity penalty each segment adds the reference length closest to its hypothesis length (a tie goes to the "
+    "shorter one); the penalty is exp(1 - ref_len / sys_len) when sys_len < ref_len, else 1. A mean of sentence "
+    "BLEUs is not corpus BLEU."))
 def bleu(fn: Callable, trials: int = 4, seed: int | None = None, log: bool = True) -> Result:
     """fn(hypotheses, references) -> corpus BLEU on a 0-100 scale (a number, or an object with .score).
 
@@ -130,7 +137,13 @@ WATCH_ROUGE = ("metrics.rouge.rouge_pair", "metrics.rouge.rouge_scores",
                "rouge_score.rouge_scorer.RougeScorer.score")
 
 
-@_check
+@_check(hints=(
+    "ROUGE-1 and ROUGE-2 count shared unigrams and bigrams, each clipped at the smaller of its two counts; ROUGE-L "
+    "uses the length of the longest common subsequence. Precision divides by the prediction's count, recall by the "
+    "reference's, F is their harmonic mean. Invariant: identical texts score an F of 1, an empty prediction 0.",
+    "The longest common subsequence allows gaps (dynamic programming over the two word lists), unlike the longest "
+    "common substring. A one-word text has no bigrams, and when precision and recall are both 0 the F is 0, not a "
+    "division by zero."))
 def rouge(fn: Callable, pairs: int = 40, seed: int | None = None, log: bool = True) -> Result:
     """fn(prediction, reference) -> {"rouge1": F, "rouge2": F, "rougeL": F} for two strings.
 
@@ -184,7 +197,14 @@ def _all_targets_ppl(model_fn, ids: torch.Tensor, window: int, stride: int) -> f
 WATCH_PERPLEXITY = ("metrics.perplexity.perplexity", "course.check.metrics._all_targets_ppl")
 
 
-@_check
+@_check(hints=(
+    "Windows start at 0, stride, 2*stride, ...; each feeds up to `window` tokens and scores only the targets no "
+    "earlier window scored, so every token but the first is scored exactly once. Invariant: the count of scored "
+    "tokens is len(token_ids) - 1 whatever the stride, and a stride equal to the window gives non-overlapping "
+    "chunks.",
+    "Remember where the scored region ends: a new window scores only its targets past that point (with overlap, the "
+    "last few positions), the earlier ones serving as context; the last window is the one whose final target is the "
+    "stream's last token. Sum the NLL and the counts over windows and exponentiate their ratio once at the end."))
 def perplexity(fn: Callable, trials: int = 4, seed: int | None = None, log: bool = True) -> Result:
     """fn(model_fn, token_ids, window, stride) -> perplexity (a number, or an object with .perplexity).
 

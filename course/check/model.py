@@ -55,7 +55,12 @@ def _mlp_case(kind: str, c: int, bias: bool, g: torch.Generator):
 WATCH_MLP = ("minilm.model.MLP.forward", "course.check.reference._mlp_formula")
 
 
-@_check
+@_check(hints=(
+    "The feed-forward layer widens each position with c_fc, applies the nonlinearity and narrows back with c_proj, "
+    "every position on its own. Invariant: permuting the positions of x permutes the output the same way.",
+    "gelu is the exact erf form, not the tanh approximation; relu2 squares the ReLU; swiglu cuts c_fc's output in "
+    "two along the last dim, the first half the gate (through SiLU) and the second the values it multiplies, before "
+    "c_proj. Swapping the two halves is the usual mistake."))
 def mlp(fn: Callable, kinds: tuple[str, ...] = ("gelu",), trials: int = 3, seed: int | None = None,
         log: bool = True) -> Result:
     """fn(x, mlp, kind) -> y: the feed-forward layer, with mlp's weights mlp.c_fc and mlp.c_proj (nn.Linear).
@@ -106,7 +111,13 @@ def mlp(fn: Callable, kinds: tuple[str, ...] = ("gelu",), trials: int = 3, seed:
 WATCH_BLOCK = ("minilm.model.Block.forward",)
 
 
-@_check
+@_check(hints=(
+    "A pre-LayerNorm block normalises before each sublayer and adds the sublayer's output back onto the stream: "
+    "attention first, then the MLP, each behind its own LayerNorm. Invariant: output position t depends only on "
+    "positions 0..t, and the residual stream itself is never normalised.",
+    "The MLP branch reads the stream after the attention residual was added, not the block's input. Use ln_1 before "
+    "attention and ln_2 before the MLP with their own eps, and reuse your causal_self_attention and mlp pieces with "
+    "the block's weights."))
 def block(fn: Callable, trials: int = 4, seed: int | None = None, log: bool = True) -> Result:
     """fn(x, block) -> y: one pre-LayerNorm transformer block with block's weights (a minilm Block, eval mode).
 
@@ -196,7 +207,13 @@ def _gpt_variants(ref: torch.nn.Module, idx: torch.Tensor) -> dict[str, torch.Te
             "the final LayerNorm (transformer.ln_f) is not applied": ref.lm_head(h2)}
 
 
-@_check
+@_check(hints=(
+    "Token embeddings plus position embeddings (or RoPE inside attention), the blocks, a final norm and lm_head give "
+    "logits at every position; the loss is the mean cross-entropy over targets that are not -1. Invariant: your "
+    "parameter names are minilm's, so minilm.model.GPT's state_dict loads strictly and the logits match.",
+    "Name the submodules as minilm does (a transformer container holding wte, wpe, the list h of blocks and ln_f; "
+    "lm_head beside it) and build only what the config asks for: no wpe with rope, RMSNorm, SwiGLU or relu2, q/k "
+    "norms, a tied or separate head. Flatten logits and targets for the loss, ignore -1, give None without targets."))
 def gpt(model_cls: Callable, trials: int = 3, modern: bool = False, seed: int | None = None,
         log: bool = True) -> Result:
     """model_cls(config) -> an nn.Module with forward(idx, targets=None) -> (logits, loss or None).
@@ -271,7 +288,13 @@ WATCH_CROSS_ENTROPY = ("torch.nn.functional.cross_entropy", "torch.nn.functional
                        "torch.nn.LogSoftmax.forward")
 
 
-@_check
+@_check(hints=(
+    "Per row the loss is the log-sum-exp of the logits minus the target's logit; average it over the rows whose "
+    "target is not ignore_index. Invariants: uniform logits give ln(V), and adding a constant to a row changes "
+    "nothing.",
+    "Make the log-sum-exp stable by subtracting each row's max before exp and adding it back afterwards. Pick the "
+    "target logits only for the kept rows (an ignored target is not a valid index) and divide by the number of kept "
+    "rows, not by N."))
 def cross_entropy(fn: Callable, trials: int = 6, seed: int | None = None, log: bool = True) -> Result:
     """fn(logits, targets, ignore_index=-100) -> mean cross-entropy, a 0-dim tensor.
 

@@ -44,7 +44,11 @@ WATCH_LAYER_NORM = ("torch.nn.functional.layer_norm", "torch.layer_norm", "torch
                     "torch.nn.LayerNorm.forward", "torch.nn.functional.group_norm", "minilm.model.LayerNorm.forward")
 
 
-@_check
+@_check(hints=(
+    "Normalise each vector over the last dim to mean 0 and variance 1, then scale by weight and add bias when there "
+    "is one. Invariant: with weight 1 and no bias every output row has mean about 0 and variance about 1.",
+    "Use the biased variance (divide by the dim size, not size - 1 as torch.var does by default), put eps inside the "
+    "square root, and skip the bias when it is None."))
 def layer_norm(fn: Callable, trials: int = 6, seed: int | None = None, log: bool = True) -> Result:
     """fn(x, weight, bias, eps) -> y: LayerNorm over the last dim of x, bias may be None.
 
@@ -108,7 +112,11 @@ WATCH_RMS_NORM = ("torch.nn.functional.rms_norm", "torch.rms_norm", "torch.nn.RM
                   "minilm.model.RMSNorm.forward", "course.check.norms._rms_norm_ref")
 
 
-@_check
+@_check(hints=(
+    "RMSNorm divides each vector by the root of its mean square (plus eps) and scales by weight: no mean is "
+    "subtracted and there is no bias. Invariant: with weight 1 every output row has a mean square of about 1.",
+    "Upcast x and weight to float32, do all the arithmetic there and cast to x's dtype once at the end: arithmetic "
+    "in bfloat16 rounds at every operation and the check sees it. eps goes inside the root."))
 def rms_norm(fn: Callable, trials: int = 6, seed: int | None = None, log: bool = True) -> Result:
     """fn(x, weight, eps) -> y: RMSNorm over the last dim, y = x / sqrt(mean(x^2) + eps) * weight.
 

@@ -39,7 +39,13 @@ WATCH_ADAMW = ("torch.optim.AdamW.step", "torch.optim.Adam.step", "torch.optim.a
                "course.check.optim._adamw_variant")
 
 
-@_check
+@_check(hints=(
+    "AdamW keeps running averages of the gradient (m) and of its square (v), corrects their bias towards zero in "
+    "early steps, and moves along m_hat / (sqrt(v_hat) + eps); weight decay shrinks p directly instead of joining "
+    "the gradient. Invariant: without weight decay the first step moves every coordinate by about lr.",
+    "Within a step: decay p by lr * weight_decay * p, update m with beta1 and v with beta2, bias-correct with 1 - "
+    "beta^t for the 1-based t, then step. Adding the decay to the gradient (Adam with L2) or counting t from 0 are "
+    "the mistakes the check catches."))
 def adamw(fn: Callable, trials: int = 3, steps: int = 20, seed: int | None = None, log: bool = True) -> Result:
     """fn(p, grad, m, v, t, lr, beta1, beta2, eps, weight_decay) -> (p, m, v): one AdamW step, t = 1, 2, ...
 
@@ -90,7 +96,13 @@ def adamw(fn: Callable, trials: int = 3, steps: int = 20, seed: int | None = Non
 WATCH_LR = ("minilm.train.get_lr",)
 
 
-@_check
+@_check(hints=(
+    "A linear warm-up over the first warmup_iters steps, then half a cosine from lr down to min_lr at "
+    "lr_decay_iters, then min_lr flat. Invariant: the rate never exceeds lr, is exactly lr at step warmup_iters, and "
+    "reaches min_lr exactly at lr_decay_iters.",
+    "The warm-up divides it + 1 by warmup_iters + 1, so step 0 already has a small positive rate. The cosine's "
+    "progress is the fraction of the way from warmup_iters to lr_decay_iters; its factor goes from 1 to 0 as that "
+    "fraction goes from 0 to 1. Most misses are off by one at the two boundaries."))
 def lr_schedule(fn: Callable, trials: int = 4, seed: int | None = None, log: bool = True) -> Result:
     """fn(it, warmup_iters, lr_decay_iters, lr, min_lr) -> the learning rate at step it (0-based).
 
@@ -139,7 +151,12 @@ WATCH_CLIP = ("torch.nn.utils.clip_grad_norm_", "torch.nn.utils.clip_grad_norm",
               "torch.nn.utils.clip_grad.clip_grads_with_norm_")
 
 
-@_check
+@_check(hints=(
+    "The norm is global: the root of the sum of squares of every entry of every gradient, all parameters together, "
+    "not one per parameter. Invariant: afterwards the global norm is at most max_norm (up to the 1e-6), and "
+    "gradients already under it are untouched.",
+    "Skip parameters whose .grad is None, measure the total first, then scale every gradient in place by max_norm / "
+    "(total + 1e-6) only when that factor is below 1, never up. Hand back the norm measured before clipping."))
 def clip_grad_norm(fn: Callable, trials: int = 6, seed: int | None = None, log: bool = True) -> Result:
     """fn(parameters, max_norm) -> total norm: global-norm gradient clipping, in place.
 

@@ -39,7 +39,13 @@ WATCH_SAMPLING = ("minilm.inference.sampling.sample_next", "course.check.samplin
                   "course.check.filtered_probs")
 
 
-@_check
+@_check(hints=(
+    "Divide the logits by the temperature, keep the top_k largest, then keep the smallest set of most likely tokens "
+    "whose probability reaches top_p; removed tokens get probability 0 and the rest are renormalised. Invariant: "
+    "every row sums to 1, and temperature 1 without top_k or top_p is the plain softmax.",
+    "Apply the filters in that order, top-p on the distribution after temperature and top-k. For top-p sort in "
+    "descending order and keep every token up to and including the one where the running sum first reaches top_p, so "
+    "the most likely token always survives; masking logits with -inf before one final softmax gives exact zeros."))
 def sampling(fn: Callable, rows: int = 512, seed: int | None = None, log: bool = True) -> Result:
     """fn(logits, temperature, top_k, top_p) -> probs: the distribution a sampler draws the next token from.
 

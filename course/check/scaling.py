@@ -63,7 +63,13 @@ def _verdict(got: dict, truth: dict, what: str, expected: dict) -> str | None:
     return None
 
 
-@_check
+@_check(hints=(
+    "Fit E + A / N^alpha + B / D^beta to the runs as Chinchilla's approach 3 does: minimise a robust loss between "
+    "the logs of the predicted and the observed losses. Invariant: your curve reproduces the runs' losses closely, "
+    "with E below the smallest observed loss and A, B, alpha, beta positive.",
+    "The objective is not convex: optimise log A, log B and log E (so they stay positive) with alpha and beta under "
+    "a Huber loss, start from a grid of initial values and keep the best optimum. A single start from a rough guess "
+    "often stops in a local minimum."))
 def scaling_fit(fn: Callable, trials: int = 2, seed: int | None = None, log: bool = True) -> Result:
     """fn(N, D, L) -> dict of E, A, B, alpha, beta: a fit of L = E + A / N^alpha + B / D^beta to runs.
 

@@ -160,11 +160,11 @@ def _rel(got: torch.Tensor, expected: torch.Tensor) -> float:
 
 @_check(hints=(
     "Newton-Schulz pushes every singular value of the matrix toward 1 without an SVD: scale the matrix so its "
-    "norm is at most 1, then repeat X <- a X + (b A + c A^2) X with A = X X^T. Check: the result's singular values "
-    "land between about 0.5 and 1.5.",
+    "norm is at most 1, then repeat X <- a X + (b A + c A^2) X where A is the Gram matrix X X^T. Check: the "
+    "result's singular values land between about 0.5 and 1.5.",
     "As torch does: work in bfloat16 on a copy; transpose a tall matrix first (A is then the small Gram matrix) "
-    "and back at the end; divide by the Frobenius norm clamped below by eps; torch.addmm(beta=..., alpha=...) "
-    "does b A + c A A in one call."))
+    "and back at the end; divide by the Frobenius norm clamped below by eps; torch.addmm with its beta and alpha "
+    "arguments does b A + c A A in one call."))
 def newton_schulz(fn: Callable, trials: int = 6, seed: int | None = None, log: bool = True) -> Result:
     """fn(g, coefficients, steps, eps) -> the orthogonalised matrix: torch.optim.Muon's quintic Newton-Schulz.
 
@@ -211,7 +211,7 @@ def newton_schulz(fn: Callable, trials: int = 6, seed: int | None = None, log: b
 @_check(hints=(
     "Muon keeps one momentum buffer per matrix (buf <- lerp(buf, grad, 1 - momentum)); with Nesterov the update "
     "is lerp(grad, buf, momentum); orthogonalise it with your Newton-Schulz, decay p by lr * weight_decay * p, "
-    "then p -= lr * sqrt(max(1, rows / cols)) * update.",
+    "then move p against the update by lr * sqrt(max(1, rows / cols)).",
     "Everything reads the param group (group['lr'], ...). The sqrt(max(1, rows/cols)) factor is torch's "
     "'original' adjust_lr_fn: a tall matrix takes a larger step. Keep the buffer in self.state[p]."))
 def muon(cls: Callable, trials: int = 2, steps: int = 30, seed: int | None = None, log: bool = True) -> Result:
@@ -364,10 +364,11 @@ def optimizer_groups(fn: Callable, seed: int | None = None, log: bool = True) ->
 
 
 @_check(hints=(
-    "Draw batch_size random start offsets i (rng.integers(0, len(tokens) - block_size, size=batch_size)); x is "
-    "tokens[i : i + block_size], y the same window shifted by one, tokens[i + 1 : i + 1 + block_size].",
-    "Stack the windows with np.stack, convert to int64 (the memmap is uint16 or uint32), torch.from_numpy; on CUDA "
-    ".pin_memory().to(device, non_blocking=True)."))
+    "Draw the batch_size start offsets with one rng.integers call over [0, len(tokens) - block_size), as "
+    "minilm.data.TokenData.get_batch does; x is the block_size tokens from each start and y the same window shifted "
+    "one token later. Invariant: y's row equals x's row moved left by one, plus the next token.",
+    "Stack the windows, convert them to int64 (the memmap is uint16 or uint32) and wrap them as tensors without a "
+    "copy; on CUDA pin the memory and copy to the device without blocking."))
 def get_batch(fn: Callable, trials: int = 4, seed: int | None = None, log: bool = True) -> Result:
     """fn(tokens, batch_size, block_size, device, rng) -> (x, y): random windows and their next-token targets.
 
@@ -479,7 +480,7 @@ def _what_was_lost(model, opts, data_rng, saved: dict) -> str:
 @_check(hints=(
     "Resuming is exact when every input to the next step is restored: the weights, each optimizer's state_dict(), "
     "the step, every random stream (Python, numpy, torch, CUDA) and the data sampler's position.",
-    "Save the states as tensors, lists and dicts (torch.load(weights_only=True) refuses numpy arrays: numpy's "
+    "Save the states as tensors, lists and dicts (torch.load with weights_only refuses numpy arrays: numpy's "
     "state array becomes a tensor); rng.bit_generator.state is a plain dict. Write to a temp file and os.replace "
     "it. On load, restore the RNG states last."))
 def checkpoint_resume(save: Callable, load: Callable, steps: int = 6, seed: int | None = None,
@@ -633,7 +634,7 @@ def _loop_problem(out: Path, result: dict, rows: list[dict], ckpt: dict) -> str:
     "Log rows: {step, loss, lr, tokens_per_s, mfu} every log_interval steps and {step, train_loss, val_loss, "
     "val_ppl} at evals; the final row adds final_val_loss (every val token scored once) and bigram_val_loss "
     "(minilm.data.baseline_losses). The checkpoint: model, optimizer list, step, rng, data, config {model, train}, "
-    "meta, extra {trainer: learner, model_class, optimizer_class}. With resume=True load it and go on."))
+    "meta, extra {trainer: learner, model_class, optimizer_class}. When resuming, load it and go on."))
 def train_loop(fn: Callable, model_cls: Callable, optimizers_fn: Callable, seed: int | None = None,
                log: bool = True) -> Result:
     """fn(model, optimizers, data_dir, out_dir, max_iters, batch_size, grad_accum, lr, min_lr, warmup_iters,

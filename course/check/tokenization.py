@@ -85,7 +85,13 @@ def _bpe_mismatch(text: str, got: list, expected: list, what: str) -> str:
 WATCH_BPE = ("dataset_curation.bpe.train_bpe", "tokenizers.trainers.BpeTrainer.__init__")
 
 
-@_check
+@_check(hints=(
+    "Start every pre-token as its UTF-8 bytes, count adjacent pairs weighted by how often the pre-token occurs, "
+    "merge the most frequent pair into the next new id everywhere, repeat. Invariant: merge r creates id 256 + r, no "
+    "merge crosses a pre-token, and every merged pair occurred at least twice.",
+    "Count the pre-tokens once and work on the distinct ones with their frequencies. A tie between equally frequent "
+    "pairs goes to the smallest pair as a tuple of ids; replace occurrences left to right without overlap (in a run "
+    "of three equal ids only the first two merge), and stop when the best pair occurs fewer than two times."))
 def bpe(fn: Callable, trials: int = 3, seed: int | None = None, log: bool = True) -> Result:
     """fn(text, num_merges) -> merges: a byte-level BPE trainer, a list of (id, id) pairs in the order learned.
 
@@ -125,7 +131,13 @@ WATCH_BPE_ENCODE = ("dataset_curation.bpe.BPETokenizer.encode", "dataset_curatio
                     "tokenizers.Tokenizer.encode")
 
 
-@_check
+@_check(hints=(
+    "In each pre-token start from the UTF-8 bytes and keep merging the adjacent pair whose merge was learned "
+    "earliest (lowest rank) until no adjacent pair is a merge. Invariant: concatenating the bytes of the ids gives "
+    "the text back, and with no merges the ids are just the bytes.",
+    "The order is by rank, not by position or by frequency: find the lowest-ranked pair present in the piece, "
+    "replace all its occurrences left to right, then look again. Merging whichever known pair comes first in the "
+    "text gives other ids on some pieces."))
 def bpe_encode(fn: Callable, trials: int = 3, seed: int | None = None, log: bool = True) -> Result:
     """fn(text, merges) -> token ids: encode text with learned byte-level BPE merges (a list of (id, id) pairs).
 

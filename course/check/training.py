@@ -30,7 +30,12 @@ def _tiny_gpt(g: torch.Generator, vocab: int = 32, n_embd: int = 16, n_layer: in
 WATCH_ACCUMULATE = ("course.check.reference._accumulate_ref",)
 
 
-@_check
+@_check(hints=(
+    "Gradients add up across backward calls, so backward each micro-batch's loss divided by the number of "
+    "micro-batches and take a single optimizer step at the end. Invariant: with equal-size micro-batches the update "
+    "equals one step on the concatenated batch, and the loss you report is the mean over the micro-batches.",
+    "Zero the gradients once before the first micro-batch, not between them, and step once after the last. Without "
+    "the division the update is n times too large; report the mean of the undivided losses as a plain number."))
 def accumulate(fn: Callable, trials: int = 2, seed: int | None = None, log: bool = True) -> Result:
     """fn(model, optimizer, micro_batches) -> mean loss: one optimizer step from several micro-batches.
 
@@ -91,7 +96,12 @@ def accumulate(fn: Callable, trials: int = 2, seed: int | None = None, log: bool
 WATCH_OVERFIT = ("course.check.reference._overfit_ref",)
 
 
-@_check
+@_check(hints=(
+    "A working loop memorises one small batch: forward, backward, optimizer step, with the gradients zeroed in every "
+    "step. Invariant: the loss starts near ln(vocab) and keeps falling, well below the target within the steps.",
+    "backward() adds into .grad, so zero the gradients (optimizer.zero_grad()) in every step before backward, or "
+    "each step uses the sum of all earlier gradients. Make the optimizer once, outside the loop, so its state "
+    "carries on; AdamW at about 1e-2 gets there; record one loss per step as a float."))
 def overfit(fn: Callable, steps: int = 150, target: float = 0.3, seed: int | None = None, log: bool = True) -> Result:
     """fn(model, x, y, steps) -> the list of losses: train model on the one batch (x, y) for `steps` steps.
 
