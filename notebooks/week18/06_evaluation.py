@@ -144,7 +144,8 @@ def run_val_loss(out: Path) -> float:
 
 mine = resolve("out/my_run")  # task 4: your own loop's run
 base_run = mine if (mine / "ckpt.pt").is_file() and (mine / "metrics.jsonl").is_file() else run_dir
-run_data = resolve(yaml.safe_load((base_run / "config.yaml").read_text())["train"]["data_dir"])
+saved = yaml.safe_load((base_run / "config.yaml").read_text())  # minilm.train nests it under train; my_train: flat
+run_data = resolve(saved["train"]["data_dir"] if "train" in saved else saved["data_dir"])
 train_ids = np.asarray(TokenData(run_data, "train").tokens, dtype=np.int64)
 val_ids = np.asarray(TokenData(run_data, "val").tokens, dtype=np.int64)
 cut = int(0.9 * len(train_ids))
