@@ -543,6 +543,44 @@ def test_clip_grad_norm_written_to_its_docstring_passes():
         assert check.clip_grad_norm(as_documented, seed=seed, log=False), seed
 
 
+
+def test_minhash_on_salted_hash_in_the_learners_helper_module_fails(tmp_path, monkeypatch):
+    # hash() called from a module of the learner's own, not from the function handed to the check
+    (tmp_path / "my_dedup.py").write_text(
+        "import numpy as np\n\n\ndef signatures(sets, num_perm, seed):\n"
+        "    p = (1 << 31) - 1\n    rng = np.random.default_rng(seed)\n"
+        "    a, b = rng.integers(1, p, num_perm), rng.integers(0, p, num_perm)\n"
+        "    h = [np.array([hash(x) % p for x in s], dtype=np.int64) for s in sets]\n"
+        "    return np.stack([((x[:, None] * a + b) % p).min(axis=0) for x in h])\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import my_dedup
+
+    r = check.minhash(lambda s, n, sd: my_dedup.signatures(s, n, sd), seed=0)
+    assert not r and "hash()" in r.message and "PYTHONHASHSEED" in r.message
+
+
+def test_clip_grad_norm_written_to_notebook_04s_text_passes():
+    from pathlib import Path
+
+    text = Path(__file__).parents[1].joinpath("notebooks/week17/04_efficient_training.py").read_text()
+    exercise = text[text.index("### Exercise 4"):text.index("# YOUR CODE: my_clip_grad_norm")]
+    # The notebook states torch's epsilon; without it small norms miss the 1e-5 tolerance (seeds 37, 47, 91, 167).
+    assert "max_norm / (norm + 1e-6)" in " ".join(exercise.replace("#", " ").split())
+
+    def as_written(parameters, max_norm, eps):
+        grads = [p.grad for p in parameters if p.grad is not None]
+        norm = torch.sqrt(sum((g ** 2).sum() for g in grads))
+        if norm > max_norm:
+            for g in grads:
+                g.mul_(max_norm / (norm + eps))
+        return norm
+
+    for seed in (37, 47, 91, 167, *range(10)):
+        assert check.clip_grad_norm(lambda p, m: as_written(p, m, 1e-6), seed=seed, log=False), seed
+    assert not all(check.clip_grad_norm(lambda p, m: as_written(p, m, 0.0), seed=seed, log=False)
+                   for seed in (37, 47, 91, 167))
+
+
 # ----------------------------------------------------------------------------- hints
 
 

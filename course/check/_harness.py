@@ -380,18 +380,34 @@ def _salted(x) -> bool:
     return False
 
 
+def _library_dirs() -> tuple[str, ...]:
+    """Where library code lives: the standard library, site-packages and this repository's packages."""
+    import sysconfig
+
+    repo = Path(__file__).resolve().parents[2]
+    dirs = {sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")}
+    dirs |= {str(repo / name) for name in ("course", "minilm", "dataset_curation", "metrics", "efficient_training")}
+    return tuple(os.path.realpath(d) + os.sep for d in dirs)
+
+
 @contextmanager
 def salted_hash_calls(fn) -> Iterator[list]:
-    """Record the hash() calls fn's own code (code sharing its globals) makes on salted values while the block runs:
-    Python's hash of a str differs between processes, so a MinHash built on it gives other signatures in the next
-    process and deduplication runs disagree. Library code's own hash() calls are not fn's and are not recorded."""
+    """Record the hash() calls on salted values that the learner's code makes while the block runs: Python's hash
+    of a str differs between processes, so a MinHash built on it gives other signatures in the next process and
+    deduplication runs disagree. The learner's code is fn's own (code sharing its globals) and any code outside the
+    standard library, site-packages and this repository's packages (a helper in the learner's own module); the
+    libraries' own hash() calls are not recorded."""
     calls: list = []
     original = builtins.hash
     mine = {id(g) for g in _namespaces(fn)}
+    library = _library_dirs()
+    outside = functools.lru_cache(maxsize=None)(lambda file: not os.path.realpath(file).startswith(library))
 
     def watched_hash(obj):
-        if _salted(obj) and id(sys._getframe(1).f_globals) in mine:
-            calls.append(type(obj).__name__)
+        if _salted(obj):
+            caller = sys._getframe(1)
+            if id(caller.f_globals) in mine or outside(caller.f_code.co_filename):
+                calls.append(type(obj).__name__)
         return original(obj)
 
     with _LOCK:
@@ -401,7 +417,6 @@ def salted_hash_calls(fn) -> Iterator[list]:
     finally:
         with _LOCK:
             builtins.hash = original
-
 
 
 def _crash(e: BaseException, what: str) -> str:

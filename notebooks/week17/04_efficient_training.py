@@ -166,7 +166,8 @@ plt.xlabel("step"); plt.ylabel("learning rate"); plt.title("tiny preset: 40 warm
 #
 # `my_clip_grad_norm(parameters, max_norm)`: the norm of **all** gradients together (the square root of the sum
 # of every entry squared, over parameters that have a `.grad`); if it exceeds `max_norm`, multiply every gradient
-# by `max_norm / norm` in place (never scale up). Return the norm before clipping.
+# by `max_norm / (norm + 1e-6)` in place, as `torch.nn.utils.clip_grad_norm_` does (never scale up). Return the
+# norm before clipping.
 
 # %%
 # YOUR CODE: my_clip_grad_norm
