@@ -69,19 +69,47 @@ class TokenData:
         if expected is not None and expected != len(self.tokens):
             raise DataError(f"{path} holds {len(self.tokens)} tokens but meta.json says {expected}: "
                             "the shard is incomplete or stale; rebuild the data dir")
-        vocab = self.meta["vocab_size"]
-        if vocab_size is not None and vocab > vocab_size:
+        self._check_ids(str(path), self.meta["vocab_size"], vocab_size, block_size)
+        self.rng = np.random.default_rng(seed)
+
+    @classmethod
+    def from_tokens(cls, tokens, split: str = "train", vocab_size: int | None = None,
+                    block_size: int | None = None, seed: int = 0) -> TokenData:
+        """A TokenData over token ids already in memory or in a memmap (1-D, integer), with no data dir.
+
+            data = TokenData.from_tokens(np.memmap("train.bin", dtype=np.uint16, mode="r"), vocab_size=8192)
+            x, y = data.get_batch(16, 128, "cpu")
+
+        vocab_size bounds the ids (default: the largest id + 1, which reads the whole stream once); block_size,
+        when given, must be shorter than the stream. The ids are used as they are: a memmap stays one, no copy.
+        """
+        ids = tokens if isinstance(tokens, np.ndarray) else np.asarray(tokens)
+        if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+            raise DataError(f"tokens must be a 1-D array of integer ids, got shape {ids.shape} dtype {ids.dtype}")
+        if ids.size == 0:
+            raise DataError("tokens is empty: no tokens to train on")
+        if np.issubdtype(ids.dtype, np.signedinteger) and int(ids.min()) < 0:
+            raise DataError(f"tokens holds the negative id {int(ids.min())}")
+        vocab = int(vocab_size) if vocab_size is not None else int(ids.max()) + 1
+        data = cls.__new__(cls)  # the data-dir reading in __init__ is skipped; every attribute is set here
+        data.data_dir, data.split, data.tokens = None, split, ids
+        data.meta = {"vocab_size": vocab, "dtype": ids.dtype.name, "tokens": {split: int(ids.size)}}
+        data._check_ids(f"the {split} tokens", vocab, None, block_size)
+        data.rng = np.random.default_rng(seed)
+        return data
+
+    def _check_ids(self, where: str, vocab: int, model_vocab: int | None, block_size: int | None) -> None:
+        if model_vocab is not None and vocab > model_vocab:
             raise DataError(f"the data dir's tokenizer has {vocab} tokens but the model's vocab_size is "
-                            f"{vocab_size}; set --vocab_size={vocab} or use a data dir built for this model")
+                            f"{model_vocab}; set --vocab_size={vocab} or use a data dir built for this model")
         # A cheap sanity check on a prefix: ids beyond the vocabulary mean the wrong dtype or tokenizer.
         head = np.asarray(self.tokens[: 1 << 16])
         if head.size and int(head.max()) >= vocab:
-            raise DataError(f"{path} holds token id {int(head.max())} >= vocab_size {vocab}: "
+            raise DataError(f"{where} holds token id {int(head.max())} >= vocab_size {vocab}: "
                             "the shard was written with another tokenizer or dtype; rebuild the data dir")
         if block_size is not None and len(self.tokens) <= block_size:
-            raise DataError(f"{path} holds {len(self.tokens)} tokens, not more than block_size={block_size}: "
+            raise DataError(f"{where} holds {len(self.tokens)} tokens, not more than block_size={block_size}: "
                             f"use --block_size={max(8, len(self.tokens) // 4)} or more data")
-        self.rng = np.random.default_rng(seed)
 
     def __len__(self) -> int:
         return len(self.tokens)

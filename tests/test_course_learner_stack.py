@@ -253,9 +253,7 @@ def test_get_batch_package_counts_as_reference():
     from minilm.data import TokenData
 
     def through_package(tokens, b, t, device, rng):
-        data = TokenData.__new__(TokenData)
-        data.tokens, data.split = tokens, "train"
-        return data.get_batch(b, t, device, rng=rng)
+        return TokenData.from_tokens(tokens).get_batch(b, t, device, rng=rng)
 
     r = check.get_batch(through_package, seed=17)
     assert r.passed and r.uses_reference

@@ -106,6 +106,24 @@ def test_token_data_batches(tiny_data_dir):
     assert torch.equal(again[0], x)  # seeded
 
 
+def test_token_data_from_tokens_batches_as_the_data_dir_does(tiny_data_dir):
+    data = TokenData(tiny_data_dir, "train", seed=3)
+    mine = TokenData.from_tokens(data.tokens, vocab_size=data.meta["vocab_size"], block_size=16, seed=3)
+    assert mine.tokens is data.tokens and len(mine) == len(data) and mine.data_dir is None
+    for a, b in zip(mine.get_batch(4, 16, "cpu"), data.get_batch(4, 16, "cpu")):
+        assert torch.equal(a, b)
+    small = TokenData.from_tokens([5, 1, 4, 2, 3, 0, 6])
+    assert small.meta["vocab_size"] == 7 and small.split == "train"
+    x, y = small.get_batch(2, 3, "cpu", rng=np.random.default_rng(0))
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    empty = np.array([], dtype=np.int64)
+    for bad, kw, words in (([[1, 2], [3, 4]], {}, "1-D"), ([0.5, 1.5], {}, "integer"), (empty, {}, "empty"),
+                           ([1, -2, 3], {}, "negative"), ([1, 9, 3], {"vocab_size": 8}, "vocab_size 8"),
+                           ([1, 2, 3], {"block_size": 3}, "block_size=3")):
+        with pytest.raises(DataError, match=words):
+            TokenData.from_tokens(np.array(bad), **kw)
+
+
 def copy_dir(src, dst):
     shutil.copytree(src, dst)
     return dst

@@ -57,9 +57,7 @@ def _optimizer_groups_ref(model, lr, muon_lr, weight_decay, betas, muon_momentum
 def _get_batch_ref(tokens, batch_size, block_size, device, rng):
     from minilm.data import TokenData
 
-    data = TokenData.__new__(TokenData)
-    data.tokens, data.split = tokens, "train"
-    return data.get_batch(batch_size, block_size, device, rng=rng)
+    return TokenData.from_tokens(tokens).get_batch(batch_size, block_size, device, rng=rng)
 
 
 def reference(name: str) -> Callable:
