@@ -18,8 +18,9 @@
 #
 # # Week 18 · 06 — Evaluating the model
 #
-# `minilm.evaluate` turns a run into a report: validation perplexity (sliding window) and bits per byte, the
-# counting baselines, a continuation task scored with BLEU and ROUGE, generation metrics and generation speed.
+# `minilm.evaluate` turns a run into a report: validation perplexity and bits per byte, the counting baselines, a
+# code-completion task (`metrics.completion`) with cluster-bootstrap intervals, generation metrics and decoding
+# speed.
 # Day 12 of the course ([week18.md](../../course/week18.md)).
 
 # %%
@@ -159,22 +160,35 @@ print(f"  {'the run' + chr(39) + 's model':28s} val loss {model_val:.4f} nats/to
       f"({'beats' if model_val < bigram_val else 'does not beat yet'} the bigram by {bigram_val - model_val:+.4f})")
 
 # %% [markdown]
-# ## 2. The continuation task
+# ## 2. The code-completion task
 #
-# Prompt = the start of a held-out document, reference = what follows. The greedy continuation is scored with
-# BLEU and ROUGE (with a bootstrap confidence interval). Absolute numbers are small for open-ended
-# continuation — there are many good continuations and only one reference — so compare runs, not to 100.
+# The prompts are built from Python files of the validation split only, in two kinds. A **function** example gives
+# the decorators, signature and docstring; the answer is the body, and it ends where a line returns to column 0.
+# A **line** example gives 8 lines of code; the answer is the next line, and it ends at its first newline. An example
+# is dropped when its prompt (or a function body of 3+ lines) also occurs in a training file, or when the reference
+# does not fit the token cap (`caps`: new tokens per kind). Every system decodes greedily under the same stop rules:
+# the model, Kneser-Ney counted on the whole train split (`kn_full`) and on the tokens the model saw (`kn_seen`),
+# the bigram and the unigram. Scores: exact match, edit similarity, BLEU and ROUGE-L over code tokens, chrF, and
+# whether prompt + answer parses (`ast_valid`), each with a 95% interval that resamples the source files. The
+# default run takes up to 360 prompts (160 of them functions); `FAST` takes 40, all functions. Compare the model
+# with the baselines on the same prompts, not with 100: a short run rarely gets a body exactly right.
 
 # %%
-c = results["continuation"]
-print(f"{c['prompts']} prompts of {c['prompt_tokens']} tokens, {c['continuation_tokens']} tokens continued")
-print(f"BLEU {c['bleu']:.2f}  precisions {[round(p, 1) for p in c['bleu_precisions']]}  BP {c['bleu_bp']:.3f}")
-for k, v in c["rouge"].items():
-    print(f"{k:9s} F {v['f']:.4f}  (95% CI {v['f_low']:.4f} .. {v['f_high']:.4f})")
+t = results["task"]
+print(f"{t['prompts']} prompts from {t.get('documents', 0)} validation files; token caps {t['caps']}")
+for kind, n in t["counts"].items():
+    print(f"  {kind:8s} {n['candidates']} candidates, dropped: prompt in train {n['prompt_in_train']}, body in "
+          f"train {n['body_in_train']}, too long {n['too_long']}; chosen {n.get('chosen', 0)}")
+shown = ["exact", "edit_sim", "bleu", "chrf", "rougeL", "ast_valid"]
+print(f"{'':9s}" + "".join(f"{m:>24s}" for m in shown))
+for name, sys_ in t.get("systems", {}).items():
+    a = sys_["all"]
+    cells = [f"{a[m]['value']:.3g} [{a[m]['low']:.3g}, {a[m]['high']:.3g}]" if a.get(m) else "-" for m in shown]
+    print(f"{name:9s}" + "".join(f"{c:>24s}" for c in cells))
 for ex in results["examples"][:2]:
     print("\n--- prompt ---\n" + ex["prompt"][-200:])
     print("--- reference ---\n" + ex["reference"][:200])
-    print("--- greedy ---\n" + ex["greedy"][:200])
+    print("--- model, cut by the stop rule ---\n" + ex["greedy"][:200])
 
 # %% [markdown]
 # ### Your own interval: a cluster bootstrap
@@ -216,8 +230,8 @@ print(f"  yours, by example       [{iid[0]:.3f}, {iid[1]:.3f}]  (ignores the clu
 # %% [markdown]
 # ## 3. Generated text: diversity, loops, copying
 #
-# The same generation metrics for greedy and sampled continuations, next to the human-written references.
-# `copy_rate` is the share of continuations that repeat 16+ training tokens verbatim (memorisation).
+# Generation metrics of the model's task answers (greedy, after the stop rule), next to the same metrics of the
+# references. `copy_rate` is the share of answers that repeat 16+ training tokens verbatim (memorisation).
 
 # %%
 g = results["generation"]
