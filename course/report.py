@@ -3,8 +3,8 @@
     python -m course report --out_dir out/tiny        # writes out/tiny/report.md and out/tiny/report_curves.png
 
 It reads config.yaml, metrics.jsonl, the checkpoint's step and, when `python -m minilm.evaluate` has run,
-eval.json (perplexity against the unigram and bigram baselines, BLEU and ROUGE on the continuation task, speed
-and sample continuations); loadtest.json when present. What is missing is named in the report with the command
+eval.json (perplexity against the unigram and bigram baselines, the code-completion task's scores, speed and
+sample completions); loadtest.json when present. What is missing is named in the report with the command
 that makes it. The "Lessons learned" section is left for you to write.
 """
 
@@ -47,8 +47,9 @@ def _eval_section(r: dict) -> list[str]:
              f"Validation tokens scored: {p.get('tokens', '?'):,}; window {p.get('window')}, stride {p.get('stride')}.",
              "", _table(["", "perplexity", "loss (nats/token)", "bits/byte"], rows), "",
              f"The model {'beats' if beats else 'does NOT beat'} the bigram baseline on the same tokens.", ""]
+    lines += _task_lines(r)
     c = r.get("continuation", {})
-    if "bleu" in c:
+    if "bleu" in c and not r.get("task", {}).get("systems"):  # an eval.json from before the completion task
         rl = c.get("rouge", {}).get("rougeL", {})
         lines += [f"Continuation task ({c.get('prompts', c.get('num_prompts', '?'))} held-out prompts): BLEU "
                   f"{c['bleu']:.2f} (brevity penalty {c.get('bleu_bp', float('nan')):.3f}), ROUGE-L F "
@@ -62,14 +63,28 @@ def _eval_section(r: dict) -> list[str]:
     return lines
 
 
+def _task_lines(r: dict) -> list[str]:
+    """The model's scores on the code-completion task, each with its 95% cluster-bootstrap interval."""
+    t = r.get("task", {})
+    m = t.get("systems", {}).get("model", {}).get("all")
+    if not m:
+        return []
+    names = (("exact", "exact match"), ("edit_sim", "edit similarity"), ("bleu", "BLEU (code tokens)"),
+             ("chrf", "chrF"), ("rougeL", "ROUGE-L F"), ("ast_valid", "parses"))
+    parts = [f"{label} {m[k]['value']:.3f} [{m[k]['low']:.3f}, {m[k]['high']:.3f}]" for k, label in names if m.get(k)]
+    return [f"Code-completion task ({t.get('prompts', '?')} prompts from {t.get('documents', '?')} validation files, "
+            "greedy, cut by the stop rules): " + "; ".join(parts) + ".", ""]
+
+
 def _samples_section(r: dict | None) -> list[str]:
     lines = ["## Samples", ""]
     examples = (r or {}).get("examples") or []
     if not examples:
-        return lines + ["No samples yet: `python -m minilm.evaluate` stores greedy and sampled continuations.", ""]
+        return lines + ["No samples yet: `python -m minilm.evaluate` stores prompts with the model's completions.", ""]
     for i, ex in enumerate(examples[:3]):
         lines += [f"**Prompt {i + 1}**", "", "```", str(ex.get("prompt", "")).strip()[-300:], "```", "",
-                  "Greedy continuation:", "", "```", str(ex.get("greedy", "")).strip()[:400], "```", "",
+                  "Greedy completion (cut by the stop rule):", "", "```", str(ex.get("greedy", "")).strip()[:400],
+                  "```", "",
                   "Reference:", "", "```", str(ex.get("reference", "")).strip()[:400], "```", ""]
     return lines
 

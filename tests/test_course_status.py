@@ -432,7 +432,8 @@ def test_report(evaluated_run, tmp_path, capsys):
     assert main(["report", "--out_dir", str(run)]) == 0
     text = (run / "report.md").read_text()
     for part in ("## Learning curves", "report_curves.png", "## Metrics against the baselines", "bigram baseline",
-                 "## Samples", "Greedy continuation", "## Config", "preset: tiny", "## Lessons learned"):
+                 "Code-completion task (", "## Samples", "Greedy completion", "## Config", "preset: tiny",
+                 "## Lessons learned"):
         assert part in text, part
     assert (run / "report_curves.png").stat().st_size > 1000
     r = json.loads((run / "eval.json").read_text())

@@ -93,7 +93,7 @@ def adamw(fn: Callable, trials: int = 3, steps: int = 20, seed: int | None = Non
                    uses_reference=called or _calls_reference(fn, {"AdamW", "adamw", "Adam"}))
 
 
-WATCH_LR = ("minilm.train.get_lr",)
+WATCH_LR = ("minilm.optim.get_lr", "minilm.train.get_lr")  # defined in optim, re-exported by train
 
 
 @_check(hints=(
@@ -108,12 +108,12 @@ def lr_schedule(fn: Callable, trials: int = 4, seed: int | None = None, log: boo
 
     Warm-up: lr * (it + 1) / (warmup_iters + 1) for it < warmup_iters; then cosine from lr down to min_lr:
     min_lr + 0.5 * (1 + cos(pi * ratio)) * (lr - min_lr), ratio = (it - warmup_iters) / (lr_decay_iters -
-    warmup_iters); min_lr from lr_decay_iters on. Reference: minilm.train.get_lr at every step up to
+    warmup_iters); min_lr from lr_decay_iters on. Reference: minilm.optim.get_lr at every step up to
     lr_decay_iters + 20; tolerance 1e-9 * lr.
     """
     from types import SimpleNamespace
 
-    from minilm.train import get_lr
+    from minilm.optim import get_lr
 
     s = _seed(seed)
     called = Counter()
@@ -141,7 +141,7 @@ def lr_schedule(fn: Callable, trials: int = 4, seed: int | None = None, log: boo
                 return _finish("lr_schedule", False, f"{what}\n  it={it} ({phase}): expected {expected:.8g}, got "
                                f"{got:.8g}\n  hint: {hint}", s, log)
     return _finish("lr_schedule", True, f"{trials} random schedules (with and without warm-up and min_lr), every step: "
-                   "equal to minilm.train.get_lr", s, log, uses_reference=called or _calls_reference(fn, {"get_lr"}))
+                   "equal to minilm.optim.get_lr", s, log, uses_reference=called or _calls_reference(fn, {"get_lr"}))
 
 
 WATCH_CLIP = ("torch.nn.utils.clip_grad_norm_", "torch.nn.utils.clip_grad_norm",
