@@ -157,9 +157,14 @@ def my_lr(it, warmup_iters, lr_decay_iters, lr, min_lr):
 # %%
 result = check.lr_schedule(my_lr)
 lr_fn = check.pick(result, my_lr)
+from minilm.config import PRESETS
+
+tt = PRESETS["tiny"].train  # the schedule the tiny preset trains on (AdamW's peak rate)
 plt.figure(figsize=(5, 2.5))
-plt.plot([lr_fn(it, 40, 500, 2e-3, 2e-4) for it in range(520)])
-plt.xlabel("step"); plt.ylabel("learning rate"); plt.title("tiny preset: 40 warm-up steps, cosine to 500"); show()
+plt.plot([lr_fn(it, tt.warmup_iters, tt.lr_decay_iters or tt.max_iters, tt.lr, tt.min_lr)
+          for it in range(tt.max_iters + 20)])
+plt.xlabel("step"); plt.ylabel("learning rate")
+plt.title(f"tiny preset: {tt.warmup_iters} warm-up steps, cosine to {tt.max_iters}"); show()
 
 # %% [markdown]
 # ### Exercise 4 — global-norm gradient clipping

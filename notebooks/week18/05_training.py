@@ -20,7 +20,7 @@
 #
 # The model in `minilm/model.py`, its configs, a training run with learning curves (matplotlib and TensorBoard),
 # and resuming. With `FAST = True` a tiny model trains for 500 steps on a subset of the built-in corpus;
-# with `FAST = False` this notebook trains the course project, the `mini_lm` preset (48M parameters), on a GPU.
+# with `FAST = False` this notebook trains the course project, the `mini_lm` preset (48.5M parameters), on a GPU.
 # Days 8–11 of the course ([week18.md](../../course/week18.md)).
 
 # %%
