@@ -44,6 +44,15 @@ def test_addk_solution_passes(seed):
     assert ok(check.addk_bigram(sol.my_addk_bigram, seed=seed))
 
 
+def test_addk_inputs_always_have_a_held_out_pair():
+    # Seeds whose draws once cut a one-token held-out split: the reference divided by zero pairs.
+    for s in (52, 79, 107, 161):
+        rng = np.random.default_rng(s)
+        for trial in range(5):
+            _, held, ev, _, _ = baselines._addk_inputs(rng, trial)
+            assert len(held) >= 20 and len(ev) >= 2
+
+
 def test_addk_k_fitted_on_eval_fails():
     def on_eval(train, held, ev, v, ks):
         return sol.my_addk_bigram(train, ev, ev, v, ks)

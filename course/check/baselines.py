@@ -61,6 +61,8 @@ def _addk_inputs(rng: np.random.Generator, trial: int):
         conc = float(rng.choice([0.05, 0.2, 1.0]))
         stream = _markov_stream(rng, v, int(rng.integers(600, 2500)), conc)
         a, b = sorted(rng.choice(np.arange(100, len(stream) - 100), size=2, replace=False))
+        if b - a < 20:  # a held-out split of one token has no pair to score (and divides by zero)
+            continue
         train, held, ev = stream[:a], stream[a:b], stream[b:]
         if trial == 0:  # eval from another chain: its best k is another one
             ev = _markov_stream(rng, v, int(rng.integers(200, 800)), float(rng.choice([0.05, 3.0])))
