@@ -320,7 +320,7 @@ for png in sorted((data_dir / "plots").glob("*.png"))[:3]:
 # normalization as MinHash: lowercase, accents stripped, digits to 0, anything that is not a letter or a digit
 # separating words). A training document goes when at least `min_fraction` of its n-gram positions (10% by
 # default) occur in a validation document: one shared idiom is not a leak, a half-copied file is. Against an
-# explicit benchmark (`eval_texts`, the pipeline's `--eval_files`), a single shared n-gram is enough (GPT-3's
+# explicit benchmark (`eval_texts`, the pipeline's `eval_files` parameter), one shared n-gram is enough (GPT-3's
 # rule, with n = 13).
 #
 # ### Exercise 6 — decontamination
