@@ -942,3 +942,46 @@ def my_bootstrap_ci(values, clusters, n_resamples, seed, alpha):
         means[r] = sums[idx].sum() / sizes[idx].sum()
     low, high = np.percentile(means, [100 * alpha / 2, 100 * (1 - alpha / 2)])
     return float(low), float(high)
+
+
+# ----------------------------------------------------------------------------- week 17: decontamination
+
+
+def _my_words(text):
+    import re
+    import unicodedata
+
+    text = text.lower()
+    if not text.isascii():  # accents: NFKD splits "é" into "e" and a combining mark, which goes
+        text = "".join(ch for ch in unicodedata.normalize("NFKD", text) if not unicodedata.combining(ch))
+    text = re.sub(r"\d", "0", text)
+    return re.sub(r"[\W_]+", " ", text).split()  # anything but a letter or digit separates words
+
+
+def my_decontaminate(docs, stats, eval_texts=(), ngram=13, min_fraction=0.1):
+    def grams(text):
+        words = _my_words(text)
+        return [tuple(words[i:i + ngram]) for i in range(len(words) - ngram + 1)]
+
+    # one set per kind of held-out text, filled document by document: no n-gram spans two documents
+    val_bank, eval_bank = set(), set()
+    for doc in docs:
+        if doc.get("split") == "val":
+            val_bank.update(grams(doc["text"]))
+    for text in eval_texts:
+        eval_bank.update(grams(text))
+    kept = []
+    for doc in docs:
+        if doc.get("split") == "val":
+            kept.append(stats.keep(len(doc["text"]), doc))
+            continue
+        mine = grams(doc["text"])  # every position counts: an n-gram repeated three times is three hits
+        in_eval = sum(g in eval_bank for g in mine)
+        in_val = sum(g in val_bank for g in mine)
+        if in_eval > 0:
+            stats.remove(doc, "contaminated_eval", f"{in_eval} {ngram}-grams shared with the evaluation texts")
+        elif mine and in_val / len(mine) >= min_fraction:
+            stats.remove(doc, "overlaps_val", f"{in_val} of its {len(mine)} {ngram}-grams occur in val")
+        else:
+            kept.append(stats.keep(len(doc["text"]), doc))
+    return kept

@@ -25,7 +25,7 @@ from course.check import log_path, read_log
 # task number -> (title, self-checks whose latest verdict must be PASS)
 TASKS = {
     1: ("Curation", ("dup_lines", "minhash", "lsh_candidates", "clusters", "choose_bands", "bpe", "bpe_incremental",
-                  "bpe_encode")),
+                  "bpe_encode", "decontaminate")),
     2: ("Metrics", ("perplexity", "bleu", "rouge")),
     3: ("Training setup", ("loss_scaler", "adamw", "lr_schedule", "clip_grad_norm", "accumulate",
                            "activation_checkpoint", "ddp_all_reduce")),

@@ -16,7 +16,7 @@ following cells the reference until yours passes. With COURSE_STRICT=1 (the solu
 does not pass raises AssertionError, so a notebook run fails on it.
 
 One module per topic (attention, norms, model, optim, training, sampling, amp, metrics, curation, tokenization,
-scaling, stack: the learner's training stack)
+decontamination, scaling, stack: the learner's training stack)
 over a shared harness (course/check/_harness.py, whose docstring says how to write a check).
 """
 
@@ -25,6 +25,7 @@ from course.check.amp import loss_scaler
 from course.check.attention import attention, causal_self_attention, rope
 from course.check.baselines import addk_bigram, bootstrap_ci
 from course.check.curation import band_cost, best_bands, choose_bands, clusters, dup_lines, lsh_candidates, minhash
+from course.check.decontamination import decontaminate
 from course.check.distributed import ddp_all_reduce
 from course.check.flash import flash_attention
 from course.check.memory import activation_checkpoint
@@ -51,8 +52,8 @@ __all__ = [
     "accumulate", "activation_checkpoint", "adamw", "adamw_optimizer", "addk_bigram", "_all_targets_ppl",
     "attention", "band_cost", "best_bands", "bleu", "block", "bootstrap_ci", "bpe", "bpe_encode", "bpe_incremental",
     "causal_self_attention", "checkpoint_resume", "choose_bands", "clip_grad_norm", "clusters", "cross_entropy",
-    "ddp_all_reduce", "dup_lines", "filtered_probs", "flash_attention", "get_batch", "gpt", "hint", "layer_norm",
-    "log_path", "loss_scaler", "lr_schedule", "lsh_candidates", "minhash", "mlp", "MODERN_RECIPES", "muon",
-    "newton_schulz", "optimizer_groups", "overfit", "perplexity", "pick", "read_log", "reference", "Result",
+    "ddp_all_reduce", "decontaminate", "dup_lines", "filtered_probs", "flash_attention", "get_batch", "gpt", "hint",
+    "layer_norm", "log_path", "loss_scaler", "lr_schedule", "lsh_candidates", "minhash", "mlp", "MODERN_RECIPES",
+    "muon", "newton_schulz", "optimizer_groups", "overfit", "perplexity", "pick", "read_log", "reference", "Result",
     "rms_norm", "rope", "rouge", "salted_hash_calls", "sampling", "scaling_fit", "train_loop", "watching",
 ]

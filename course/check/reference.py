@@ -146,6 +146,8 @@ def _reference_fn(name: str) -> Callable:
         return torch.optim.AdamW if name == "adamw_optimizer" else torch.optim.Muon
     if name in ("activation_checkpoint", "ddp_all_reduce"):
         return _memory_ddp_ref(name)
+    if name == "decontaminate":
+        return _decontaminate_ref
     if name not in table:
         raise KeyError(f"no exercise named {name!r}; the checks are listed by `python -m course checks`")
     return table[name]
@@ -159,3 +161,10 @@ def _memory_ddp_ref(name: str) -> Callable:
     if name == "activation_checkpoint":
         return lambda fn, *args: ckpt.checkpoint(fn, *args)
     return lambda model, world_size: ddp.all_reduce_gradients(list(model.parameters()), world_size)
+
+
+def _decontaminate_ref(docs, stats, eval_texts=(), ngram=13, min_fraction=0.1):
+    """dataset_curation's stage 8, called like the week-17 exercise."""
+    from dataset_curation.dedup import decontaminate
+
+    return decontaminate(docs, stats, eval_texts, ngram, min_fraction)

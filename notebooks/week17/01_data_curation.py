@@ -21,7 +21,8 @@
 # What a model learns is decided by what it reads. This notebook walks the `dataset_curation` pipeline on the
 # built-in corpus (the Python standard library of this interpreter: its code, and its docstrings and comments as
 # English prose): what the documents look like, what quality rules throw away, how MinHash finds near-duplicates,
-# and the data dir the pipeline writes. Days 1 and 2 of the course ([week17.md](../../course/week17.md)).
+# the data dir the pipeline writes, and how validation text is kept out of training. Days 1 and 2 of the course
+# ([week17.md](../../course/week17.md)).
 
 # %%
 # Setup. On Colab only: clone the course repository and install it (Colab's own torch is kept, never
@@ -309,6 +310,111 @@ from IPython.display import Image, display
 for png in sorted((data_dir / "plots").glob("*.png"))[:3]:
     print(png.name)
     display(Image(filename=str(png), width=520))
+
+# %% [markdown]
+# ## 5. Decontamination: keep the test out of the training set
+#
+# A score on text the model trained on measures memory, not skill. Once documents are split into train and
+# validation, some training documents can still carry validation text: a file copied into another module, a
+# docstring pasted twice. Stage 8 of the pipeline finds them by word n-grams of the normalized text (the same
+# normalization as MinHash: lowercase, accents stripped, digits to 0, anything that is not a letter or a digit
+# separating words). A training document goes when at least `min_fraction` of its n-gram positions (10% by
+# default) occur in a validation document: one shared idiom is not a leak, a half-copied file is. Against an
+# explicit benchmark (`eval_texts`, the pipeline's `eval_files` parameter), one shared n-gram is enough (GPT-3's
+# rule, with n = 13).
+#
+# ### Exercise 6 — decontamination
+#
+# Write `my_decontaminate(docs, stats, eval_texts, ngram, min_fraction)` with the contract of
+# `dataset_curation.dedup.decontaminate`: `docs` are dicts with `"id"`, `"text"` and `"split"`; return the kept
+# documents in order, calling `stats.keep(len(doc["text"]), doc)` for each kept one (val documents are always
+# kept) and `stats.remove(doc, reason, note)` with reason `"contaminated_eval"` (any n-gram in an evaluation
+# text) or else `"overlaps_val"` (hits / n-gram positions >= min_fraction). Build n-grams inside each text, never
+# across two texts; a text with fewer than `ngram` words has none.
+
+# %%
+# YOUR CODE: my_decontaminate
+def my_decontaminate(docs, stats, eval_texts=(), ngram=13, min_fraction=0.1):
+    """The documents kept by stage 8: no evaluation n-gram, and under min_fraction of their n-grams in val."""
+    raise NotImplementedError("normalize, one set of n-gram tuples per kind of held-out text, then count per document")
+
+
+# %%
+result = check.decontaminate(my_decontaminate)
+decontaminate = check.pick(result, my_decontaminate)
+
+# %% [markdown]
+# Now on the real corpus: section 1's documents through exact dedup, MinHash dedup and the split by file (stages 4,
+# 5 and 7, as the pipeline runs them), then your function at several n:
+
+# %%
+from dataset_curation import dedup, stages
+from dataset_curation.minhash import normalize_for_shingles
+from dataset_curation.stages import StageStats
+
+grouped = [{**d, "group": d["path"]} for d in docs]  # a file's code and its prose land in the same split
+unique = list(dedup.exact_dedup(grouped, StageStats("exact_dedup")))
+unique, _ = dedup.near_dedup(unique, StageStats("near_dedup"))
+split_docs = stages.split_train_val(unique, StageStats("split"), val_fraction=0.1, seed=SEED)
+print(collections.Counter(d["split"] for d in split_docs))
+for n in (8, 13, 20, 50):
+    st = StageStats("decontaminate")
+    decontaminate(split_docs, st, (), n, 0.1)
+    print(f"n={n:2d}: {st.removed.get('overlaps_val', 0)} training documents share >= 10% of their n-grams with val")
+st = StageStats("decontaminate")
+kept = decontaminate(split_docs, st, (), 13, 0.1)
+for item in st.samples.get("overlaps_val", []):
+    print("removed:", item["id"], "-", item["note"])
+stage8 = next(s for s in stats["stages"] if s["name"] == "decontaminate")
+print("the pipeline's stage 8 on the FAST data dir (after the quality filters too):", stage8["removed"] or "none")
+
+# %% [markdown]
+# What does the leak do to a score? Take the purest memoriser there is: a table from every 12 words of the
+# training split to the word that followed them, and let it predict each next word of the validation split.
+# It cannot generalise at all, so every word it gets right is one it saw:
+
+# %%
+K = 12
+val_words = {d["id"]: normalize_for_shingles(d["text"]).split() for d in split_docs if d["split"] == "val"}
+
+
+def lookup_table(train_docs):
+    table = {}
+    for d in train_docs:
+        w = normalize_for_shingles(d["text"]).split()
+        for i in range(len(w) - K):
+            table[tuple(w[i:i + K])] = w[i + K]
+    return table
+
+
+def lookup_hits(table):
+    """Per val document: (next words the table predicts right, positions)."""
+    return {i: (sum(table.get(tuple(w[j:j + K])) == w[j + K] for j in range(len(w) - K)), max(len(w) - K, 0))
+            for i, w in val_words.items()}
+
+
+before = lookup_hits(lookup_table([d for d in split_docs if d["split"] == "train"]))
+after = lookup_hits(lookup_table([d for d in kept if d["split"] == "train"]))
+share = lambda per: sum(h for h, _ in per.values()) / max(sum(n for _, n in per.values()), 1)
+print(f"next-word accuracy of the memoriser on val: {share(before):.2%} with every training document, "
+      f"{share(after):.2%} after decontamination")
+worst = sorted(val_words, key=lambda i: -before[i][0] / max(before[i][1], 1))[:5]
+for i in worst:
+    print(f"  {i:40s} {before[i][0] / max(before[i][1], 1):6.1%} -> {after[i][0] / max(after[i][1], 1):6.1%}")
+plt.figure(figsize=(6, 2.6))
+x = np.arange(len(worst))
+plt.bar(x - 0.2, [before[i][0] / max(before[i][1], 1) for i in worst], 0.4, label="all training documents")
+plt.bar(x + 0.2, [after[i][0] / max(after[i][1], 1) for i in worst], 0.4, label="decontaminated")
+plt.xticks(x, [i.replace("stdlib-", "").replace("stdlib:", "") for i in worst], rotation=20, ha="right")
+plt.ylabel("memoriser accuracy"); plt.title("the val documents it predicts best")
+plt.legend(); show()
+
+# %% [markdown]
+# The documents your function removed are where the memoriser's "skill" on val came from: with them gone, what
+# is left is chance overlap (shared idioms, licence lines) spread thinly over many files. The same holds for a
+# neural model: its validation loss and completion scores would be flattered on exactly those files.
+# Notebook 06 builds its completion task from validation files only and drops any example whose prompt occurs
+# in a training file, for the same reason.
 
 # %% [markdown]
 # **Task 1** ([course/README.md](../../course/README.md)): build your data dir —
