@@ -462,7 +462,7 @@ for name, rate, out in rows:
 # The engine does more per step than your loop (it batches rows of different lengths, refills a full cache,
 # handles end-of-text), so a plain single-sequence cache comes close to it on one sequence; both pay a flat cost
 # per token where the no-cache loop pays for the whole prefix again each time, which at this run's short
-# context is still cheap: the table above shows where that changes.
+# context is still cheap: the plot above shows where that changes.
 
 # %% [markdown]
 # ## 3. From the command line
