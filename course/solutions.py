@@ -985,3 +985,84 @@ def my_decontaminate(docs, stats, eval_texts=(), ngram=13, min_fraction=0.1):
         else:
             kept.append(stats.keep(len(doc["text"]), doc))
     return kept
+
+
+# ----------------------------------------------------------------------------- week 18: a KV cache for my model
+
+
+def my_rope_at(x, theta, start):
+    t, hd = x.size(-2), x.size(-1)
+    inv_freq = 1.0 / theta ** (torch.arange(0, hd, 2, dtype=torch.float32, device=x.device) / hd)
+    pos = torch.arange(start, start + t, dtype=torch.float32, device=x.device)  # where these rows sit
+    angles = torch.cat([pos[:, None] * inv_freq[None, :]] * 2, dim=-1)
+    x1, x2 = x[..., : hd // 2], x[..., hd // 2:]
+    return x * torch.cos(angles) + torch.cat([-x2, x1], dim=-1) * torch.sin(angles)
+
+
+def my_kv_cache(model, batch=1):
+    cfg = model.config
+    shape = (batch, cfg.n_head, cfg.block_size, cfg.n_embd // cfg.n_head)
+    w = model.lm_head.weight  # same device and dtype as the model
+    return [(w.new_zeros(shape), w.new_zeros(shape)) for _ in range(cfg.n_layer)]
+
+
+def _my_norm(model, x, layer):
+    if model.config.norm == "rmsnorm":
+        return my_rms_norm(x, layer.weight, layer.eps)
+    return my_layer_norm(x, layer.weight, layer.bias, layer.eps)
+
+
+def my_attend_cache(q, k, v, start):
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))
+    rows = torch.arange(start, start + q.size(2), device=q.device)[:, None]  # the queries' own positions
+    scores = scores.masked_fill(torch.arange(k.size(2), device=q.device)[None, :] > rows, float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v
+
+
+@torch.no_grad()
+def my_forward_cached(model, idx, cache, start):
+    cfg, tr = model.config, model.transformer
+    b, t = idx.shape
+    end = start + t
+    x = tr.wte(idx)
+    if cfg.pos == "learned":
+        x = x + tr.wpe(torch.arange(start, end, device=idx.device))
+    for layer, blk in enumerate(tr.h):
+        attn = blk.attn
+        qkv = attn.c_attn(_my_norm(model, x, blk.ln_1)).split(cfg.n_embd, dim=2)
+        q, k, v = (z.view(b, t, cfg.n_head, -1).transpose(1, 2) for z in qkv)
+        if cfg.qk_norm:
+            q, k = my_rms_norm(q, attn.q_norm.weight, attn.q_norm.eps), my_rms_norm(k, attn.k_norm.weight,
+                                                                                     attn.k_norm.eps)
+        if cfg.pos == "rope":
+            q, k = my_rope_at(q, cfg.rope_theta, start), my_rope_at(k, cfg.rope_theta, start)
+        keys, values = cache[layer]
+        keys[:, :, start:end], values[:, :, start:end] = k, v
+        if start == 0:  # the prompt: causal attention over itself, in tiles, so a long one never builds T x T
+            y = my_flash_attention(q, k, v)
+        else:  # new positions against everything cached so far, their own keys included
+            y = my_attend_cache(q, keys[:, :, :end], values[:, :, :end], start)
+        x = x + attn.c_proj(y.transpose(1, 2).reshape(b, t, cfg.n_embd))
+        x = x + my_mlp(_my_norm(model, x, blk.ln_2), blk.mlp, cfg.mlp)
+    return model.lm_head(_my_norm(model, x, tr.ln_f))
+
+
+@torch.no_grad()
+def my_generate(model, prompt_ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None):
+    ids = prompt_ids.to(model.lm_head.weight.device)
+    if ids.size(1) + max_new_tokens > model.config.block_size:
+        raise ValueError(f"{ids.size(1)} prompt + {max_new_tokens} new tokens do not fit in block_size "
+                         f"{model.config.block_size}")
+    cache = my_kv_cache(model, ids.size(0))
+    logits = my_forward_cached(model, ids, cache, 0)[:, -1]
+    out = [ids]
+    for i in range(max_new_tokens):
+        if temperature == 0:
+            token = logits.argmax(dim=-1, keepdim=True)
+        else:
+            probs = my_probs(logits.float(), temperature, top_k, top_p)
+            token = torch.multinomial(probs, 1, generator=generator)
+        out.append(token)
+        if i + 1 < max_new_tokens:  # the last token needs no forward pass: nothing comes after it
+            logits = my_forward_cached(model, token, cache, ids.size(1) + i)[:, -1]
+    return torch.cat(out, dim=1)

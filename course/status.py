@@ -32,7 +32,7 @@ TASKS = {
     4: ("Training", ("attention", "causal_self_attention", "layer_norm", "rms_norm", "mlp", "block", "rope",
                      "cross_entropy", "gpt", "overfit", "adamw_optimizer", "newton_schulz", "muon",
                      "optimizer_groups", "get_batch", "checkpoint_resume", "train_loop", "flash_attention")),
-    5: ("Evaluation and deployment", ("sampling", "addk_bigram", "bootstrap_ci")),
+    5: ("Evaluation and deployment", ("sampling", "addk_bigram", "bootstrap_ci", "generate")),
 }
 LOADTEST_FILE = "loadtest.json"  # python -m minilm.serve.loadtest ... --json > out/<run>/loadtest.json
 # the fields of minilm.serve.loadtest.run_load's result that status reads

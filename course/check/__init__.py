@@ -28,6 +28,7 @@ from course.check.curation import band_cost, best_bands, choose_bands, clusters,
 from course.check.decontamination import decontaminate
 from course.check.distributed import ddp_all_reduce
 from course.check.flash import flash_attention
+from course.check.generate import generate
 from course.check.memory import activation_checkpoint
 from course.check.metrics import _all_targets_ppl, bleu, perplexity, rouge
 from course.check.model import MODERN_RECIPES, block, cross_entropy, gpt, mlp
@@ -49,11 +50,12 @@ from course.check.tokenization import bpe, bpe_encode, bpe_incremental
 from course.check.training import accumulate, overfit
 
 __all__ = [
-    "accumulate", "activation_checkpoint", "adamw", "adamw_optimizer", "addk_bigram", "_all_targets_ppl",
-    "attention", "band_cost", "best_bands", "bleu", "block", "bootstrap_ci", "bpe", "bpe_encode", "bpe_incremental",
+    "accumulate", "activation_checkpoint", "adamw", "adamw_optimizer", "addk_bigram", "_all_targets_ppl", "attention",
+    "band_cost", "best_bands", "bleu", "block", "bootstrap_ci", "bpe", "bpe_encode", "bpe_incremental",
     "causal_self_attention", "checkpoint_resume", "choose_bands", "clip_grad_norm", "clusters", "cross_entropy",
-    "ddp_all_reduce", "decontaminate", "dup_lines", "filtered_probs", "flash_attention", "get_batch", "gpt", "hint",
-    "layer_norm", "log_path", "loss_scaler", "lr_schedule", "lsh_candidates", "minhash", "mlp", "MODERN_RECIPES",
-    "muon", "newton_schulz", "optimizer_groups", "overfit", "perplexity", "pick", "read_log", "reference", "Result",
-    "rms_norm", "rope", "rouge", "salted_hash_calls", "sampling", "scaling_fit", "train_loop", "watching",
+    "ddp_all_reduce", "decontaminate", "dup_lines", "filtered_probs", "flash_attention", "generate", "get_batch", "gpt",
+    "hint", "layer_norm", "log_path", "loss_scaler", "lr_schedule", "lsh_candidates", "minhash", "mlp",
+    "MODERN_RECIPES", "muon", "newton_schulz", "optimizer_groups", "overfit", "perplexity", "pick", "read_log",
+    "reference", "Result", "rms_norm", "rope", "rouge", "salted_hash_calls", "sampling", "scaling_fit", "train_loop",
+    "watching",
 ]

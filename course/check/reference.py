@@ -142,6 +142,10 @@ def _reference_fn(name: str) -> Callable:
         return lambda q, k, v, block=64: _flash_ref(q, k, v, block)
     if name == "gpt":
         return model.GPT
+    if name == "generate":
+        from course.check.generate import _generate_ref
+
+        return _generate_ref
     if name in ("adamw_optimizer", "muon"):
         return torch.optim.AdamW if name == "adamw_optimizer" else torch.optim.Muon
     if name in ("activation_checkpoint", "ddp_all_reduce"):
