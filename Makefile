@@ -43,15 +43,19 @@ test-py: $(STAMP)
 
 # Every notebook twice: as shipped (each exercise a stub, the checks say "not implemented yet"), then with each
 # exercise filled in from course/solutions.py under COURSE_STRICT=1 (a check that does not pass fails the run).
-# The verdicts go to a scratch log, so `python -m course status` still shows only the learner's own work.
+# The verdicts go to scratch logs (absolute paths: a kernel runs in its notebook's folder), so `python -m course
+# status` still shows only the learner's own work; the solved run's log must then show all five tasks done.
 # The cell timeout has headroom for a loaded machine: the LR-sweep cell (three short trainings) took over 300 s
 # while two other CPU-heavy jobs ran (a make test under load, 2026-12-02).
 NBVAL := -m pytest --nbval-lax --nbval-cell-timeout=900 -p no:cacheprovider -q
 test-notebooks: $(STAMP)
 	@start=$$(date +%s); \
-	COURSE_LOG=out/nb/checks-ci.jsonl $(BIN)/python $(NBVAL) notebooks || exit 1; \
-	mid=$$(date +%s); rm -rf out/nb-solved && $(BIN)/python notebooks/solve.py out/nb-solved >/dev/null && \
-	COURSE_STRICT=1 COURSE_LOG=out/nb/checks-ci.jsonl $(BIN)/python $(NBVAL) out/nb-solved || exit 1; \
+	COURSE_LOG=$(CURDIR)/out/nb/checks-shipped.jsonl $(BIN)/python $(NBVAL) notebooks || exit 1; \
+	mid=$$(date +%s); rm -rf out/nb-solved out/nb/checks-solved.jsonl && \
+	$(BIN)/python notebooks/solve.py out/nb-solved >/dev/null && \
+	COURSE_STRICT=1 COURSE_LOG=$(CURDIR)/out/nb/checks-solved.jsonl $(BIN)/python $(NBVAL) out/nb-solved || exit 1; \
+	$(BIN)/python -m course status --require_all --log out/nb/checks-solved.jsonl --data_dir out/nb/data-fast \
+		--out_dir out/my_run || exit 1; \
 	end=$$(date +%s); \
 	echo "notebooks: as shipped $$((mid - start)) s, solved $$((end - mid)) s, total $$((end - start)) s"
 

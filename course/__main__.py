@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
                         "committed efficient_training/bench_results/ is the course's recorded run, not yours)")
     s.add_argument("--device", default="auto", help="where task 4's validation loss is recomputed: auto | cpu | cuda")
     s.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    s.add_argument("--require_all", action="store_true", help="exit with 1 unless all five tasks are done")
     sub.add_parser("checks", help="list the self-checks and what each expects of your function")
     r = sub.add_parser("report", help="write RUN/report.md: curves, metrics vs baselines, samples, config")
     r.add_argument("--out_dir", default="out/tiny", help="the run dir to report on")
@@ -35,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.cmd == "status":
         rows = status(a.data_dir, a.out_dir, a.target_tokens, a.log, a.config, a.bench_dir, a.device)
         print(json.dumps(rows, indent=2) if a.json else format_status(rows, a.log))
-        return 0
+        return 1 if a.require_all and not all(r["done"] for r in rows) else 0
     if a.cmd == "report":
         from course.report import ReportError, write_report
         from course.status import resolve

@@ -229,6 +229,12 @@ def test_a_learner_run_passes_every_task(tiny_data_dir, learner_run, evaluated_l
     assert all(r["done"] for r in rows), [r["artifact"] for r in rows]
     assert "tokens (target 1,000)" in rows[0]["artifact"] and "preset tiny, batch 8 x 2" in rows[2]["artifact"]
     assert "agrees with ckpt.pt" in rows[4]["artifact"] and "200 requests" in rows[4]["artifact"]
+    # make test's gate after the solved notebooks: --require_all exits 0 here, 1 once a task is not done
+    args = ["status", "--require_all", "--data_dir", str(tiny_data_dir), "--target_tokens", "1000", "--log", str(log),
+            "--config", str(config), "--bench_dir", str(bench), "--device", "cpu"]
+    assert main([*args, "--out_dir", str(run)]) == 0
+    (run / "loadtest.json").unlink()
+    assert main([*args, "--out_dir", str(run)]) == 1
 
 
 def test_status_recomputes_the_loss_and_bigram_as_training_defines_them(learner_run, abab_data_dir, monkeypatch):

@@ -450,6 +450,30 @@ if not FAST:  # the full benchmark, on this machine (minutes on a GPU)
 # %% [markdown]
 # **Task 3** ([course/README.md](../../course/README.md)): choose your week-18 configuration from these numbers
 # (batch size, accumulation, dtype, checkpointing) and write down the throughput you expect. GPU figures in
-# the course text are expectations until you measure them.
+# the course text are expectations until you measure them. Status wants two files: your own benchmark in
+# `out/bench/` (the committed `bench_results/` is the course's) and your config in `configs/my_run.yaml`. `FAST`
+# runs the smallest benchmark (one timed step per row, `tiny`, no DDP rows); the cell then writes a first config
+# only if you have none yet, and proves it loads the way `python -m minilm.train --config` will read it. Edit the
+# file: it is yours.
+
+# %%
+import json
+
+from minilm.config import parse_args
+
+bench_args = ["--batch", "4", "--steps", "1", "--no-ddp", "--mem-budget-mb", "16"] if FAST else ["--preset", "mini_lm"]
+subprocess.run([sys.executable, "-m", "efficient_training.bench", *bench_args, "--out", "out/bench"], cwd=ROOT,
+               check=True, capture_output=True)
+bench = max((ROOT / "out" / "bench").glob("bench_*.json"), key=lambda p: p.stat().st_mtime)
+print(f"your benchmark: {bench.relative_to(ROOT)}, {len(json.loads(bench.read_text())['rows'])} measured rows")
+my_config = ROOT / "configs" / "my_run.yaml"
+if not my_config.is_file():  # a T4 has no bf16: float16 with a loss scaler; checkpointing buys batch size
+    my_config.write_text("# my week-18 run: python -m minilm.train --config configs/my_run.yaml\n"
+                         "preset: mini_lm\nbatch_size: 16\ngrad_accum: 4\ndtype: float16\ngrad_checkpoint: false\n")
+cfg, _ = parse_args(["--config", str(my_config)], cuda=False)
+print(f"{my_config.relative_to(ROOT)} loads: preset {cfg.train.preset}, batch {cfg.train.batch_size} x "
+      f"{cfg.train.grad_accum}, dtype {cfg.train.dtype}, grad_checkpoint {cfg.model.grad_checkpoint}")
+
+# %% [markdown]
 #
 # Next week: [05_training.ipynb](../week18/05_training.ipynb).

@@ -261,6 +261,16 @@ display(Markdown((run_dir / "eval.md").read_text()[:3000]))
 # %% [markdown]
 # **Task 5** (first half): run `python -m minilm.evaluate --out_dir out/<your run>` on your project run and
 # compare it with the tiny run and the baselines in a table of your own. `python -m course status` then finds
-# `eval.json`.
-#
+# `eval.json`. The cell below does it for your task-4 run, `out/my_run`, with this notebook's settings.
+
+# %%
+mine = resolve("out/my_run")
+if (mine / "ckpt.pt").is_file():
+    my_eval = evaluate(mine, **kwargs)
+    print(f"{mine.relative_to(ROOT)}: val perplexity {my_eval['perplexity']['non_overlapping']['perplexity']:.1f}, "
+          f"wrote {sorted(p.name for p in mine.glob('eval*'))}")
+else:
+    print("no out/my_run yet: train it in notebook 05 (section 4b), then run this cell again")
+
+# %% [markdown]
 # Next: [07_serving.ipynb](07_serving.ipynb).
