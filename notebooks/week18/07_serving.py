@@ -325,7 +325,7 @@ Model = check.pick(result, MyGPT)
 # counts the positions your layers process: each exactly once.
 
 # %%
-# YOUR CODE: my_rope_at my_kv_cache my_attend_cache my_forward_cached
+# YOUR CODE: my_rope_at my_kv_cache my_attend_cache my_forward_cached my_generate
 def my_rope_at(x, theta, start):
     """RoPE on x (B, n_head, T, head_dim) whose rows are positions start..start+T-1."""
     raise NotImplementedError("as my_rope, with the positions arange(start, start + T)")
@@ -348,8 +348,7 @@ def my_forward_cached(model, idx, cache, start):
                               "at start..end; my_flash_attention if start == 0 else my_attend_cache; c_proj; MLP")
 
 
-# %%
-# YOUR CODE: my_generate
+
 @torch.no_grad()
 def my_generate(model, prompt_ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None):
     """(1, P + max_new_tokens): the prompt, then tokens from one prefill and one cached step per new token."""
