@@ -447,9 +447,12 @@ class NormWeights(nn.Module):
 
 
 class MyGPT(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, checkpoint=None):
         super().__init__()
-        self.config = config
+        if config.grad_checkpoint and checkpoint is None:
+            raise ValueError("config.grad_checkpoint is true: pass checkpoint=my_checkpoint (notebook 04), the "
+                             "function that runs each block without keeping its activations")
+        self.config, self.checkpoint = config, checkpoint
         c, bias, hd = config.n_embd, config.bias, config.n_embd // config.n_head
         norm = (lambda: NormWeights(c)) if config.norm == "rmsnorm" else (lambda: nn.LayerNorm(c, bias=bias))
         hidden = getattr(config, "mlp_hidden", 0) or (
@@ -498,14 +501,20 @@ class MyGPT(nn.Module):
         y = my_attention(q, k, v)
         return attn.c_proj(y.transpose(1, 2).reshape(b, t, c))
 
+    def block(self, x, blk):
+        x = x + self.attend(self.norm(x, blk.ln_1), blk.attn)
+        return x + my_mlp(self.norm(x, blk.ln_2), blk.mlp, self.config.mlp)
+
     def forward(self, idx, targets=None):
         tr = self.transformer
         x = tr.wte(idx)
         if self.config.pos == "learned":
             x = x + tr.wpe(torch.arange(idx.size(1), device=idx.device))
         for blk in tr.h:
-            x = x + self.attend(self.norm(x, blk.ln_1), blk.attn)
-            x = x + my_mlp(self.norm(x, blk.ln_2), blk.mlp, self.config.mlp)
+            if self.config.grad_checkpoint and self.training and torch.is_grad_enabled():
+                x = self.checkpoint(self.block, x, blk)  # backward recomputes the block instead of storing it
+            else:
+                x = self.block(x, blk)
         logits = self.lm_head(self.norm(x, tr.ln_f))
         if targets is None:
             return logits, None
@@ -847,6 +856,9 @@ class MyCheckpoint(torch.autograd.Function):
     @staticmethod
     def forward(ctx, fn, *args):
         ctx.fn, ctx.rng = fn, torch.get_rng_state()
+        ctx.amp = {d: (torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in ("cpu", "cuda")}
+        ctx.cuda = [a.device for a in args if torch.is_tensor(a) and a.is_cuda][:1]
+        ctx.cuda_rng = [torch.cuda.get_rng_state(d) for d in ctx.cuda]
         ctx.is_tensor = [torch.is_tensor(a) for a in args]
         ctx.others = [None if t else a for a, t in zip(args, ctx.is_tensor)]
         ctx.save_for_backward(*[a for a in args if torch.is_tensor(a)])
@@ -857,9 +869,14 @@ class MyCheckpoint(torch.autograd.Function):
     def backward(ctx, *grad_outputs):
         saved = iter(ctx.saved_tensors)
         inputs = [next(saved).detach().requires_grad_(True) if t else o for t, o in zip(ctx.is_tensor, ctx.others)]
-        with torch.random.fork_rng(devices=[]):  # the same dropout masks, and the outer stream left where it was
+        with torch.random.fork_rng(devices=ctx.cuda):  # the same dropout masks; the outer stream left where it was
             torch.set_rng_state(ctx.rng)
-            with torch.enable_grad():
+            for d, state in zip(ctx.cuda, ctx.cuda_rng):
+                torch.cuda.set_rng_state(state, d)
+            (cpu_on, cpu_dtype), (cuda_on, cuda_dtype) = ctx.amp["cpu"], ctx.amp["cuda"]
+            # backward runs outside the training's autocast: recompute in the precision of the first pass
+            with torch.enable_grad(), torch.autocast("cpu", cpu_dtype, enabled=cpu_on), \
+                    torch.autocast("cuda", cuda_dtype, enabled=cuda_on):
                 out = ctx.fn(*inputs)
         outs = out if isinstance(out, tuple) else (out,)
         pairs = [(o, g) for o, g in zip(outs, grad_outputs) if torch.is_tensor(o) and o.requires_grad]

@@ -393,17 +393,18 @@ def test_train_loop_package_model_or_optimizers_count_as_reference():
 # ----------------------------------------------------------------------------- the run minilm's tools read
 
 
-def _learner_run(data_dir, out, dtype="float32", steps=12):
+def _learner_run(data_dir, out, dtype="float32", steps=12, grad_checkpoint=False, **kw):
     from minilm.config import ModelConfig
 
     meta = json.loads((data_dir / "meta.json").read_text())
-    config = ModelConfig(vocab_size=meta["vocab_size"], block_size=32, n_layer=1, n_head=2, n_embd=32, pos="rope",
-                         norm="rmsnorm", mlp="swiglu", qk_norm=True, bias=False, tie_embeddings=False)
+    config = ModelConfig(vocab_size=meta["vocab_size"], block_size=32, n_layer=2, n_head=2, n_embd=32, pos="rope",
+                         norm="rmsnorm", mlp="swiglu", qk_norm=True, bias=False, tie_embeddings=False,
+                         grad_checkpoint=grad_checkpoint)
     torch.manual_seed(0)
-    model = sol.MyGPT(config)
+    model = sol.MyGPT(config, checkpoint=sol.my_checkpoint)
     opts = sol.my_optimizers(model, 3e-3, 0.02, 0.1)
-    result = sol.my_train(model, opts, data_dir, out, max_iters=steps, batch_size=4, eval_interval=6, eval_iters=2,
-                          log_interval=3, warmup_iters=2, dtype=dtype)
+    kw = dict(max_iters=steps, batch_size=4, eval_interval=6, eval_iters=2, log_interval=3, warmup_iters=2) | kw
+    result = sol.my_train(model, opts, data_dir, out, dtype=dtype, **kw)
     return result, model
 
 
@@ -433,3 +434,45 @@ def test_learner_loop_under_autocast_on_cpu(tiny_data_dir, tmp_path, dtype):
     rows = [json.loads(line) for line in (tmp_path / dtype / "metrics.jsonl").read_text().splitlines()]
     assert all(math.isfinite(r["loss"]) for r in rows if "loss" in r)
     assert result["val_loss"] < math.log(json.loads((tiny_data_dir / "meta.json").read_text())["vocab_size"])
+
+
+# ----------------------------------------------------------------------------- grad checkpointing in the learner's run
+# grad_checkpoint meets: autocast (backward recomputes outside the autocast block), the fp16 loss scaler (scaled
+# gradients through the recomputation) and resume (the checkpointed model must restart exactly).
+
+
+def _weights(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_mygpt_grad_checkpoint_needs_a_checkpoint_function():
+    from minilm.config import ModelConfig
+
+    with pytest.raises(ValueError, match="checkpoint=my_checkpoint"):
+        sol.MyGPT(ModelConfig(vocab_size=32, block_size=8, n_layer=1, n_head=2, n_embd=16, grad_checkpoint=True))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_learner_loop_grad_checkpoint_trains_like_the_plain_model(tiny_data_dir, tmp_path, dtype, monkeypatch):
+    """The learner's MyGPT with grad_checkpoint, through their my_checkpoint, in their loop: the same weights as
+    without it (fp32, bf16 autocast, fp16 with MyScaler), and the blocks really were checkpointed."""
+    calls = []
+    real = sol.my_checkpoint
+    monkeypatch.setattr(sol, "my_checkpoint", lambda fn, *a: calls.append(1) or real(fn, *a))
+    _, plain = _learner_run(tiny_data_dir, tmp_path / "plain", dtype=dtype, steps=6)
+    _, ckpt = _learner_run(tiny_data_dir, tmp_path / "ckpt", dtype=dtype, steps=6, grad_checkpoint=True)
+    assert len(calls) == 6 * 2  # 6 steps x 2 blocks; evaluation (no gradients) runs the blocks plainly
+    for k, v in _weights(plain).items():
+        torch.testing.assert_close(_weights(ckpt)[k], v, atol=1e-5, rtol=1e-4, msg=k)
+    rows = lambda d: [r["loss"] for r in map(json.loads, (tmp_path / d / "metrics.jsonl").read_text().splitlines())
+                      if "loss" in r]
+    assert rows("ckpt") == pytest.approx(rows("plain"), rel=1e-4)
+
+
+def test_learner_loop_grad_checkpoint_resumes_bit_for_bit(tiny_data_dir, tmp_path):
+    kw = dict(grad_checkpoint=True, eval_interval=4, lr_decay_iters=8, final_eval=False)
+    _, whole = _learner_run(tiny_data_dir, tmp_path / "whole", steps=8, **kw)
+    _learner_run(tiny_data_dir, tmp_path / "part", steps=4, **kw)
+    _, resumed = _learner_run(tiny_data_dir, tmp_path / "part", steps=8, resume=True, **kw)
+    for k, v in _weights(whole).items():
+        assert torch.equal(_weights(resumed)[k], v), k

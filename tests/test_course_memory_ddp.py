@@ -67,6 +67,21 @@ class RestoreWithoutFork(sol.MyCheckpoint):
         return (None, *[a.grad if torch.is_tensor(a) else None for a in inputs])
 
 
+class RecomputesInFp32(sol.MyCheckpoint):
+    """Right without autocast; under bf16 autocast the recomputation (outside the training's autocast) runs in fp32."""
+
+    @staticmethod
+    def backward(ctx, *grad_outputs):
+        saved = iter(ctx.saved_tensors)
+        inputs = [next(saved).detach().requires_grad_(True) if t else o for t, o in zip(ctx.is_tensor, ctx.others)]
+        with torch.random.fork_rng(devices=[]):
+            torch.set_rng_state(ctx.rng)
+            with torch.enable_grad():
+                out = ctx.fn(*inputs)
+        torch.autograd.backward(out, grad_outputs[0].to(out.dtype))
+        return (None, *[a.grad if torch.is_tensor(a) else None for a in inputs])
+
+
 class SavesEverything(torch.autograd.Function):
     """Right gradients, no memory saved: forward builds fn's whole graph and keeps it until backward."""
 
@@ -90,7 +105,7 @@ def test_checkpoint_solution_passes():
 
 @pytest.mark.parametrize("variant, says", [
     (NoGradRecompute, "no gradient"), (NoRngRestore, "same masks"), (RestoreWithoutFork, "RNG stream"),
-    (SavesEverything, "bytes of activations")])
+    (SavesEverything, "bytes of activations"), (RecomputesInFp32, "autocast")])
 def test_checkpoint_bugs_fail(variant, says):
     r = check.activation_checkpoint(lambda fn, *args: variant.apply(fn, *args), seed=1)
     assert not r and says in r.message

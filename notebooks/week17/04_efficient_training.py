@@ -255,12 +255,16 @@ plt.xlabel("layers"); plt.ylabel("saved activations (MiB)"); plt.legend(); show(
 # Write `MyCheckpoint`, a `torch.autograd.Function`, and `my_checkpoint(fn, *args)` that returns
 # `MyCheckpoint.apply(fn, *args)`. **forward** runs `fn(*args)` under `torch.no_grad()` (so no graph, and none of
 # fn's activations, is kept), saving only the tensor inputs (`ctx.save_for_backward`), the other arguments as they
-# are (`None`, ints, a tuple), and the RNG state. **backward** makes detached copies of the inputs that require
-# grad, restores the RNG state inside `torch.random.fork_rng()` (the same dropout masks, and the training's own
-# random stream left where it was), reruns `fn` under `torch.enable_grad()`, backpropagates `grad_outputs`
-# through that fresh copy, and returns `None` for `fn` and each input's gradient. The check compares your
-# gradients with `torch.utils.checkpoint`'s and a plain backward's on random blocks with dropout, and counts the
-# bytes saved for backward with `torch.autograd.graph.saved_tensors_hooks`.
+# are (`None`, ints, a tuple), the RNG state and the autocast state (`torch.is_autocast_enabled(d)` and
+# `torch.get_autocast_dtype(d)` for `"cpu"` and `"cuda"`). **backward** makes detached copies of the inputs that
+# require grad, restores the RNG state inside `torch.random.fork_rng()` (the same dropout masks, and the
+# training's own random stream left where it was), reruns `fn` under `torch.enable_grad()` and the saved
+# `torch.autocast` (a training step calls `backward()` outside its autocast block, so without it a bf16 block is
+# recomputed in fp32 and its gradients no longer match its forward), backpropagates `grad_outputs` through that
+# fresh copy, and returns `None` for `fn` and each input's gradient. The check compares your gradients with
+# `torch.utils.checkpoint`'s and a plain backward's on random blocks with dropout (one of them under bf16
+# autocast), and counts the bytes saved for backward with `torch.autograd.graph.saved_tensors_hooks`. Your
+# `MyGPT` in notebook 05 runs its blocks through this function when the config asks for `grad_checkpoint`.
 
 # %%
 # YOUR CODE: MyCheckpoint my_checkpoint
@@ -269,11 +273,13 @@ class MyCheckpoint(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, fn, *args):
-        raise NotImplementedError("save the RNG state and the tensor inputs; run fn under torch.no_grad()")
+        raise NotImplementedError("save the RNG and autocast states and the tensor inputs; run fn under "
+                                  "torch.no_grad()")
 
     @staticmethod
     def backward(ctx, *grad_outputs):
-        raise NotImplementedError("restore the RNG state, recompute under torch.enable_grad(), then backward")
+        raise NotImplementedError("restore the RNG state, recompute under torch.enable_grad() and the saved "
+                                  "autocast, then backward")
 
 
 def my_checkpoint(fn, *args):

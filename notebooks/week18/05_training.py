@@ -260,7 +260,10 @@ my_cross_entropy = check.pick(result, my_cross_entropy)
 # token embeddings (plus position embeddings when `config.pos == "learned"`), the blocks, the final norm, the
 # head, and your loss over targets that are not -1. The config's switches are the modern recipe: `norm`
 # ("layernorm" or "rmsnorm"), `mlp`, `qk_norm` (RMSNorm on each head's q and k, `attn.q_norm`/`attn.k_norm`)
-# and `pos == "rope"` (your `my_rope` on q and k, after the q/k norm). The check also runs those.
+# and `pos == "rope"` (your `my_rope` on q and k, after the q/k norm). The check also runs those. One more
+# switch, `grad_checkpoint`, is for the memory of a long run: when it is on and the model is training, each
+# block goes through `self.checkpoint(fn, x, blk)` (your `my_checkpoint` from notebook 04, passed in as
+# `checkpoint=`), which keeps only the block's input for backward; section "Your run" measures it.
 
 # %%
 # YOUR CODE: Weights NormWeights MyGPT
@@ -286,9 +289,12 @@ class NormWeights(nn.Module):
 
 
 class MyGPT(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, checkpoint=None):
         super().__init__()
-        self.config = config
+        if config.grad_checkpoint and checkpoint is None:
+            raise ValueError("config.grad_checkpoint is true: pass checkpoint=my_checkpoint (notebook 04), the "
+                             "function that runs each block without keeping its activations")
+        self.config, self.checkpoint = config, checkpoint
         c, bias, hd = config.n_embd, config.bias, config.n_embd // config.n_head
         norm = (lambda: NormWeights(c)) if config.norm == "rmsnorm" else (lambda: nn.LayerNorm(c, bias=bias))
         hidden = config.mlp_hidden or (64 * math.ceil(8 * c / 3 / 64) if config.mlp == "swiglu" else 4 * c)
@@ -320,7 +326,10 @@ class MyGPT(nn.Module):
                 nn.init.normal_(p, 0.0, std)
 
     def forward(self, idx, targets=None):
-        """(logits (B, T, vocab), mean loss over targets != -1, or None without targets)."""
+        """(logits (B, T, vocab), mean loss over targets != -1, or None without targets).
+
+        With config.grad_checkpoint, while training with gradients on, a block runs as
+        self.checkpoint(fn, x, blk) for a function fn(x, blk) that computes it."""
         raise NotImplementedError("embed; for blk in self.transformer.h: x + attention(norm(x)), x + mlp(norm(x)); "
                                   "final norm; lm_head; my_cross_entropy(..., ignore_index=-1)")
 
@@ -639,25 +648,88 @@ def my_train(model, optimizers, data_dir, out_dir="out/my_run", *, max_iters=500
 stack["train_loop"] = check.train_loop(my_train, Model, my_optimizers)
 
 # %% [markdown]
+# ### Checkpointing inside your model
+#
+# Task 3's config can turn on `grad_checkpoint` (on a T4 it buys batch size); your `MyGPT` then runs every
+# block through your `my_checkpoint`. Paste `MyCheckpoint` and `my_checkpoint` from notebook 04; their check
+# runs again. The cell after it takes one backward of your model at the run's shape, with and without
+# checkpointing, from the same weights: the gradients should agree, while the activations kept for backward
+# shrink to about one tensor per block.
+
+# %%
+# YOUR CODE: MyCheckpoint my_checkpoint
+class MyCheckpoint(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, fn, *args):
+        raise NotImplementedError("paste your MyCheckpoint from 04_efficient_training")
+
+    @staticmethod
+    def backward(ctx, *grad_outputs):
+        raise NotImplementedError("paste your MyCheckpoint from 04_efficient_training")
+
+
+def my_checkpoint(fn, *args):
+    return MyCheckpoint.apply(fn, *args)
+
+
+# %%
+result = check.activation_checkpoint(my_checkpoint)
+ckpt_fn = check.pick(result, my_checkpoint)
+
+# %%
+from dataclasses import replace
+
+from efficient_training.checkpointing import saved_tensor_bytes
+
+if Model is MyGPT:
+    xb, yb = (torch.randint(0, cfg.model.vocab_size, (4, cfg.model.block_size), device=DEVICE) for _ in range(2))
+    grads, kept = {}, {}
+    for on in (False, True):
+        torch.manual_seed(0)
+        m = MyGPT(replace(cfg.model, grad_checkpoint=on), checkpoint=ckpt_fn).to(DEVICE)
+        box = {}
+        kept[on] = saved_tensor_bytes(lambda: box.update(loss=m(xb, yb)[1]), exclude=m)
+        box["loss"].backward()
+        grads[on] = [p.grad for p in m.parameters()]
+    diff = max(float((a - b).abs().max()) for a, b in zip(grads[False], grads[True]))
+    print(f"{cfg.model.n_layer} blocks, batch 4 x {cfg.model.block_size}: activations kept for backward "
+          f"{kept[False] / 2**20:.2f} MiB plain, {kept[True] / 2**20:.2f} MiB checkpointed; largest gradient "
+          f"difference {diff:.1e}")
+    assert diff < 1e-4, "checkpointing changed the gradients"
+else:
+    print("skipped: MyGPT's check has not passed yet")
+
+# %% [markdown]
 # ### Your run
 #
 # With every piece passing, your stack trains the notebook's model (FAST: the tiny config on the built-in
 # subset; `FAST = False` on a GPU: the `mini_lm` preset) into `out/my_run`, the run task 4 counts. Its loss over
-# the whole val split should end below the bigram baseline; its curve goes next to the reference run's.
+# the whole val split should end below the bigram baseline; its curve goes next to the reference run's. With
+# `FAST = False` it takes task 3's choices from `configs/my_run.yaml` (batch size, accumulation, dtype,
+# checkpointing) when that file exists.
 
 # %%
-my_run = ROOT / "out" / "my_run"
-missing = [name for name, r in stack.items() if not r] + ([] if Model is MyGPT else ["gpt (MyGPT)"])
+from minilm.config import parse_args
+
+my_run, task3 = ROOT / "out" / "my_run", ROOT / "configs" / "my_run.yaml"
+t, model_cfg = cfg.train, cfg.model
+if not FAST and task3.is_file():  # task 3's choices train task 4's run
+    chosen, _ = parse_args(["--config", str(task3)], cuda=DEVICE == "cuda")
+    t = replace(t, batch_size=chosen.train.batch_size, grad_accum=chosen.train.grad_accum, dtype=chosen.train.dtype)
+    model_cfg = replace(model_cfg, grad_checkpoint=chosen.model.grad_checkpoint)
+missing = [name for name, r in stack.items() if not r] + ([] if Model is MyGPT else ["gpt (MyGPT)"]) + (
+    ["activation_checkpoint (paste yours above)"] if model_cfg.grad_checkpoint and ckpt_fn is not my_checkpoint
+    else [])
 if missing:
     print("skipped: your run needs every piece of your stack; these checks have not passed yet: "
           + ", ".join(missing))
 else:
-    t = cfg.train
     shutil.rmtree(my_run, ignore_errors=True)
     torch.manual_seed(t.seed)
-    my_model = MyGPT(cfg.model).to(DEVICE)
+    my_model = MyGPT(model_cfg, checkpoint=ckpt_fn).to(DEVICE)
     my_opts = my_optimizers(my_model, t.lr, t.muon_lr, t.weight_decay, (t.beta1, t.beta2), t.muon_momentum)
-    run_dtype = "float32" if DEVICE == "cpu" else ("bfloat16" if torch.cuda.is_bf16_supported() else "float16")
+    run_dtype = t.dtype if t.dtype != "auto" else (
+        "float32" if DEVICE == "cpu" else ("bfloat16" if torch.cuda.is_bf16_supported() else "float16"))
     mine = my_train(my_model, my_opts, data_dir, my_run, max_iters=t.max_iters, batch_size=t.batch_size,
                     grad_accum=t.grad_accum, lr=t.lr, min_lr=t.min_lr, warmup_iters=t.warmup_iters,
                     grad_clip=t.grad_clip, eval_interval=t.eval_interval, eval_iters=t.eval_iters,
