@@ -179,3 +179,20 @@ def test_a_failing_compiler_falls_back_to_eager(caplog):
         out = generate(model, x, 8, temperature=0, compile=True)
     assert torch.equal(out, generate(model, x, 8, temperature=0))
     assert len(caplog.records) == 1 and "no kernels today" in caplog.records[0].message
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_generate_under_autocast_caches_in_the_autocast_dtype(dtype, compiled):
+    # Training samples at each eval inside its autocast block (bf16 on a GPU or a bf16 CPU, fp16 on a T4): the
+    # layers then make bf16/fp16 keys and values, which a float32 cache refused at the first decode step.
+    model = make(**VARIANTS["modern"])
+    if compiled:
+        eager_backend(model)
+    prompt = torch.randint(1, 97, (2, 7))
+    with torch.autocast("cpu", dtype):
+        decoder = Decoder(model, 2)
+        assert decoder.cache.k[0].dtype == dtype
+        out = generate(model, prompt, 40, temperature=0.8, top_k=20, seed=3, compile=compiled)
+    assert out.shape == (2, 47) and torch.equal(out[:, :7], prompt) and int(out.max()) < model.config.vocab_size
+    assert Decoder(model, 2).cache.k[0].dtype == torch.float32  # outside autocast: the weights' dtype

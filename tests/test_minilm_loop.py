@@ -3,6 +3,7 @@ resume under DDP / mid-accumulation / a longer run, Muon, CPU dtype choice, the 
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -375,3 +376,14 @@ def test_compiled_modern_block_trains_like_eager(tiny_data_dir, tmp_path):
         losses[name] = [r["loss"] for r in rows if "loss" in r] + [result["best_val_loss"]]
     assert load_checkpoint(tmp_path / "compiled")["config"]["model"]["pos"] == "rope"
     assert len(losses["eager"]) == 5 and losses["compiled"] == pytest.approx(losses["eager"], rel=1e-4)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_training_samples_at_each_eval_under_autocast(tiny_data_dir, tmp_path, dtype):
+    """The GPU dtypes on the CPU, with the sample printed at each evaluation (a float32 KV cache once refused the
+    autocast's keys and `make train` stopped at its first eval on a bf16 CPU)."""
+    from minilm.train import train
+
+    result = train(tiny_run_config(tiny_data_dir, tmp_path / dtype, dtype=dtype, max_iters=4, lr_decay_iters=4,
+                                   eval_interval=2, sample_tokens=24))
+    assert result["step"] == 4 and math.isfinite(result["val_loss"])

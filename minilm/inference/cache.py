@@ -73,8 +73,8 @@ class StepWrite:
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         keys, values = self.k[layer], self.v[layer]
-        keys[self.rows, :, self.cols] = k[:, :, 0]
-        values[self.rows, :, self.cols] = v[:, :, 0]
+        keys[self.rows, :, self.cols] = k[:, :, 0].to(keys.dtype)  # index_put does not convert, unlike a slice
+        values[self.rows, :, self.cols] = v[:, :, 0].to(values.dtype)
         n = k.size(0)
         if (n, self.width) == (keys.size(0), keys.size(2)):  # the compiled step: whole tensors, no views
             return keys, values

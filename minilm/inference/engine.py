@@ -44,6 +44,9 @@ class Decoder:
         rows = batch_bucket(max_rows) if compile else max_rows
         width = length_bucket(cfg.block_size, tokens or cfg.block_size) if compile else cfg.block_size
         dtype = model.transformer.wte.weight.dtype
+        kind = self.device.type
+        if kind in ("cpu", "cuda") and torch.is_autocast_enabled(kind):  # the sample at an eval during training
+            dtype = torch.get_autocast_dtype(kind)  # the keys and values the layers make under autocast
         self.cache = KVCache(cfg, rows, width, self.device, dtype) if use_cache else None
         self.max_rows = max_rows
         self.seqs: list = []  # seqs[i] owns cache row i
