@@ -209,11 +209,13 @@ def my_train_bpe_incremental(text, num_merges):
 
 def my_cross_entropy(logits, targets, ignore_index=-100):
     keep = targets != ignore_index
-    z = logits[keep].float()
-    z = z - z.max(dim=-1, keepdim=True).values  # the largest logit becomes 0: exp() cannot overflow
+    z = logits.float()
+    # The row max keeps exp() from overflowing. The loss does not depend on it (it cancels), so its gradient is 0:
+    # detached, backward skips a pass over the (N, V) logits.
+    z = z - z.amax(dim=-1, keepdim=True).detach()
     log_norm = torch.log(torch.exp(z).sum(dim=-1))
-    picked = z.gather(1, targets[keep].unsqueeze(1)).squeeze(1)
-    return (log_norm - picked).sum() / keep.sum()
+    picked = z.gather(1, torch.where(keep, targets, 0).unsqueeze(1)).squeeze(1)  # an ignored target: any valid index
+    return ((log_norm - picked) * keep).sum() / keep.sum()
 
 
 def my_perplexity(model_fn, token_ids, window, stride):
@@ -372,7 +374,7 @@ def my_accumulate(model, optimizer, micro_batches):
 
 def my_attention(q, k, v):
     t, d = q.size(-2), q.size(-1)
-    scores = q @ k.transpose(-2, -1) / math.sqrt(d)
+    scores = (q * (1.0 / math.sqrt(d))) @ k.transpose(-2, -1)  # scaling q is cheaper than the (T, T) scores
     future = torch.triu(torch.ones(t, t, dtype=torch.bool, device=q.device), diagonal=1)
     scores = scores.masked_fill(future, float("-inf"))
     return torch.softmax(scores, dim=-1) @ v
@@ -396,7 +398,7 @@ def my_layer_norm(x, weight, bias, eps):
 
 def my_rms_norm(x, weight, eps):
     xf = x.float()
-    y = xf / torch.sqrt((xf * xf).mean(dim=-1, keepdim=True) + eps) * weight
+    y = xf * torch.rsqrt((xf * xf).mean(dim=-1, keepdim=True) + eps) * weight
     return y.to(x.dtype)
 
 

@@ -239,7 +239,10 @@ print("q·k depends only on the distance:", torch.allclose(scores.diagonal(2), s
 #
 # The loss: `-log softmax(logits)[target]`, averaged over the positions whose target is not `ignore_index`.
 # `exp(1000.0)` is inf in float32, so subtract each row's maximum first (`log softmax(z) = z - max - log sum
-# exp(z - max)`); the check feeds logits around 1e4.
+# exp(z - max)`); the check feeds logits around 1e4. This runs on every training step over a (tokens, vocab)
+# matrix, the largest tensor of a small model, so each extra pass over it costs: the max cancels out of the loss,
+# so its gradient is zero and it can be `.detach()`ed (backward then skips it), and masking the ignored rows'
+# losses keeps the whole matrix in place instead of copying the kept rows out of it.
 
 # %%
 # YOUR CODE: my_cross_entropy
