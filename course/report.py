@@ -4,8 +4,9 @@
 
 It reads config.yaml, metrics.jsonl, the checkpoint's step and, when `python -m minilm.evaluate` has run,
 eval.json (perplexity against the unigram and bigram baselines, the code-completion task's scores, speed and
-sample completions); loadtest.json when present. What is missing is named in the report with the command
-that makes it. The "Lessons learned" section is left for you to write.
+sample completions); loadtest.json and ablation.json (your ablation's rows from notebook 05) when present.
+What is missing is named in the report with the command that makes it. The "Lessons learned" section is left
+for you to write.
 """
 
 from __future__ import annotations
@@ -89,6 +90,20 @@ def _samples_section(r: dict | None) -> list[str]:
     return lines
 
 
+def _ablation_section(out: Path) -> list[str]:
+    """Your ablation from notebook 05 (ablation.json, my_ablation's rows), when the run dir has one."""
+    if not (out / "ablation.json").is_file():
+        return []
+    rows = json.loads((out / "ablation.json").read_text())
+    table = _table(["variant", "parameters", "tokens/s", "val loss, equal tokens", "steps, equal time",
+                    "val loss, equal time"],
+                   [[r["variant"], f"{r['params']:,}", f"{r['tokens_per_s']:,.0f}",
+                     f"{r['equal_tokens']['val_loss']:.4f}", r["equal_time"]["steps"],
+                     f"{r['equal_time']['val_loss']:.4f}"] for r in rows])
+    return ["## Your ablation", "", "Each variant trained by your own stack, from the same seed; the val loss is "
+            "over the whole val split.", "", table, ""]
+
+
 def write_report(out_dir: str | Path) -> Path:
     """Write out_dir/report.md (and report_curves.png) from the run's files; returns the report's path."""
     from minilm.checkpoint import atomic_write
@@ -134,6 +149,7 @@ def write_report(out_dir: str | Path) -> Path:
                 keys = [k for k in ("requests", "concurrency", "errors", "tokens_per_s", "latency_p50_s",
                                     "latency_p95_s") if k in lt]
                 lines += ["## Serving under load", "", _table(keys, [[lt[k] for k in keys]]), ""]
+    lines += _ablation_section(out)
     lines += ["## Config", "", "```yaml", (out / "config.yaml").read_text().strip(), "```", "",
               "## Lessons learned", "", "<!-- What worked, what did not, what you would change next time. -->", ""]
     path = out / "report.md"

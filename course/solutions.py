@@ -496,8 +496,8 @@ class MyGPT(nn.Module):
         h = attn.n_head
         q, k, v = attn.c_attn(x).split(c, dim=2)
         q, k, v = (z.view(b, t, h, c // h).transpose(1, 2) for z in (q, k, v))
-        if self.config.qk_norm:
-            q, k = self.norm(q, attn.q_norm), self.norm(k, attn.k_norm)
+        if self.config.qk_norm:  # always RMSNorm, whichever norm the blocks use
+            q, k = (my_rms_norm(z, n.weight, n.eps) for z, n in ((q, attn.q_norm), (k, attn.k_norm)))
         if self.config.pos == "rope":
             q, k = my_rope(q, self.config.rope_theta), my_rope(k, self.config.rope_theta)
         y = my_attention(q, k, v)
@@ -808,6 +808,42 @@ def my_train(model, optimizers, data_dir, out_dir="out/my_run", *, max_iters=500
                       bigram_val_loss=base["bigram"]["val_loss"], unigram_val_loss=base["unigram"]["val_loss"])
         record({"step": step, **{k: result[k] for k in ("final_val_loss", "bigram_val_loss", "unigram_val_loss")}})
     return result
+
+
+# ----------------------------------------------------------------------------- week 18: your own ablation
+
+
+def _my_variant_run(config, opt_args, data_dir, out, steps, train_kw):
+    import json
+    import statistics
+    from pathlib import Path
+
+    torch.manual_seed(train_kw.get("seed", 0))  # every variant starts from the same seed
+    model = MyGPT(config, checkpoint=my_checkpoint)
+    result = my_train(model, my_optimizers(model, *opt_args), data_dir, out, **{
+        **train_kw, "max_iters": steps, "lr_decay_iters": steps, "eval_interval": steps})
+    rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    rates = [r["tokens_per_s"] for r in rows if r.get("tokens_per_s")]
+    return result["final_val_loss"], statistics.median(rates[1:] or rates), sum(p.numel() for p in model.parameters())
+
+
+def my_ablation(variants, config, opt_args, data_dir, out_root, tokens, seconds, train_kw):
+    import dataclasses
+    from pathlib import Path
+
+    per_step = train_kw["batch_size"] * train_kw.get("grad_accum", 1) * config.block_size
+    rows = []
+    for i, (name, changes) in enumerate(variants.items()):
+        cfg = dataclasses.replace(config, **changes)
+        steps = max(1, tokens // per_step)
+        runs = Path(out_root) / f"v{i}-tokens", Path(out_root) / f"v{i}-time"
+        loss_tokens, tok_s, params = _my_variant_run(cfg, opt_args, data_dir, runs[0], steps, train_kw)
+        time_steps = max(1, round(seconds * tok_s / per_step))  # the steps this variant makes in `seconds`
+        loss_time, _, _ = _my_variant_run(cfg, opt_args, data_dir, runs[1], time_steps, train_kw)
+        rows.append({"variant": name, "changes": dict(changes), "params": params, "tokens_per_s": tok_s,
+                     "equal_tokens": {"steps": steps, "val_loss": loss_tokens, "run": str(runs[0])},
+                     "equal_time": {"steps": time_steps, "val_loss": loss_time, "run": str(runs[1])}})
+    return rows
 
 
 # ----------------------------------------------------------------------------- week 18: sampling

@@ -31,7 +31,8 @@ TASKS = {
                            "activation_checkpoint", "ddp_all_reduce")),
     4: ("Training", ("attention", "causal_self_attention", "layer_norm", "rms_norm", "mlp", "block", "rope",
                      "cross_entropy", "gpt", "overfit", "adamw_optimizer", "newton_schulz", "muon",
-                     "optimizer_groups", "get_batch", "checkpoint_resume", "train_loop", "flash_attention")),
+                     "optimizer_groups", "get_batch", "checkpoint_resume", "train_loop", "flash_attention",
+                     "ablation")),
     5: ("Evaluation and deployment", ("sampling", "addk_bigram", "bootstrap_ci", "generate")),
 }
 LOADTEST_FILE = "loadtest.json"  # python -m minilm.serve.loadtest ... --json > out/<run>/loadtest.json

@@ -172,6 +172,20 @@ def test_gpt():
 
     _fails(check.gpt(NoRope, trials=1, modern=True, seed=0), "pos='rope'", "check.rope")
 
+    class QkNormLikeBlocks(S.MyGPT):  # q/k through the blocks' norm: LayerNorm on NormWeights (no bias) crashes
+        def attend(self, x, attn):
+            b, t, c = x.shape
+            q, k, v = attn.c_attn(x).split(c, dim=2)
+            q, k, v = (z.view(b, t, attn.n_head, c // attn.n_head).transpose(1, 2) for z in (q, k, v))
+            if self.config.qk_norm:
+                q, k = self.norm(q, attn.q_norm), self.norm(k, attn.k_norm)
+            if self.config.pos == "rope":
+                q, k = S.my_rope(q, self.config.rope_theta), S.my_rope(k, self.config.rope_theta)
+            return attn.c_proj(S.my_attention(q, k, v).transpose(1, 2).reshape(b, t, c))
+
+    r = check.gpt(QkNormLikeBlocks, trials=0, modern=True, seed=0)
+    assert not r and "norm='layernorm'" in r.message and "qk_norm=True" in r.message, r.message
+
 
 def test_gpt_check_never_draws_a_batch_with_every_target_ignored():
     # These seeds drew idx of shape (1, 1) with its one target -1: both losses nan, and nan != nan failed a correct

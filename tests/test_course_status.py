@@ -444,6 +444,13 @@ def test_report(evaluated_run, tmp_path, capsys):
     assert (run / "report_curves.png").stat().st_size > 1000
     r = json.loads((run / "eval.json").read_text())
     assert f"{r['perplexity']['sliding']['perplexity']:.2f}" in text  # the real numbers, not placeholders
+    assert "## Your ablation" not in text
+    rows = [{"variant": "no QK-norm", "changes": {"qk_norm": False}, "params": 12345, "tokens_per_s": 5432.1,
+             "equal_tokens": {"steps": 10, "val_loss": 2.5, "run": "a"},
+             "equal_time": {"steps": 12, "val_loss": 2.375, "run": "b"}}]
+    (run / "ablation.json").write_text(json.dumps(rows))
+    assert main(["report", "--out_dir", str(run)]) == 0
+    assert "| no QK-norm | 12,345 | 5,432 | 2.5000 | 12 | 2.3750 |" in (run / "report.md").read_text()
     (run / "eval.json").unlink()
     assert main(["report", "--out_dir", str(run)]) == 0
     assert "Not evaluated yet: `python -m minilm.evaluate" in (run / "report.md").read_text()

@@ -16,11 +16,12 @@ following cells the reference until yours passes. With COURSE_STRICT=1 (the solu
 does not pass raises AssertionError, so a notebook run fails on it.
 
 One module per topic (attention, norms, model, optim, training, sampling, amp, metrics, curation, tokenization,
-decontamination, scaling, stack: the learner's training stack)
+decontamination, scaling, stack: the learner's training stack, ablation: their own ablation)
 over a shared harness (course/check/_harness.py, whose docstring says how to write a check).
 """
 
 from course.check._harness import Result, hint, log_path, pick, read_log, salted_hash_calls, watching
+from course.check.ablation import ablation
 from course.check.amp import loss_scaler
 from course.check.attention import attention, causal_self_attention, rope
 from course.check.baselines import addk_bigram, bootstrap_ci
@@ -50,7 +51,8 @@ from course.check.tokenization import bpe, bpe_encode, bpe_incremental
 from course.check.training import accumulate, overfit
 
 __all__ = [
-    "accumulate", "activation_checkpoint", "adamw", "adamw_optimizer", "addk_bigram", "_all_targets_ppl", "attention",
+    "ablation", "accumulate", "activation_checkpoint", "adamw", "adamw_optimizer", "addk_bigram", "_all_targets_ppl",
+    "attention",
     "band_cost", "best_bands", "bleu", "block", "bootstrap_ci", "bpe", "bpe_encode", "bpe_incremental",
     "causal_self_attention", "checkpoint_resume", "choose_bands", "clip_grad_norm", "clusters", "cross_entropy",
     "ddp_all_reduce", "decontaminate", "dup_lines", "filtered_probs", "flash_attention", "generate", "get_batch", "gpt",

@@ -165,6 +165,7 @@ MODERN_RECIPES = (
     {k: v for k, v in MODERN.items() if k != "zero_init"},
     dict(pos="rope", norm="layernorm", mlp="relu2", qk_norm=False, tie_embeddings=True, bias=True, rope_theta=500.0),
     dict(pos="learned", norm="rmsnorm", mlp="gelu", qk_norm=True, tie_embeddings=True, bias=False),
+    dict(pos="rope", norm="layernorm", mlp="swiglu", qk_norm=True, tie_embeddings=False, bias=False),  # QK: RMSNorm
 )
 
 

@@ -865,6 +865,68 @@ else:
         print(f"{name:42s} val loss {v:.4f} after {abl_steps} steps")
 
 # %% [markdown]
+# ### Exercise 17 — your own ablation
+#
+# Now one of your choosing, with your own stack. `my_ablation(variants, config, opt_args, data_dir, out_root,
+# tokens, seconds, train_kw)` takes `variants` (a name -> the config fields it changes, e.g. `{"qk_norm":
+# False}`; `{}` is the base), the base `ModelConfig`, the arguments of `my_optimizers` after the model, and the
+# keyword arguments of `my_train` (batch size, lr, ...). For each variant, from the same seed: the model
+# `MyGPT(dataclasses.replace(config, **changes), checkpoint=my_checkpoint)` trained by `my_train` once for
+# `tokens // (batch_size x grad_accum x block_size)` steps (**equal tokens**), and once for as many steps as its
+# own speed fits into `seconds` (**equal time**: round(seconds x tokens/s / tokens per step), its tokens/s the
+# median of the first run's `metrics.jsonl` rows after the first). Each run goes in its own dir under
+# `out_root`, with `max_iters = lr_decay_iters = eval_interval` = its steps. Return one row per variant, in
+# order: `{variant, changes, params, tokens_per_s, equal_tokens: {steps, val_loss, run}, equal_time: {steps,
+# val_loss, run}}`, `val_loss` being `my_train`'s `final_val_loss`. The check loads every run dir your rows name
+# and recomputes each number from it.
+
+# %%
+# YOUR CODE: my_ablation
+def my_ablation(variants, config, opt_args, data_dir, out_root, tokens, seconds, train_kw):
+    """One row per variant: trained by your stack at equal tokens and at equal time, read from its run dirs."""
+    raise NotImplementedError("per variant: replace the config, train `tokens` worth of steps, read its median "
+                              "tokens/s, train round(seconds * tok/s / tokens per step) steps, make the row")
+
+
+# %%
+stack["ablation"] = check.ablation(my_ablation)
+
+# %% [markdown]
+# Choose your variants below (two to four; what would you like to know about this model?), then read the table.
+# At equal tokens a bigger or slower variant can win by doing more work per token; at equal time it has to pay
+# for its speed. The rows also go to `out/my_run/ablation.json`, where `python -m course report` puts them in
+# your training report.
+
+# %%
+my_variants = {"the preset": {}, "no QK-norm": {"qk_norm": False}, "GELU MLP": {"mlp": "gelu"}}  # yours to choose
+abl_tokens, abl_seconds = (100 * 16 * 64, 3.0) if FAST else (10_000_000, 300.0)
+if stack["ablation"]:
+    t = cfg.train
+    abl_dtype = "float32" if DEVICE == "cpu" else ("bfloat16" if torch.cuda.is_bf16_supported() else "float16")
+    abl_rows = my_ablation(my_variants, cfg.model, (t.lr, t.muon_lr, t.weight_decay, (t.beta1, t.beta2),
+                                                    t.muon_momentum), data_dir, ROOT / "out" / "my_ablation",
+                           abl_tokens, abl_seconds,
+                           dict(batch_size=t.batch_size, grad_accum=t.grad_accum, lr=t.lr, min_lr=t.min_lr,
+                                warmup_iters=min(t.warmup_iters, 10), grad_clip=t.grad_clip, eval_iters=t.eval_iters,
+                                log_interval=10, seed=t.seed, device=DEVICE, dtype=abl_dtype))
+    for home in (ROOT / "out" / "my_ablation", my_run):  # my_run: where `course report` finds it
+        if home.is_dir():
+            (home / "ablation.json").write_text(json.dumps(abl_rows, indent=1))
+    print(f"{'variant':14s} {'params':>9s} {'tokens/s':>9s} {'equal tokens':>13s} {'equal time':>17s}")
+    for r in abl_rows:
+        print(f"{r['variant']:14s} {r['params']:9,d} {r['tokens_per_s']:9,.0f} {r['equal_tokens']['val_loss']:13.4f} "
+              f"{r['equal_time']['val_loss']:10.4f} ({r['equal_time']['steps']} st)")
+    x = np.arange(len(abl_rows))
+    plt.figure(figsize=(6, 3))
+    plt.bar(x - 0.2, [r["equal_tokens"]["val_loss"] for r in abl_rows], 0.4, label=f"{abl_tokens:,} tokens")
+    plt.bar(x + 0.2, [r["equal_time"]["val_loss"] for r in abl_rows], 0.4, label=f"{abl_seconds:g} s")
+    lows = [min(r["equal_tokens"]["val_loss"], r["equal_time"]["val_loss"]) for r in abl_rows]
+    plt.ylim(min(lows) - 0.2, None)
+    plt.xticks(x, [r["variant"] for r in abl_rows]); plt.ylabel("val loss (whole split)"); plt.legend(); show()
+else:
+    print("skipped: your ablation needs check.ablation to pass")
+
+# %% [markdown]
 # ## 9. Tokens per parameter
 #
 # Hoffmann et al. (2022, "Chinchilla") found that for a fixed compute budget, loss is lowest when a model sees

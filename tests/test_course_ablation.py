@@ -1,0 +1,111 @@
+"""check.ablation: the learner's ablation passes only when every number in its table comes from the runs it names."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from course import check
+from course import solutions as sol
+
+
+@pytest.fixture(autouse=True)
+def course_log(tmp_path, monkeypatch):
+    monkeypatch.setenv("COURSE_LOG", str(tmp_path / "checks.jsonl"))
+    monkeypatch.delenv("COURSE_STRICT", raising=False)
+
+
+def test_ablation_passes_the_solution():
+    r = check.ablation(sol.my_ablation, seed=0)
+    assert r.passed and not r.uses_reference
+    assert check.ablation(sol.my_ablation)
+
+
+def _edited(edit):
+    """The solution, with its rows changed by edit(rows) before they are returned."""
+    def fn(*args):
+        rows = sol.my_ablation(*args)
+        edit(rows)
+        return rows
+    return fn
+
+
+def _equal_time_as_equal_tokens(variants, config, opt_args, data_dir, out_root, tokens, seconds, train_kw):
+    """Trains the 'equal time' run as long as the equal-tokens one: the speed is never used."""
+    rows = []
+    per_step = train_kw["batch_size"] * config.block_size
+    for i, (name, changes) in enumerate(variants.items()):
+        cfg = dataclasses.replace(config, **changes)
+        steps = tokens // per_step
+        out = Path(out_root) / f"v{i}"
+        loss, tok_s, params = sol._my_variant_run(cfg, opt_args, data_dir, out, steps, train_kw)
+        rows.append({"variant": name, "changes": changes, "params": params, "tokens_per_s": tok_s,
+                     "equal_tokens": {"steps": steps, "val_loss": loss, "run": str(out)},
+                     "equal_time": {"steps": steps, "val_loss": loss, "run": str(out)}})
+    return rows
+
+
+def _changes_ignored(variants, config, *rest):
+    """Every variant trained as the base config, labelled with its changes."""
+    rows = sol.my_ablation({name: {} for name in variants}, config, *rest)
+    for row, changes in zip(rows, variants.values()):
+        row["changes"] = dict(changes)
+    return rows
+
+
+def _estimated_loss(rows):
+    for row in rows:
+        row["equal_tokens"]["val_loss"] = json.loads(
+            (Path(row["equal_tokens"]["run"]) / "metrics.jsonl").read_text().splitlines()[-2])["val_loss"]
+
+
+def _typed_speed(rows):
+    for row in rows:
+        row["tokens_per_s"] = round(row["tokens_per_s"], -3)
+
+
+@pytest.mark.parametrize("fn, says", [
+    (_equal_time_as_equal_tokens, "equal time is"),
+    (_changes_ignored, "the variant asks for"),
+    (_edited(_estimated_loss), "whole val split"),
+    (_edited(_typed_speed), "metrics.jsonl rows give"),
+    (_edited(lambda rows: rows.pop()), "expected a list of 2 rows"),
+    (_edited(lambda rows: rows.reverse()), "in order"),
+], ids=["no-speed", "changes-ignored", "estimate", "typed-speed", "missing-row", "order"])
+def test_ablation_fails_a_table_its_runs_do_not_back(fn, says):
+    r = check.ablation(fn, seed=1)
+    assert not r and says in r.message, r.message
+
+
+def test_ablation_with_the_package_trainer_is_the_reference(monkeypatch):
+    """A row whose runs were trained by minilm.train is refused (the run dir says so); a call is seen too."""
+    from minilm.config import RunConfig, TrainConfig
+    from minilm.train import train
+
+    def package_ablation(variants, config, opt_args, data_dir, out_root, tokens, seconds, train_kw):
+        rows = []
+        for i, (name, changes) in enumerate(variants.items()):
+            cfg = RunConfig(model=dataclasses.replace(copy.deepcopy(config), **changes), train=TrainConfig(
+                data_dir=str(data_dir), out_dir=str(Path(out_root) / f"v{i}"), max_iters=20, lr_decay_iters=20,
+                eval_interval=20, batch_size=8, warmup_iters=2, sample_tokens=0, progress=False, tensorboard=False,
+                dtype="float32", device="cpu"))
+            res = train(cfg)
+            run = {"steps": 20, "val_loss": res["val_loss"], "run": cfg.train.out_dir}
+            rows.append({"variant": name, "changes": changes, "params": 0, "tokens_per_s": 1.0,
+                         "equal_tokens": run, "equal_time": run})
+        return rows
+
+    r = check.ablation(package_ablation, seed=2)
+    assert not r and "not written by your my_train" in r.message
+
+
+def test_ablation_stub_is_not_implemented():
+    def stub(*args):
+        raise NotImplementedError("not yet")
+
+    r = check.ablation(stub)
+    assert not r and "not implemented" in r.message.lower()
