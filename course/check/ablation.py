@@ -77,9 +77,10 @@ def _row_problem(row: dict, name: str, changes: dict, config, per_step: int, tok
     "Each variant is the base config with a few fields changed; train it twice with your own stack: once for the "
     "token budget, once for as many steps as its measured speed fits into the time budget. Invariant: every number "
     "in a row can be recomputed from the run dir the row names.",
-    "steps = tokens // (batch_size x grad_accum x block_size); train with max_iters = lr_decay_iters = "
-    "eval_interval = steps; tokens_per_s = the median of metrics.jsonl's tokens_per_s after the first row; equal "
-    "time: round(seconds x tokens_per_s / tokens per step) steps. val_loss is my_train's final_val_loss."))
+    "The equal-tokens run takes the token budget divided by the tokens of one step (batch size times accumulation "
+    "times block size) steps, its schedule and its one evaluation ending at the last of them. Its speed is the "
+    "median tokens_per_s of its metrics rows after the first; the equal-time run takes as many steps as that speed "
+    "fits into the seconds, rounded. Report my_train's final_val_loss, the loss over the whole val split."))
 def ablation(fn: Callable, seed: int | None = None, log: bool = True) -> Result:
     """fn(variants, config, opt_args, data_dir, out_root, tokens, seconds, train_kw) -> one row per variant:
     {variant, changes, params, tokens_per_s, equal_tokens: {steps, val_loss, run}, equal_time: {steps, val_loss,
