@@ -898,7 +898,7 @@ stack["ablation"] = check.ablation(my_ablation)
 # your training report.
 
 # %%
-my_variants = {"the preset": {}, "no QK-norm": {"qk_norm": False}, "GELU MLP": {"mlp": "gelu"}}  # yours to choose
+my_variants = {"base": {}, "no QK-norm": {"qk_norm": False}, "GELU MLP": {"mlp": "gelu"}}  # yours to choose
 abl_tokens, abl_seconds = (100 * 16 * 64, 3.0) if FAST else (10_000_000, 300.0)
 if stack["ablation"]:
     t = cfg.train
