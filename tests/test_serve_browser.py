@@ -26,10 +26,13 @@ BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--d
 pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} not found; run "
                                 "`bash scripts/install_browser.sh` (Debian's chromium)")
 
-# Every change to the completion span, recorded in the page, to show text arrived in several steps.
+# Every change to the completion span, recorded in the page, to show text arrived in several steps. One entry per
+# mutation record, not per callback: a fast server's events can land in one network read, and the browser then
+# hands all of that task's mutations to a single callback.
 WATCH = """() => {
   window.__updates = [];
-  new MutationObserver(() => window.__updates.push(document.getElementById('completion').textContent))
+  new MutationObserver(records => records.forEach(
+      () => window.__updates.push(document.getElementById('completion').textContent)))
     .observe(document.getElementById('completion'), {childList: true, characterData: true, subtree: true});
 }"""
 
