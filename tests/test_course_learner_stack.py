@@ -462,8 +462,9 @@ def test_learner_loop_grad_checkpoint_trains_like_the_plain_model(tiny_data_dir,
     _, plain = _learner_run(tiny_data_dir, tmp_path / "plain", dtype=dtype, steps=6)
     _, ckpt = _learner_run(tiny_data_dir, tmp_path / "ckpt", dtype=dtype, steps=6, grad_checkpoint=True)
     assert len(calls) == 6 * 2  # 6 steps x 2 blocks; evaluation (no gradients) runs the blocks plainly
+    got = _weights(ckpt)
     for k, v in _weights(plain).items():
-        torch.testing.assert_close(_weights(ckpt)[k], v, atol=1e-5, rtol=1e-4, msg=k)
+        torch.testing.assert_close(got[k], v, atol=1e-5, rtol=1e-4, msg=k)
     rows = lambda d: [r["loss"] for r in map(json.loads, (tmp_path / d / "metrics.jsonl").read_text().splitlines())
                       if "loss" in r]
     assert rows("ckpt") == pytest.approx(rows("plain"), rel=1e-4)
@@ -474,5 +475,6 @@ def test_learner_loop_grad_checkpoint_resumes_bit_for_bit(tiny_data_dir, tmp_pat
     _, whole = _learner_run(tiny_data_dir, tmp_path / "whole", steps=8, **kw)
     _learner_run(tiny_data_dir, tmp_path / "part", steps=4, **kw)
     _, resumed = _learner_run(tiny_data_dir, tmp_path / "part", steps=8, resume=True, **kw)
+    got = _weights(resumed)
     for k, v in _weights(whole).items():
-        assert torch.equal(_weights(resumed)[k], v), k
+        assert torch.equal(got[k], v), k

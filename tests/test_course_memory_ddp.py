@@ -23,6 +23,17 @@ def ok(r) -> bool:
 
 
 # ----------------------------------------------------------------------------- activation checkpointing
+# Planted-wrong MyCheckpoint backwards: each differs from the solution in one step.
+
+
+def _fresh_inputs(ctx):
+    """The saved inputs as leaves that require grad, the other arguments as they were."""
+    saved = iter(ctx.saved_tensors)
+    return [next(saved).detach().requires_grad_(True) if t else o for t, o in zip(ctx.is_tensor, ctx.others)]
+
+
+def _grads(inputs):
+    return (None, *[a.grad if torch.is_tensor(a) else None for a in inputs])
 
 
 class NoGradRecompute(sol.MyCheckpoint):
@@ -30,14 +41,13 @@ class NoGradRecompute(sol.MyCheckpoint):
 
     @staticmethod
     def backward(ctx, *grad_outputs):
-        saved = iter(ctx.saved_tensors)
-        inputs = [next(saved).detach().requires_grad_(True) if t else o for t, o in zip(ctx.is_tensor, ctx.others)]
+        inputs = _fresh_inputs(ctx)
         with torch.random.fork_rng(devices=[]):
             torch.set_rng_state(ctx.rng)
             out = ctx.fn(*inputs)
         if out.requires_grad:
             out.backward(grad_outputs[0])
-        return (None, *[a.grad if torch.is_tensor(a) else None for a in inputs])
+        return _grads(inputs)
 
 
 class NoRngRestore(sol.MyCheckpoint):
@@ -45,12 +55,11 @@ class NoRngRestore(sol.MyCheckpoint):
 
     @staticmethod
     def backward(ctx, *grad_outputs):
-        saved = iter(ctx.saved_tensors)
-        inputs = [next(saved).detach().requires_grad_(True) if t else o for t, o in zip(ctx.is_tensor, ctx.others)]
+        inputs = _fresh_inputs(ctx)
         with torch.enable_grad():
             out = ctx.fn(*inputs)
         out.backward(grad_outputs[0])
-        return (None, *[a.grad if torch.is_tensor(a) else None for a in inputs])
+        return _grads(inputs)
 
 
 class RestoreWithoutFork(sol.MyCheckpoint):
@@ -58,13 +67,12 @@ class RestoreWithoutFork(sol.MyCheckpoint):
 
     @staticmethod
     def backward(ctx, *grad_outputs):
-        saved = iter(ctx.saved_tensors)
-        inputs = [next(saved).detach().requires_grad_(True) if t else o for t, o in zip(ctx.is_tensor, ctx.others)]
+        inputs = _fresh_inputs(ctx)
         torch.set_rng_state(ctx.rng)
         with torch.enable_grad():
             out = ctx.fn(*inputs)
         out.backward(grad_outputs[0])
-        return (None, *[a.grad if torch.is_tensor(a) else None for a in inputs])
+        return _grads(inputs)
 
 
 class RecomputesInFp32(sol.MyCheckpoint):
@@ -72,14 +80,13 @@ class RecomputesInFp32(sol.MyCheckpoint):
 
     @staticmethod
     def backward(ctx, *grad_outputs):
-        saved = iter(ctx.saved_tensors)
-        inputs = [next(saved).detach().requires_grad_(True) if t else o for t, o in zip(ctx.is_tensor, ctx.others)]
+        inputs = _fresh_inputs(ctx)
         with torch.random.fork_rng(devices=[]):
             torch.set_rng_state(ctx.rng)
             with torch.enable_grad():
                 out = ctx.fn(*inputs)
         torch.autograd.backward(out, grad_outputs[0].to(out.dtype))
-        return (None, *[a.grad if torch.is_tensor(a) else None for a in inputs])
+        return _grads(inputs)
 
 
 class SavesEverything(torch.autograd.Function):

@@ -58,8 +58,9 @@ def _row_problem(row: dict, name: str, changes: dict, config, per_step: int, tok
                                   val_tokens)
     if problem:
         return problem
-    if row["params"] != sum(p.numel() for p in model.parameters()):
-        return f"{name!r}: params {row['params']!r}, the saved model has {sum(p.numel() for p in model.parameters())}"
+    params = sum(p.numel() for p in model.parameters())
+    if row["params"] != params:
+        return f"{name!r}: params {row['params']!r}, the saved model has {params}"
     rates = [r["tokens_per_s"] for r in _read_rows(Path(row["equal_tokens"]["run"])) if r.get("tokens_per_s")]
     speed = statistics.median(rates[1:] or rates)
     if not math.isclose(row["tokens_per_s"], speed, rel_tol=1e-9):

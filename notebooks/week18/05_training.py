@@ -716,6 +716,7 @@ from minilm.config import parse_args
 
 my_run, task3 = ROOT / "out" / "my_run", ROOT / "configs" / "my_run.yaml"
 t, model_cfg = cfg.train, cfg.model
+device_dtype = "float32" if DEVICE == "cpu" else ("bfloat16" if torch.cuda.is_bf16_supported() else "float16")
 if not FAST and task3.is_file():  # task 3's choices train task 4's run
     chosen, _ = parse_args(["--config", str(task3)], cuda=DEVICE == "cuda")
     t = replace(t, batch_size=chosen.train.batch_size, grad_accum=chosen.train.grad_accum, dtype=chosen.train.dtype)
@@ -731,8 +732,7 @@ else:
     torch.manual_seed(t.seed)
     my_model = MyGPT(model_cfg, checkpoint=ckpt_fn).to(DEVICE)
     my_opts = my_optimizers(my_model, t.lr, t.muon_lr, t.weight_decay, (t.beta1, t.beta2), t.muon_momentum)
-    run_dtype = t.dtype if t.dtype != "auto" else (
-        "float32" if DEVICE == "cpu" else ("bfloat16" if torch.cuda.is_bf16_supported() else "float16"))
+    run_dtype = t.dtype if t.dtype != "auto" else device_dtype
     mine = my_train(my_model, my_opts, data_dir, my_run, max_iters=t.max_iters, batch_size=t.batch_size,
                     grad_accum=t.grad_accum, lr=t.lr, min_lr=t.min_lr, warmup_iters=t.warmup_iters,
                     grad_clip=t.grad_clip, eval_interval=t.eval_interval, eval_iters=t.eval_iters,
@@ -902,13 +902,12 @@ my_variants = {"base": {}, "no QK-norm": {"qk_norm": False}, "GELU MLP": {"mlp":
 abl_tokens, abl_seconds = (100 * 16 * 64, 3.0) if FAST else (10_000_000, 300.0)
 if stack["ablation"]:
     t = cfg.train
-    abl_dtype = "float32" if DEVICE == "cpu" else ("bfloat16" if torch.cuda.is_bf16_supported() else "float16")
     abl_rows = my_ablation(my_variants, cfg.model, (t.lr, t.muon_lr, t.weight_decay, (t.beta1, t.beta2),
                                                     t.muon_momentum), data_dir, ROOT / "out" / "my_ablation",
                            abl_tokens, abl_seconds,
                            dict(batch_size=t.batch_size, grad_accum=t.grad_accum, lr=t.lr, min_lr=t.min_lr,
                                 warmup_iters=min(t.warmup_iters, 10), grad_clip=t.grad_clip, eval_iters=t.eval_iters,
-                                log_interval=10, seed=t.seed, device=DEVICE, dtype=abl_dtype))
+                                log_interval=10, seed=t.seed, device=DEVICE, dtype=device_dtype))
     for home in (ROOT / "out" / "my_ablation", my_run):  # my_run: where `course report` finds it
         if home.is_dir():
             (home / "ablation.json").write_text(json.dumps(abl_rows, indent=1))
