@@ -109,3 +109,23 @@ def test_ablation_stub_is_not_implemented():
 
     r = check.ablation(stub)
     assert not r and "not implemented" in r.message.lower()
+
+
+def test_ablation_with_accumulation_and_grad_checkpoint(tiny_data_dir, tmp_path):
+    """The step count divides by accumulation too, and a checkpointed variant trains like the plain one."""
+    import torch
+
+    from minilm.checkpoint import load_checkpoint
+    from minilm.config import ModelConfig
+
+    meta = json.loads((tiny_data_dir / "meta.json").read_text())
+    config = ModelConfig(vocab_size=meta["vocab_size"], block_size=32, n_layer=2, n_head=2, n_embd=32)
+    train_kw = dict(batch_size=4, grad_accum=2, lr=3e-3, min_lr=3e-4, warmup_iters=2, eval_iters=2, log_interval=2,
+                    seed=0, device="cpu", dtype="float32")
+    rows = sol.my_ablation({"base": {}, "checkpointed": {"grad_checkpoint": True}}, config,
+                           (3e-3, 0.02, 0.1, (0.9, 0.95), 0.95), tiny_data_dir, tmp_path, 6 * 4 * 2 * 32, 0.5,
+                           train_kw)
+    assert [r["equal_tokens"]["steps"] for r in rows] == [6, 6]
+    assert load_checkpoint(rows[1]["equal_tokens"]["run"])["step"] == 6
+    assert rows[1]["equal_tokens"]["val_loss"] == pytest.approx(rows[0]["equal_tokens"]["val_loss"], rel=1e-4)
+    assert rows[0]["params"] == rows[1]["params"] and torch.isfinite(torch.tensor(rows[1]["tokens_per_s"]))

@@ -470,6 +470,19 @@ def test_learner_loop_grad_checkpoint_trains_like_the_plain_model(tiny_data_dir,
     assert rows("ckpt") == pytest.approx(rows("plain"), rel=1e-4)
 
 
+def test_learner_loop_grad_checkpoint_with_accumulation(tiny_data_dir, tmp_path, monkeypatch):
+    """Each micro-batch's backward recomputes its own blocks; the accumulated step is the plain one's."""
+    calls = []
+    real = sol.my_checkpoint
+    monkeypatch.setattr(sol, "my_checkpoint", lambda fn, *a: calls.append(1) or real(fn, *a))
+    _, plain = _learner_run(tiny_data_dir, tmp_path / "plain", steps=4, grad_accum=2)
+    _, ckpt = _learner_run(tiny_data_dir, tmp_path / "ckpt", steps=4, grad_accum=2, grad_checkpoint=True)
+    assert len(calls) == 4 * 2 * 2  # steps x micro-batches x blocks
+    got = _weights(ckpt)
+    for k, v in _weights(plain).items():
+        torch.testing.assert_close(got[k], v, atol=1e-5, rtol=1e-4, msg=k)
+
+
 def test_learner_loop_grad_checkpoint_resumes_bit_for_bit(tiny_data_dir, tmp_path):
     kw = dict(grad_checkpoint=True, eval_interval=4, lr_decay_iters=8, final_eval=False)
     _, whole = _learner_run(tiny_data_dir, tmp_path / "whole", steps=8, **kw)

@@ -194,5 +194,11 @@ def test_generate_under_autocast_caches_in_the_autocast_dtype(dtype, compiled):
         decoder = Decoder(model, 2)
         assert decoder.cache.k[0].dtype == dtype
         out = generate(model, prompt, 40, temperature=0.8, top_k=20, seed=3, compile=compiled)
+        # rows of different lengths (left padding), a repetition penalty, and past block_size (32): each row refills
+        idx, mask = left_pad(torch.randint(1, 97, (1, 3)), torch.randint(1, 97, (1, 20)))
+        padded = generate(model, idx, 40, temperature=0.9, top_k=30, repetition_penalty=1.3, seed=5,
+                          attention_mask=mask, compile=compiled)
     assert out.shape == (2, 47) and torch.equal(out[:, :7], prompt) and int(out.max()) < model.config.vocab_size
+    assert padded.shape == (2, 60) and torch.equal(padded[:, :20], idx)
+    assert int(padded[:, 20:].min()) >= 0 and int(padded.max()) < model.config.vocab_size
     assert Decoder(model, 2).cache.k[0].dtype == torch.float32  # outside autocast: the weights' dtype
